@@ -1,0 +1,43 @@
+# mmpipe: `make demo` runs the pipeline on the built-in synthetic data; `make test` runs the tests.
+# Both create the project-local virtualenv (.venv) on first use; nothing else to install.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Prefect keeps its database, results and cache records here, not in the user's home.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast bench lint clean-runs help
+
+help:
+	@echo "make demo   - synthetic data + every stage on CPU (runs/demo)"
+	@echo "make test   - the test suite"
+	@echo "make bench  - benchmarks (see bench/RESULTS.md)"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
+		| { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mmpipe demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench: $(STAMP)
+	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean-runs:
+	rm -rf runs .prefect

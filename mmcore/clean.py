@@ -1,0 +1,262 @@
+"""Clean: read the manifest, map its columns, normalise captions and quarantine bad rows.
+
+Vectorised with pyarrow compute and pandas; only rows that need it go through ftfy (non-ASCII
+text) or ``html.unescape`` (text with ``&``), so a million rows take seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+from pathlib import Path
+
+import ftfy
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from mmcore import tables
+from mmcore.base import DataConfig, StageContext, StrictModel
+from mmcore.errors import InputError
+from mmcore.tables import IMAGE, LABEL, DOMAIN, GROUP, ROW_ID, TEXT, TEXT_RAW, TIME, StageResult
+
+STAGE = "clean"
+
+# Reason codes, in the order the checks run (a row gets the first it fails).
+REASONS = {
+    "empty_image_path": "the image path is empty or missing",
+    "empty_caption": "the caption is empty or only whitespace",
+    "caption_too_short": "fewer than clean.min_chars characters or clean.min_words words",
+    "caption_too_long": "more than clean.max_chars characters",
+    "non_text_caption": "letters are less than clean.min_letter_fraction of the characters",
+    "repetitive_caption": "distinct words are less than clean.min_unique_word_ratio of the words",
+    "invalid_time": "the time column is not an ISO-8601 timestamp",
+    "duplicate_pair": "same image path and caption as an earlier row (the first is kept)",
+}
+
+
+class CleanConfig(StrictModel):
+    """Caption thresholds; defaults follow common web-scale practice (LAION/DataComp text rules)."""
+
+    min_chars: int = Field(5, ge=0, description="Shorter captions are quarantined as caption_too_short.")
+    min_words: int = Field(2, ge=0, description="Captions with fewer words are caption_too_short.")
+    max_chars: int = Field(1000, ge=1, description="Longer captions are caption_too_long.")
+    min_letter_fraction: float = Field(0.5, ge=0, le=1, description="Letters (any script) / characters.")
+    min_unique_word_ratio: float = Field(0.35, ge=0, le=1, description="Distinct words / words, for long captions.")
+    repetition_min_words: int = Field(6, ge=1, description="The repetition check applies from this many words.")
+    fix_text: bool = Field(True, description="Repair mojibake with ftfy and unescape HTML entities.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CleanConfig:
+        if self.max_chars < self.min_chars:
+            raise ValueError(f"max_chars ({self.max_chars}) must be >= min_chars ({self.min_chars})")
+        return self
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _read_csv(path: Path) -> pa.Table:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise InputError(f"manifest {path} is empty; expected a CSV header row")
+    # Every column as a string, empty cells as "", so "NA" captions and ids keep their text.
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=False)
+    return pacsv.read_csv(path, convert_options=convert, parse_options=pacsv.ParseOptions(newlines_in_values=True))
+
+
+def read_manifest(data: DataConfig) -> pd.DataFrame:
+    """Read the manifest (CSV, Parquet or JSONL) and give every row its ``row_id``."""
+    path = Path(data.manifest)
+    if not path.is_file():
+        raise InputError(f"data.manifest: file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            df = _read_csv(path).to_pandas()
+        elif suffix in (".parquet", ".pq"):
+            df = pq.read_table(path).to_pandas()
+        elif suffix in (".jsonl", ".ndjson", ".json"):
+            df = pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+        else:
+            raise InputError(f"data.manifest: unsupported format {suffix!r} ({path}); expected .csv, .parquet or .jsonl")
+    except InputError:
+        raise
+    except Exception as e:  # a parser's own message, made one line
+        raise InputError(f"data.manifest: cannot parse {path}: {str(e).strip().splitlines()[0]}") from None
+    df = df.reset_index(drop=True)
+    if ROW_ID in df.columns:
+        raise InputError(f"data.manifest: column {ROW_ID!r} is reserved for mmpipe ({path}); rename it")
+    df.insert(0, ROW_ID, np.arange(len(df), dtype=np.int64))
+    return df
+
+
+def manifest_columns(data: DataConfig) -> list[str]:
+    """The manifest's column names, read from its header only (for checks before a run)."""
+    path = Path(data.manifest)
+    if not path.is_file():
+        raise InputError(f"data.manifest: file not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            with open(path, newline="", encoding="utf-8", errors="replace") as f:
+                return next(csv.reader(f), [])
+        if suffix in (".parquet", ".pq"):
+            return list(pq.read_schema(path).names)
+    except Exception as e:
+        raise InputError(f"data.manifest: cannot parse {path}: {str(e).strip().splitlines()[0]}") from None
+    return [c for c in read_manifest(data).columns if c != ROW_ID]
+
+
+_COLUMN_KEYS = ("image_column", "text_column", "group_column", "time_column", "label_column", "domain_column")
+
+
+def check_columns(data: DataConfig, columns: list[str] | None = None) -> None:
+    """Fail, in one line, if a configured column is not in the manifest (header only by default)."""
+    cols = [c for c in (manifest_columns(data) if columns is None else columns) if c != ROW_ID]
+    for key in _COLUMN_KEYS:
+        name = getattr(data, key)
+        if name is not None and name not in cols:
+            raise InputError(
+                f"data.{key}: column {name!r} not in manifest {data.manifest}; got {', '.join(map(repr, cols))}"
+            )
+
+
+def _as_text(s: pd.Series, *, keep_null: bool) -> pd.Series:
+    """Any column as pandas' string dtype (mixed JSON values become their text)."""
+    null = s.isna()
+    out = s.astype("object").where(null, s.astype(str)) if s.dtype == object else s.astype("str")
+    out = out.astype("str")
+    if keep_null:
+        return out.where(~null, None)
+    return out.where(~null, "")
+
+
+def map_columns(df: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
+    """Rename the configured columns to mmpipe's canonical names and fix their types."""
+    check_columns(data, list(df.columns))
+    mapping = data.column_map()
+    for key in _COLUMN_KEYS:
+        user, canon = getattr(data, key), mapping.get(getattr(data, key))
+        if user is not None and canon in df.columns and canon != user and canon not in mapping:
+            raise InputError(
+                f"data.{key}: manifest has both {user!r} and {canon!r}; rename {canon!r} "
+                f"(mmpipe's name for the {key.removesuffix('_column')} column)"
+            )
+    df = df.rename(columns=mapping)
+    for col in df.columns:
+        if col == ROW_ID or col == TIME:
+            continue
+        if col in (IMAGE, TEXT):
+            df[col] = _as_text(df[col], keep_null=False)
+        elif col in (GROUP, LABEL, DOMAIN) or df[col].dtype == object:
+            df[col] = _as_text(df[col], keep_null=True)
+    return df
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def _fix_subset(text: pd.Series, mask: pd.Series, fn) -> tuple[pd.Series, int]:
+    if not mask.any():
+        return text, 0
+    fixed = text[mask].map(fn)
+    n = int((fixed != text[mask]).sum())
+    text = text.copy()
+    text[mask] = fixed
+    return text, n
+
+
+def normalize_captions(text: pd.Series, fix_text: bool = True) -> tuple[pd.Series, dict[str, int]]:
+    """ftfy for mojibake, HTML entities unescaped, control characters dropped, whitespace collapsed.
+
+    Non-Latin scripts are left as they are: ftfy only repairs text that decodes as mojibake.
+    """
+    counts = {"n_ftfy_fixed": 0, "n_html_unescaped": 0}
+    if fix_text:
+        arr = pa.array(text, type=pa.string())
+        non_ascii = pd.Series(np.asarray(pc.invert(pc.string_is_ascii(arr)).fill_null(False)), index=text.index)
+        text, counts["n_ftfy_fixed"] = _fix_subset(text, non_ascii, lambda s: ftfy.fix_text(s, unescape_html=False))
+        has_amp = pd.Series(np.asarray(pc.match_substring(arr, "&").fill_null(False)), index=text.index)
+        text, counts["n_html_unescaped"] = _fix_subset(text, has_amp, html.unescape)
+    arr = pa.array(text, type=pa.string())
+    arr = pc.replace_substring_regex(arr, r"[\x00-\x1f\x7f\p{Zs}\x{200b}\x{feff}]+", " ")
+    arr = pc.utf8_trim_whitespace(pc.replace_substring_regex(arr, r"\s+", " "))
+    return pd.Series(arr.to_pandas(), index=text.index).astype("str"), counts
+
+
+def _caption_features(text: pd.Series) -> dict[str, np.ndarray]:
+    arr = pa.array(text, type=pa.string())
+    n_chars = pc.utf8_length(arr)
+    n_letters = pc.count_substring_regex(arr, r"[\pL\pM]")
+    words = pc.utf8_split_whitespace(pc.utf8_lower(arr))
+    # Scripts written without spaces (CJK, Thai, ...) count one word per character, so a Chinese
+    # caption is not "too short" for having no spaces.
+    n_unspaced = pc.count_substring_regex(arr, r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}]")
+    n_tokens = pc.list_value_length(words).fill_null(0)
+    n_words = pc.max_element_wise(n_tokens, n_unspaced.fill_null(0))
+    # Distinct words per caption without a Python loop: group (caption, word) pairs.
+    parents = pc.list_parent_indices(words)
+    pairs = pa.table({"p": parents, "w": pc.list_flatten(words)}).group_by(["p", "w"]).aggregate([])
+    n_unique = np.bincount(pairs["p"].to_numpy(), minlength=len(text))
+    return {
+        "n_chars": n_chars.to_numpy(zero_copy_only=False),
+        "n_letters": n_letters.to_numpy(zero_copy_only=False),
+        "n_words": n_words.to_numpy(zero_copy_only=False),
+        "n_tokens": n_tokens.to_numpy(zero_copy_only=False),
+        "n_unique": n_unique,
+    }
+
+
+def run(table: pd.DataFrame, cfg: CleanConfig, ctx: StageContext) -> StageResult:
+    """Map columns, normalise captions, and quarantine rows with the reasons in ``REASONS``."""
+    df = map_columns(table, ctx.data)
+    df.insert(df.columns.get_loc(TEXT) + 1, TEXT_RAW, df[TEXT])
+    df[TEXT], fix_counts = normalize_captions(df[TEXT], cfg.fix_text)
+    df[IMAGE] = df[IMAGE].str.strip()
+
+    f = _caption_features(df[TEXT])
+    idx = df.index
+    n_chars, n_words = pd.Series(f["n_chars"], idx), pd.Series(f["n_words"], idx)
+    letter_frac = pd.Series(f["n_letters"] / np.maximum(f["n_chars"], 1), idx)
+    n_tokens = pd.Series(f["n_tokens"], idx)
+    unique_ratio = pd.Series(f["n_unique"] / np.maximum(f["n_tokens"], 1), idx)
+
+    time_bad = pd.Series(False, index=idx)
+    if TIME in df.columns:
+        raw_time = df[TIME]
+        df[TIME] = pd.to_datetime(raw_time.astype("str"), utc=True, errors="coerce", format="ISO8601")
+        time_bad = df[TIME].isna()
+
+    key = df[IMAGE] + "\x00" + df[TEXT].str.casefold()
+    empty_text = n_chars == 0
+    checks = [
+        ("empty_image_path", df[IMAGE] == "", "image path is empty"),
+        ("empty_caption", empty_text, "caption is empty after normalisation"),
+        (
+            "caption_too_short",
+            (n_chars < cfg.min_chars) | (n_words < cfg.min_words),
+            n_chars.astype(str) + " chars, " + n_words.astype(str) + " words",
+        ),
+        ("caption_too_long", n_chars > cfg.max_chars, n_chars.astype(str) + " chars > " + str(cfg.max_chars)),
+        (
+            "non_text_caption",
+            letter_frac < cfg.min_letter_fraction,
+            "letter fraction " + letter_frac.round(2).astype(str),
+        ),
+        (
+            "repetitive_caption",
+            (n_tokens >= cfg.repetition_min_words) & (unique_ratio < cfg.min_unique_word_ratio),
+            "distinct word ratio " + unique_ratio.round(2).astype(str),
+        ),
+        ("invalid_time", time_bad, "time is not an ISO-8601 timestamp"),
+        ("duplicate_pair", key.duplicated(keep="first"), "same image and caption as an earlier row"),
+    ]
+    res = tables.partition(df, checks)
+    stats = {**fix_counts, "n_text_changed": int((df[TEXT] != df[TEXT_RAW]).sum())}
+    return StageResult(res.kept, res.quarantined, stats)

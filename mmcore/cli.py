@@ -1,0 +1,207 @@
+"""The ``mmpipe`` command line.
+
+Prefect and torch are imported inside the commands that need them, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mmcore import tables
+from mmcore.errors import MMPipeError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+app = typer.Typer(
+    name="mmpipe",
+    help=(
+        "Curate image-text data and train and evaluate CLIP-style models as one cached Prefect pipeline: "
+        "clean -> probe -> quality -> split -> train -> evaluate -> report.\n\n"
+        "Start with `mmpipe demo`, then `mmpipe inspect runs/demo`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _one_line_errors(fn):
+    """Turn mmpipe's user errors into one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MMPipeError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _setup_prefect_env() -> None:
+    # Keep Prefect's database, results and cache records out of the user's home unless they
+    # chose a place (PREFECT_HOME or a server via PREFECT_API_URL).
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@app.command()
+@_one_line_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write images/, manifest.csv and planted.csv into.")],
+    n: Annotated[int, typer.Option("--n", min=120, help="Number of image-caption rows.")] = 3000,
+    seed: Annotated[int, typer.Option(help="Random seed; the same n and seed give the same bytes.")] = 0,
+) -> None:
+    """Generate the built-in synthetic dataset (shapes with compositional captions, ~10% planted defects)."""
+    from mmcore import synth as synth_mod
+
+    m = synth_mod.generate(out, n=n, seed=seed)
+    typer.echo(f"wrote {len(m)} rows to {out / 'manifest.csv'} (images in {out / 'images'}, defects in planted.csv)")
+
+
+def _run(cfg, until: str) -> None:
+    from mmcore import clean
+
+    clean.check_columns(cfg.data)  # a missing column is a one-line error before Prefect starts
+    _setup_prefect_env()
+    from flows.pipeline import pipeline
+
+    pipeline(cfg, until=until)
+    typer.echo("")
+    _print_overview(cfg.run_dir)
+    typer.echo(f"\nartifacts: {cfg.run_dir}")
+
+
+@app.command()
+@_one_line_errors
+def run(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML); see configs/demo.yaml.")],
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set clean.min_words=3 (repeatable).")
+    ] = None,
+    until: Annotated[str, typer.Option(help=f"Last stage to run: {', '.join(tables.STAGES)}.")] = "report",
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+) -> None:
+    """Run the pipeline flow; stages whose inputs, config and code are unchanged come from cache."""
+    from mmcore.config import load_config
+
+    if until not in tables.STAGES:
+        raise MMPipeError(f"--until: unknown stage {until!r}; expected one of {', '.join(tables.STAGES)}")
+    overrides = list(set_ or []) + ([f"out={out}"] if out is not None else [])
+    _run(load_config(config, overrides), until)
+
+
+@app.command()
+@_one_line_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder; the synthetic data goes to OUT/data.")] = Path("runs/demo"),
+    n: Annotated[int, typer.Option("--n", min=120, help="Synthetic rows.")] = 3000,
+    seed: Annotated[int, typer.Option(help="Seed for the data and the run.")] = 0,
+    until: Annotated[str, typer.Option(help="Last stage to run.")] = "report",
+) -> None:
+    """Generate the synthetic dataset and run every stage on it with configs/demo.yaml, on CPU."""
+    from mmcore import synth as synth_mod
+    from mmcore.config import load_config
+
+    data = out / "data"
+    marker = data / "synth.json"
+    want = {"n": n, "seed": seed}
+    # Regenerate only when asked for other data: new files would change the probe's fingerprint.
+    if not marker.is_file() or json.loads(marker.read_text()) != want:
+        typer.echo(f"generating {n} synthetic rows in {data} ...")
+        synth_mod.generate(data, n=n, seed=seed)
+        tables.write_json(want, marker)
+    cfg = load_config(CONFIGS / "demo.yaml", [f"data.manifest={data / 'manifest.csv'}", f"out={out}", f"seed={seed}"])
+    _run(cfg, until)
+
+
+def _stage_rows(run_dir: Path) -> list[dict]:
+    rows = []
+    for stage in tables.STAGES:
+        p = tables.StagePaths.of(run_dir, stage)
+        if not p.stats.is_file():
+            rows.append({"stage": stage, "status": "not run"})
+            continue
+        st = tables.read_json(p.stats)
+        status = tables.read_json(p.dir / "status.json") if (p.dir / "status.json").is_file() else {}
+        top = sorted(st.get("reasons", {}).items(), key=lambda kv: -kv[1])[:3]
+        rows.append({
+            "stage": stage,
+            "status": "cached" if status.get("cached") else "ran",
+            "rows_in": st["n_rows"],
+            "kept": st["n_kept"],
+            "quarantined": st["n_quarantined"],
+            "top_reasons": ", ".join(f"{r} {n}" for r, n in top),
+            "seconds": st["seconds"],
+        })
+    return rows
+
+
+def _print_overview(run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"mmpipe run {run_dir}")
+    for col in ("stage", "status", "rows_in", "kept", "quarantined", "top_reasons", "seconds"):
+        t.add_column(col, justify="right" if col in ("rows_in", "kept", "quarantined", "seconds") else "left")
+    for r in _stage_rows(run_dir):
+        t.add_row(*(str(r.get(c, "")) for c in ("stage", "status", "rows_in", "kept", "quarantined", "top_reasons", "seconds")))
+    Console(width=140).print(t)
+
+
+@app.command()
+@_one_line_errors
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (the config's `out`).")],
+    stage: Annotated[Optional[str], typer.Argument(help="Show one stage: its stats, kept head and quarantine.")] = None,
+    rows: Annotated[int, typer.Option(help="Rows of kept and quarantine to show.")] = 5,
+) -> None:
+    """Per-stage table (rows in, kept, quarantined, top reasons, cache hit, seconds), or one stage in detail."""
+    if not run_dir.is_dir():
+        raise MMPipeError(f"run folder not found: {run_dir}")
+    if stage is None:
+        _print_overview(run_dir)
+        return
+    import pandas as pd
+
+    p = tables.StagePaths.of(run_dir, stage)
+    if not p.stats.is_file():
+        raise MMPipeError(f"stage {stage!r} has not run in {run_dir} (no {p.stats})")
+    stats = tables.read_json(p.stats)
+    typer.echo(f"{stage}: {stats['n_rows']} rows in, {stats['n_kept']} kept, {stats['n_quarantined']} quarantined")
+    for reason, n in sorted(stats.get("reasons", {}).items(), key=lambda kv: -kv[1]):
+        typer.echo(f"  {reason:<24} {n}")
+    describe = _describer(stage)
+    kept = tables.read_parquet(p.kept)
+    if describe is not None:
+        typer.echo(describe(kept, stats))
+    with pd.option_context("display.width", 160, "display.max_columns", 12, "display.max_colwidth", 40):
+        typer.echo(f"\nkept ({len(kept)} rows), first {rows}:\n{kept.head(rows).to_string()}")
+        q = tables.read_parquet(p.quarantine)
+        cols = [c for c in (tables.ROW_ID, tables.IMAGE, tables.TEXT, tables.REASON, tables.DETAIL) if c in q.columns]
+        typer.echo(f"\nquarantine ({len(q)} rows), first {rows}:\n{q[cols].head(rows).to_string()}")
+
+
+def _describer(stage: str):
+    import importlib
+
+    mod = importlib.import_module(f"mmcore.{stage}")
+    return getattr(mod, "describe", None)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The pipeline config: one pydantic model per stage inside ``PipelineConfig``, read from YAML.
+
+``load_config`` is the only YAML reader (the CLI and ``deployments/`` use it). Errors are one
+line: what, where, got, expected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from mmcore.base import DataConfig, StrictModel, default_workers
+from mmcore.clean import CleanConfig
+from mmcore.errors import ConfigError
+from mmcore.evaluate import EvaluateConfig
+from mmcore.probe import ProbeConfig
+from mmcore.quality import QualityConfig
+from mmcore.report import ReportConfig
+from mmcore.split import SplitConfig
+from mmcore.train import TrainConfig
+
+
+class PipelineConfig(StrictModel):
+    """Everything a run needs; saved resolved as ``RUN_DIR/config.yaml``."""
+
+    run_name: str = Field("mmpipe", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    out: Path | None = Field(None, description="Run folder; default runs/<run_name>.")
+    seed: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0, description="Processes for image work; 0 = one per core.")
+    data: DataConfig
+    clean: CleanConfig = CleanConfig()
+    probe: ProbeConfig = ProbeConfig()
+    quality: QualityConfig = QualityConfig()
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out is not None else Path("runs") / self.run_name
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers or default_workers()
+
+    def section(self, stage: str) -> StrictModel:
+        return getattr(self, stage)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[: i + 1])} is a value, not a section ({source})")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, YAML-parsed value)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        parent = PipelineConfig
+        for p in e["loc"][:-1]:
+            field = parent.model_fields.get(str(p)) if hasattr(parent, "model_fields") else None
+            parent = field.annotation if field is not None else None
+        valid = sorted(parent.model_fields) if hasattr(parent, "model_fields") else []
+        hint = f"; expected one of: {', '.join(valid)}" if valid else ""
+        return f"unknown config key {loc!r} ({source}){hint}"
+    if kind == "missing":
+        return f"config key {loc!r} is required ({source})"
+    msg = e["msg"].removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    got = e.get("input")
+    return f"{loc or 'config'}: {msg}, got {got!r} ({source})" if loc else f"config: {msg} ({source})"
+
+
+def _absolute(cfg: PipelineConfig) -> PipelineConfig:
+    """Resolve relative paths against the current directory, so the saved config is self-contained."""
+    data = cfg.data.model_copy(
+        update={
+            "manifest": Path(os.path.abspath(cfg.data.manifest)),
+            "root": Path(os.path.abspath(cfg.data.root)) if cfg.data.root is not None else None,
+        }
+    )
+    return cfg.model_copy(update={"data": data, "out": Path(os.path.abspath(cfg.run_dir))})
+
+
+def build_config(tree: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    try:
+        return _absolute(PipelineConfig.model_validate(tree))
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides and validate it."""
+    tree: dict[str, Any] = {}
+    source = "<overrides>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"invalid YAML in {p}{where}: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {p} must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides:
+        key, value = parse_override(item)
+        _set(tree, key, value, source)
+    return build_config(tree, source)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML (paths as strings), as written to ``RUN_DIR/config.yaml``."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

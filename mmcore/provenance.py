@@ -1,0 +1,71 @@
+"""Code versions and environment facts recorded with every artifact."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from mmcore.tables import text_digest
+
+_PACKAGE = "mmcore"
+_ALWAYS = ("mmcore.tables", "mmcore.base")
+
+
+_ROOT = Path(__file__).resolve().parent
+
+
+def _source(module: str) -> Path | None:
+    """The file of an mmcore module (``None`` for names that are not modules, e.g. classes)."""
+    rel = module.split(".", 1)[1] if "." in module else "__init__"
+    for cand in (_ROOT / f"{rel.replace('.', '/')}.py", _ROOT / rel.replace(".", "/") / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _mmcore_imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == _PACKAGE}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == _PACKAGE:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}  # `from mmcore import x`
+    return found
+
+
+@functools.cache
+def code_digest(module: str) -> str:
+    """Digest of a module's source and of every mmcore module it imports, transitively.
+
+    A stage's cache key includes this, so editing the stage's code (or a helper it uses) re-runs
+    the stage, while editing an unrelated module does not.
+    """
+    seen: dict[str, Path] = {}
+    todo = [module, *_ALWAYS]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _source(name)
+        if path is None:
+            continue
+        seen[name] = path
+        todo.extend(_mmcore_imports(path))
+    return text_digest(*(f"{name}\n{seen[name].read_text()}" for name in sorted(seen)))
+
+
+def versions() -> dict[str, str]:
+    """Python, platform and the versions of the packages results depend on."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("mmpipe", "prefect", "torch", "torchvision", "transformers", "tokenizers", "pandas", "pyarrow",
+                "numpy", "scikit-learn", "pillow", "opencv-python-headless", "imagehash", "ftfy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

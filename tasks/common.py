@@ -1,0 +1,192 @@
+"""Caching, retries and artifact publishing shared by the stage tasks.
+
+Prefect's ``INPUTS`` policy would hash a path as a string, not the file's bytes, and
+``TASK_SOURCE`` sees only the task body, not the mmcore code it calls. So a stage's cache key is
+built here from content digests of its inputs, its config section, the data section, the seed,
+the run folder and ``provenance.code_digest`` of its mmcore module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+
+from mmcore import tables
+from mmcore.base import StageContext
+from mmcore.config import PipelineConfig
+from mmcore.provenance import code_digest
+from mmcore.tables import StagePaths
+
+# Bump to invalidate every cached stage at once (e.g. after a change to this caching scheme).
+CACHE_SCHEME = "1"
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage task returns (and Prefect caches): where its artifacts are and their digests.
+
+    Never a DataFrame: a cache check unpickles the whole result.
+    """
+
+    stage: str
+    run_dir: str
+    kept_digest: str
+    quarantine_digest: str
+    n_kept: int
+    n_quarantined: int
+
+    @property
+    def paths(self) -> StagePaths:
+        return StagePaths.of(self.run_dir, self.stage)
+
+    def intact(self) -> bool:
+        """Artifacts still on disk with the bytes this output recorded (not deleted or overwritten)."""
+        p = self.paths
+        return (
+            p.kept.is_file()
+            and p.quarantine.is_file()
+            and tables.file_digest(p.kept) == self.kept_digest
+            and tables.file_digest(p.quarantine) == self.quarantine_digest
+        )
+
+
+def context(cfg: PipelineConfig, progress: bool = True) -> StageContext:
+    return StageContext(data=cfg.data, run_dir=cfg.run_dir, seed=cfg.seed, workers=cfg.n_workers, progress=progress)
+
+
+def digest_of(value: Any) -> str:
+    """Content digest of a task input: a stage output's kept table, a file, or a plain value."""
+    if isinstance(value, StageOutput):
+        return tables.file_digest(value.paths.kept)
+    if isinstance(value, Path):
+        return tables.file_digest(value) if value.is_file() else f"missing:{value}"
+    return tables.json_digest(value)
+
+
+def stage_cache(stage: str, *inputs: str, extra: Callable[[dict[str, Any]], str] | None = None) -> CachePolicy:
+    """Cache policy keyed on the content of ``inputs`` (parameter names) + config + code.
+
+    Args:
+        extra: returns a further digest from the parameters (e.g. the image files' fingerprint).
+    """
+
+    def key(_: TaskRunContext, params: dict[str, Any]) -> str:
+        cfg: PipelineConfig = params["cfg"]
+        parts = [
+            CACHE_SCHEME,
+            stage,
+            code_digest(f"mmcore.{stage}"),
+            cfg.section(stage).model_dump_json(),
+            cfg.data.model_dump_json(),
+            str(cfg.seed),
+            str(cfg.run_dir),
+            *(digest_of(params[name]) for name in inputs),
+        ]
+        if extra is not None:
+            parts.append(extra(params))
+        return tables.text_digest(*parts)
+
+    return CachePolicy.from_cache_key_fn(key) + TASK_SOURCE
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry only I/O errors that may pass (a flaky mount); bad data or bugs fail at once."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+
+
+def execute(
+    stage: str,
+    cfg: PipelineConfig,
+    table: pd.DataFrame,
+    input_digest: str,
+    run: Callable[..., tables.StageResult],
+    **kwargs: Any,
+) -> StageOutput:
+    """Run one mmcore stage on a table and write its artifacts (accounting checked on write)."""
+    t0 = time.perf_counter()
+    result = run(table, cfg.section(stage), context(cfg), **kwargs)
+    stats = tables.write_stage(
+        cfg.run_dir,
+        stage,
+        result,
+        input_ids=table[tables.ROW_ID].to_numpy(),
+        input_digest=input_digest,
+        seconds=time.perf_counter() - t0,
+        config_digest=tables.json_digest(cfg.section(stage).model_dump(mode="json")),
+        code_digest=code_digest(f"mmcore.{stage}"),
+    )
+    return StageOutput(
+        stage=stage,
+        run_dir=str(cfg.run_dir),
+        kept_digest=stats["kept_digest"],
+        quarantine_digest=stats["quarantine_digest"],
+        n_kept=stats["n_kept"],
+        n_quarantined=stats["n_quarantined"],
+    )
+
+
+def read_input(src: StageOutput) -> tuple[pd.DataFrame, str]:
+    """The previous stage's kept table and its digest."""
+    return tables.read_parquet(src.paths.kept), src.kept_digest
+
+
+def summary_rows(stats: dict[str, Any], cached: bool) -> list[dict[str, Any]]:
+    rows = [
+        {"metric": "n_rows", "value": stats["n_rows"]},
+        {"metric": "n_kept", "value": stats["n_kept"]},
+        {"metric": "n_quarantined", "value": stats["n_quarantined"]},
+        *({"metric": f"dropped_{r}", "value": n} for r, n in stats.get("reasons", {}).items()),
+        {"metric": "seconds", "value": stats["seconds"]},
+        {"metric": "cached", "value": cached},
+    ]
+    return rows
+
+
+def publish(task, task_run, state) -> None:
+    """on_completion hook (fires on Completed and on Cached): stats table + markdown summary.
+
+    Also records in ``RUN_DIR/<stage>/status.json`` whether this run took the stage from cache.
+    """
+    out = state.result(raise_on_failure=False)
+    if not isinstance(out, StageOutput):
+        return
+    stats = tables.read_json(out.paths.stats)
+    cached = state.name == "Cached"
+    tables.write_json(
+        {"cached": cached, "task_run_id": str(task_run.id), "flow_run_id": str(task_run.flow_run_id),
+         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        out.paths.dir / "status.json",
+    )
+    create_table_artifact(
+        key=f"{out.stage}-summary",
+        table=summary_rows(stats, cached),
+        description=f"{out.stage}: rows in, kept, quarantined per reason",
+    )
+    reasons = "\n".join(f"| `{r}` | {n} |" for r, n in stats.get("reasons", {}).items()) or "| (none) | 0 |"
+    create_markdown_artifact(
+        key=f"{out.stage}-report",
+        markdown=(
+            f"### {out.stage}{' (from cache)' if cached else ''}\n\n"
+            f"**{stats['n_rows']}** rows in, **{stats['n_kept']}** kept, **{stats['n_quarantined']}** "
+            f"quarantined in {stats['seconds']} s.\n\n| reason | rows |\n|---|---|\n{reasons}\n\n"
+            f"Artifacts: `{out.paths.dir}`\n"
+        ),
+        description=f"{out.stage} summary",
+    )
+
+
+def run_cached(task, *args: Any, **kwargs: Any) -> StageOutput:
+    """Call a stage task; if the cached result's files were deleted or overwritten, run it again."""
+    out = task(*args, **kwargs)
+    if not out.intact():
+        out = task.with_options(refresh_cache=True)(*args, **kwargs)
+    return out

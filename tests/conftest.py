@@ -1,0 +1,43 @@
+"""Shared fixtures: one Prefect test harness per session, and small synthetic datasets."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before Prefect is imported anywhere: its home, results and cache records in a throwaway folder.
+_PREFECT_TMP = Path(tempfile.mkdtemp(prefix="mmpipe-prefect-"))
+os.environ["PREFECT_HOME"] = str(_PREFECT_TMP / "home")
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_PREFECT_TMP / "storage")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect server and database for the whole session (starting one costs seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> Path:
+    """A 300-row synthetic dataset, generated once; tests must not modify it."""
+    from mmcore import synth
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    synth.generate(out, n=300, seed=0)
+    return out
+
+
+def demo_config(manifest: Path, out: Path, *overrides: str):
+    from mmcore.config import load_config
+
+    return load_config(REPO / "configs" / "demo.yaml", [f"data.manifest={manifest}", f"out={out}", *overrides])
