@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 # Prefect keeps its database, results and cache records here, not in the user's home.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test test-fast bench lint clean-runs help

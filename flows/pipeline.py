@@ -4,22 +4,46 @@ from __future__ import annotations
 
 from prefect import flow
 
-from mmcore.config import PipelineConfig
+from mmcore.config import PipelineConfig, load_config
 from mmcore.tables import STAGES
 from tasks import stages
 from tasks.common import StageOutput, run_cached
 
 # Stages this flow runs, in order (the rest of STAGES land with their issues).
-PIPELINE = ("clean",)
+PIPELINE = ("clean", "probe", "quality")
 
 
 @flow(name="mmpipe", flow_run_name="mmpipe-{cfg.run_name}", log_prints=True, validate_parameters=False)
 def pipeline(cfg: PipelineConfig, until: str = "report") -> dict[str, StageOutput]:
     """Run every stage up to and including ``until``; unchanged stages come from cache."""
-    last = min(STAGES.index(until), STAGES.index(PIPELINE[-1]))
+    wanted = set(STAGES[: STAGES.index(until) + 1])
     stages.save_config(cfg)
     out: dict[str, StageOutput] = {}
     out["clean"] = run_cached(stages.clean, cfg)
-    if last == STAGES.index("clean"):
-        return out
+    if "probe" in wanted:
+        out["probe"] = run_cached(stages.probe, out["clean"], cfg)
+    if "quality" in wanted:
+        out["quality"] = run_cached(stages.quality, out["probe"], cfg)
     return out
+
+
+@flow(name="mmpipe-from-config", flow_run_name="mmpipe-from-config", log_prints=True)
+def from_config(config: str, overrides: list[str] | None = None, until: str = "report") -> dict[str, StageOutput]:
+    """The pipeline for deployments: reads the config file at run time, so edits apply to the next run."""
+    return pipeline(load_config(config, overrides or []), until=until)
+
+
+def with_runner(runner: str = "local", address: str | None = None, workers: int | None = None):
+    """The pipeline flow on a task runner: ``local`` (threads + process pools) or ``dask``.
+
+    On Dask, each stage task runs on a worker and fans its image batches out over the whole cluster
+    (``mmcore.parallel``): a ``LocalCluster`` of ``workers`` processes, or the scheduler at ``address``.
+    """
+    if runner == "local":
+        return pipeline
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return pipeline.with_options(task_runner=DaskTaskRunner(address=address))
+    kwargs = {"n_workers": workers or 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    return pipeline.with_options(task_runner=DaskTaskRunner(cluster_kwargs=kwargs))

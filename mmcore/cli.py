@@ -53,6 +53,10 @@ def _setup_prefect_env() -> None:
     # chose a place (PREFECT_HOME or a server via PREFECT_API_URL).
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    # The temporary server can take longer than Prefect's 20 s to start on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
 
 @app.command()
@@ -69,14 +73,16 @@ def synth(
     typer.echo(f"wrote {len(m)} rows to {out / 'manifest.csv'} (images in {out / 'images'}, defects in planted.csv)")
 
 
-def _run(cfg, until: str) -> None:
+def _run(cfg, until: str, runner: str = "local", address: str | None = None, workers: int | None = None) -> None:
     from mmcore import clean
 
+    if runner not in ("local", "dask"):
+        raise MMPipeError(f"--runner: expected 'local' or 'dask', got {runner!r}")
     clean.check_columns(cfg.data)  # a missing column is a one-line error before Prefect starts
     _setup_prefect_env()
-    from flows.pipeline import pipeline
+    from flows.pipeline import with_runner
 
-    pipeline(cfg, until=until)
+    with_runner(runner, address, workers)(cfg, until=until)
     typer.echo("")
     _print_overview(cfg.run_dir)
     typer.echo(f"\nartifacts: {cfg.run_dir}")
@@ -91,14 +97,28 @@ def run(
     ] = None,
     until: Annotated[str, typer.Option(help=f"Last stage to run: {', '.join(tables.STAGES)}.")] = "report",
     out: Annotated[Optional[Path], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+    runner: Annotated[
+        str, typer.Option(help="Where tasks run: 'local' (threads and process pools) or 'dask' (a Dask cluster).")
+    ] = "local",
+    address: Annotated[
+        Optional[str], typer.Option(help="With --runner dask: an existing scheduler, e.g. tcp://10.0.0.5:8786.")
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(min=1, help="With --runner dask and no --address: LocalCluster worker processes.")
+    ] = None,
 ) -> None:
-    """Run the pipeline flow; stages whose inputs, config and code are unchanged come from cache."""
+    """Run the pipeline flow; stages whose inputs, config and code are unchanged come from cache.
+
+    With --runner dask the image work of probe and quality (and training shards) runs as batches on a
+    Dask cluster; artifacts are byte-identical to the local runner's. Image paths must resolve on
+    every worker (shared storage).
+    """
     from mmcore.config import load_config
 
     if until not in tables.STAGES:
         raise MMPipeError(f"--until: unknown stage {until!r}; expected one of {', '.join(tables.STAGES)}")
     overrides = list(set_ or []) + ([f"out={out}"] if out is not None else [])
-    _run(load_config(config, overrides), until)
+    _run(load_config(config, overrides), until, runner, address, workers)
 
 
 @app.command()

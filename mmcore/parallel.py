@@ -39,6 +39,8 @@ def map_batches(
     bar = tqdm(total=len(items), desc=desc, unit="row", disable=not progress, mininterval=0.5)
     out: list[R] = []
     try:
+        if _on_dask_worker():
+            return _map_dask(fn, chunks, args, bar)
         if workers <= 1 or len(chunks) <= 1:
             for c in chunks:
                 out.append(fn(c, *args))
@@ -64,3 +66,53 @@ def map_batches(
         return out
     finally:
         bar.close()
+
+
+def _on_dask_worker() -> bool:
+    """True inside a task that a Dask worker runs (the flow's ``--runner dask``)."""
+    try:
+        from distributed import get_worker
+    except ImportError:
+        return False
+    try:
+        get_worker()
+        return True
+    except ValueError:
+        return False
+
+
+def _map_dask(fn, chunks: list, args: tuple, bar) -> list:
+    """Fan the batches out over the whole Dask cluster from inside a task running on one worker.
+
+    ``worker_client`` secedes this task's thread while it waits, so the worker can run batches too.
+    A bounded window of batches is in flight, so memory does not grow with the table.
+    """
+    from distributed import as_completed, worker_client
+
+    results: dict[int, Any] = {}
+    with worker_client() as client:
+        n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+        window = 2 * n_workers
+        todo = iter(enumerate(chunks))
+        pending = as_completed()
+        index = {}
+
+        def submit_next() -> bool:
+            nxt = next(todo, None)
+            if nxt is None:
+                return False
+            i, c = nxt
+            fut = client.submit(fn, c, *args, pure=False)
+            index[fut.key] = (i, len(c))
+            pending.add(fut)
+            return True
+
+        for _ in range(window):
+            if not submit_next():
+                break
+        for fut in pending:
+            i, n = index.pop(fut.key)
+            results[i] = fut.result()
+            bar.update(n)
+            submit_next()
+    return [results[i] for i in range(len(chunks))]

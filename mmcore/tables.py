@@ -117,6 +117,35 @@ def text_digest(*parts: str | bytes) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def dir_digest(path: str | os.PathLike) -> str:
+    """Digest of every file under a folder (relative names and bytes), e.g. a saved model."""
+    root = Path(path)
+    if not root.is_dir():
+        return f"missing:{root}"
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return text_digest(*(f"{p.relative_to(root).as_posix()}={file_digest(p)}" for p in files))
+
+
+def files_fingerprint(root: str | os.PathLike, rel_paths: Iterable[str]) -> str:
+    """Cheap fingerprint of many files: (path, size, mtime_ns) from ``lstat``, without reading them.
+
+    Editing a file's bytes changes its size or mtime, so a changed image changes the fingerprint
+    (the same quick check rsync and make rely on); the probe then records each file's content digest.
+    """
+    root = Path(root)
+    h = hashlib.sha256()
+    for rel in sorted(set(rel_paths)):
+        if os.path.isabs(rel) or ".." in Path(rel).parts:
+            h.update(f"{rel}\0unsafe\n".encode())  # never touched: probe quarantines it
+            continue
+        try:
+            st = os.lstat(root / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except (OSError, ValueError):
+            h.update(f"{rel}\0missing\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
 def json_digest(obj: Any) -> str:
     """Digest of a JSON-serialisable object, independent of key order."""
     return text_digest(json.dumps(obj, sort_keys=True, default=str))

@@ -186,7 +186,8 @@ def publish(task, task_run, state) -> None:
 
 def run_cached(task, *args: Any, **kwargs: Any) -> StageOutput:
     """Call a stage task; if the cached result's files were deleted or overwritten, run it again."""
-    out = task(*args, **kwargs)
+    # submit(): the flow's task runner decides where it runs (a thread here, a worker on Dask).
+    out = task.submit(*args, **kwargs).result()
     if not out.intact():
-        out = task.with_options(refresh_cache=True)(*args, **kwargs)
+        out = task.with_options(refresh_cache=True).submit(*args, **kwargs).result()
     return out

@@ -13,6 +13,7 @@ _PREFECT_TMP = Path(tempfile.mkdtemp(prefix="mmpipe-prefect-"))
 os.environ["PREFECT_HOME"] = str(_PREFECT_TMP / "home")
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_PREFECT_TMP / "storage")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 REPO = Path(__file__).resolve().parents[1]
