@@ -32,6 +32,7 @@ demo: $(STAMP)
 	$(BIN)/mmpipe demo --out runs/demo
 
 test: $(STAMP)
+	bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)

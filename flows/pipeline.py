@@ -9,8 +9,8 @@ from mmcore.tables import STAGES
 from tasks import stages
 from tasks.common import StageOutput, run_cached
 
-# Stages this flow runs, in order (the rest of STAGES land with their issues).
-PIPELINE = ("clean", "probe", "quality")
+# Stages this flow runs, in order.
+PIPELINE = ("clean", "probe", "quality", "split", "train", "evaluate", "report")
 
 
 @flow(name="mmpipe", flow_run_name="mmpipe-{cfg.run_name}", log_prints=True, validate_parameters=False)
@@ -24,6 +24,15 @@ def pipeline(cfg: PipelineConfig, until: str = "report") -> dict[str, StageOutpu
         out["probe"] = run_cached(stages.probe, out["clean"], cfg)
     if "quality" in wanted:
         out["quality"] = run_cached(stages.quality, out["probe"], cfg)
+    if "split" in wanted:
+        out["split"] = run_cached(stages.split, out["quality"], cfg)
+    if "train" in wanted:
+        out["train"] = run_cached(stages.train, out["split"], cfg)
+    if "evaluate" in wanted:
+        out["evaluate"] = run_cached(stages.evaluate, out["split"], out["train"], cfg)
+    # The report always runs last: stages after `until` show as "not run" in it.
+    last = list(out.values())[-1]
+    out["report"] = run_cached(stages.report, last, cfg)
     return out
 
 

@@ -86,6 +86,9 @@ def _run(cfg, until: str, runner: str = "local", address: str | None = None, wor
     typer.echo("")
     _print_overview(cfg.run_dir)
     typer.echo(f"\nartifacts: {cfg.run_dir}")
+    html = cfg.run_dir / "report" / "report.html"
+    if html.is_file():
+        typer.echo(f"report:    {html}")
 
 
 @app.command()
@@ -185,10 +188,25 @@ def inspect(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (the config's `out`).")],
     stage: Annotated[Optional[str], typer.Argument(help="Show one stage: its stats, kept head and quarantine.")] = None,
     rows: Annotated[int, typer.Option(help="Rows of kept and quarantine to show.")] = 5,
+    stale: Annotated[
+        bool,
+        typer.Option(
+            "--stale",
+            help="Say which stages are out of date with respect to a config (STAGE is then read as the "
+            "config path; default: the run's own config.yaml) and the current inputs, without running anything.",
+        ),
+    ] = False,
 ) -> None:
     """Per-stage table (rows in, kept, quarantined, top reasons, cache hit, seconds), or one stage in detail."""
     if not run_dir.is_dir():
         raise MMPipeError(f"run folder not found: {run_dir}")
+    if stale:
+        from mmcore.config import load_config
+        from mmcore.stale import format_stale
+        from mmcore.stale import stale as stale_rows
+
+        typer.echo(format_stale(stale_rows(run_dir, load_config(stage) if stage else None)))
+        return
     if stage is None:
         _print_overview(run_dir)
         return
@@ -217,6 +235,80 @@ def _describer(stage: str):
 
     mod = importlib.import_module(f"mmcore.{stage}")
     return getattr(mod, "describe", None)
+
+
+@app.command()
+@_one_line_errors
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
+    """Rebuild RUN_DIR/report/report.html from the run's artifacts (self-contained; opens offline)."""
+    from mmcore import report as report_mod
+
+    typer.echo(f"report: {report_mod.build(run_dir)}")
+
+
+@app.command()
+@_one_line_errors
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder with a trained model (train/model).")],
+    data: Annotated[Path, typer.Option(help="Config of another dataset (its data section is used).")],
+    name: Annotated[Optional[str], typer.Option(help="Name for the results; default: that config's run_name.")] = None,
+) -> None:
+    """Evaluate the run's model on another dataset, after the same clean, probe and quality stages.
+
+    Writes RUN_DIR/evaluate/external/NAME/metrics.json (with CIs) beside the run's own metrics.
+    """
+    from mmcore.config import load_config
+
+    from mmcore import evaluate as evaluate_mod
+    from mmcore.base import StageContext
+
+    own = load_config(run_dir / "config.yaml")
+    other = load_config(data)
+    name = name or other.run_name
+    curated = run_dir / "evaluate" / "external" / name / "curation"
+    # The other dataset goes through this run's curation settings, cached like any run.
+    cfg = own.model_copy(update={"data": other.data, "out": curated.resolve()})
+    _run(cfg, "quality")
+    table = tables.load(curated, "quality")
+    ctx = StageContext(data=other.data, run_dir=run_dir.resolve(), seed=own.seed, workers=own.n_workers, progress=True)
+    result = evaluate_mod.run_external(table, own.evaluate, ctx, name)
+    typer.echo(evaluate_mod.summary_markdown(result))
+    typer.echo(f"metrics: {run_dir / 'evaluate' / 'external' / name / 'metrics.json'}")
+
+
+@app.command()
+@_one_line_errors
+def verdicts(
+    run_dir: Annotated[Path, typer.Argument(help="The run whose spot-check sheet was filled.")],
+    filled: Annotated[Path, typer.Argument(help="evaluate/spotcheck.csv with the verdict column filled (1/0, yes/no).")],
+) -> None:
+    """Human-judged precision@1 and @5 with 95% CIs from a filled spot-check sheet."""
+    from mmcore import evaluate as evaluate_mod
+
+    out = evaluate_mod.verdicts(run_dir, filled)
+    typer.echo(json.dumps(out, indent=2))
+
+
+@app.command()
+@_one_line_errors
+def deploy(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML); read again at the start of every run.")],
+    cron: Annotated[str, typer.Option(help="Schedule in UTC, e.g. '0 3 * * *' (03:00 every day).")],
+    pool: Annotated[str, typer.Option(help="Process work pool (created if missing).")] = "mmpipe",
+    name: Annotated[Optional[str], typer.Option(help="Deployment name; default: the config's run_name.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override, e.g. --set out=runs/nightly.")] = None,
+    until: Annotated[str, typer.Option(help="Last stage to run.")] = "report",
+) -> None:
+    """Register a cron deployment of the pipeline on the Prefect server at PREFECT_API_URL."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from deployments.deploy import deploy as deploy_
+
+    full = deploy_(config, cron, pool=pool, name=name, overrides=list(set_ or []), until=until)
+    typer.echo(
+        f"deployed {full} (pool {pool!r}, cron {cron!r} UTC)\n"
+        f"  worker:  .venv/bin/prefect worker start --pool {pool}\n"
+        f"  run now: .venv/bin/prefect deployment run {full}"
+    )
 
 
 def main() -> None:

@@ -109,11 +109,17 @@ def execute(
     table: pd.DataFrame,
     input_digest: str,
     run: Callable[..., tables.StageResult],
-    **kwargs: Any,
+    extra_digest: str | None = None,
 ) -> StageOutput:
-    """Run one mmcore stage on a table and write its artifacts (accounting checked on write)."""
+    """Run one mmcore stage on a table and write its artifacts (accounting checked on write).
+
+    Args:
+        extra_digest: digest of what the stage reads besides its table, recorded for staleness.
+    """
     t0 = time.perf_counter()
-    result = run(table, cfg.section(stage), context(cfg), **kwargs)
+    result = run(table, cfg.section(stage), context(cfg))
+    if extra_digest is not None:
+        result = tables.StageResult(result.kept, result.quarantined, {**result.stats, "extra_digest": extra_digest})
     stats = tables.write_stage(
         cfg.run_dir,
         stage,
@@ -182,6 +188,22 @@ def publish(task, task_run, state) -> None:
         ),
         description=f"{out.stage} summary",
     )
+
+
+def publish_run(task, task_run, state) -> None:
+    """on_completion hook of the report: the whole run's summary and a link to the report."""
+    from prefect.artifacts import create_link_artifact
+
+    from mmcore import report
+
+    out = state.result(raise_on_failure=False)
+    if not isinstance(out, StageOutput):
+        return
+    create_markdown_artifact(key="mmpipe-run-summary", markdown=report.summary_markdown(out.run_dir),
+                             description="mmpipe run: funnel and headline metrics")
+    html = Path(out.run_dir) / "report" / "report.html"
+    create_link_artifact(key="mmpipe-report", link=html.resolve().as_uri(), link_text=str(html),
+                         description="the run's self-contained HTML report")
 
 
 def run_cached(task, *args: Any, **kwargs: Any) -> StageOutput:

@@ -7,11 +7,16 @@ from pathlib import Path
 from prefect import task
 
 from mmcore import clean as clean_stage
+from mmcore import evaluate as evaluate_stage
 from mmcore import probe as probe_stage
 from mmcore import quality as quality_stage
+from mmcore import report as report_stage
+from mmcore import split as split_stage
 from mmcore import tables
+from mmcore import train as train_stage
 from mmcore.config import PipelineConfig, dump_config
-from tasks.common import StageOutput, execute, is_transient, publish, read_input, stage_cache
+from mmcore.stale import extra_digest
+from tasks.common import StageOutput, execute, is_transient, publish, publish_run, read_input, stage_cache
 
 _IO = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, persist_result=True)
 
@@ -20,16 +25,27 @@ def _manifest(params: dict) -> str:
     return tables.file_digest(Path(params["cfg"].data.manifest))
 
 
-def _images(params: dict) -> str:
-    """(path, size, mtime) of every image clean kept: an edited image re-runs the probe."""
-    cfg: PipelineConfig = params["cfg"]
-    paths = tables.read_parquet(params["src"].paths.kept, columns=[tables.IMAGE])[tables.IMAGE]
-    return tables.files_fingerprint(cfg.data.image_root, paths)
+def _extra(stage: str):
+    """What a stage reads besides its input table (probe: the image files; quality: the alignment
+    model), defined once in ``mmcore.stale`` so ``mmpipe inspect --stale`` sees the same thing."""
+
+    def digest(params: dict) -> str:
+        return extra_digest(stage, params["cfg"]) or "none"
+
+    return digest
 
 
-def _alignment_model(params: dict) -> str:
-    model = params["cfg"].quality.alignment_model
-    return tables.dir_digest(model) if model is not None else "none"
+def _model(params: dict) -> str:
+    """The trained model's files: evaluation must re-run when the model changes."""
+    return tables.dir_digest(params["cfg"].run_dir / "train" / "model")
+
+
+def _upstream(params: dict) -> str:
+    """Every stage's recorded stats and the evaluation's metrics: the report's inputs."""
+    run_dir = params["cfg"].run_dir
+    files = [tables.StagePaths.of(run_dir, s).stats for s in tables.STAGES[:-1]]
+    files += [run_dir / "evaluate" / "metrics.json", run_dir / "train" / "history.parquet"]
+    return tables.text_digest(*(tables.file_digest(f) if f.is_file() else "-" for f in files))
 
 
 @task(name="save-config", persist_result=False)
@@ -46,13 +62,39 @@ def clean(cfg: PipelineConfig) -> StageOutput:
     return execute("clean", cfg, table, tables.file_digest(cfg.data.manifest), clean_stage.run)
 
 
-@task(name="probe", cache_policy=stage_cache("probe", "src", extra=_images), on_completion=[publish], **_IO)
+@task(name="probe", cache_policy=stage_cache("probe", "src", extra=_extra("probe")), on_completion=[publish], **_IO)
 def probe(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
     table, digest = read_input(src)
-    return execute("probe", cfg, table, digest, probe_stage.run)
+    return execute("probe", cfg, table, digest, probe_stage.run, extra_digest=extra_digest("probe", cfg))
 
 
-@task(name="quality", cache_policy=stage_cache("quality", "src", extra=_alignment_model), on_completion=[publish], **_IO)
+@task(name="quality", cache_policy=stage_cache("quality", "src", extra=_extra("quality")), on_completion=[publish], **_IO)
 def quality(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
     table, digest = read_input(src)
-    return execute("quality", cfg, table, digest, quality_stage.run)
+    return execute("quality", cfg, table, digest, quality_stage.run, extra_digest=extra_digest("quality", cfg))
+
+
+@task(name="split", cache_policy=stage_cache("split", "src"), on_completion=[publish], **_IO)
+def split(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
+    table, digest = read_input(src)
+    return execute("split", cfg, table, digest, split_stage.run)
+
+
+@task(name="train", cache_policy=stage_cache("train", "src"), on_completion=[publish], **_IO)
+def train(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
+    """Trains on GPU when there is one, else on CPU (the stats and the artifact say which)."""
+    table, digest = read_input(src)
+    return execute("train", cfg, table, digest, train_stage.run)
+
+
+@task(name="evaluate", cache_policy=stage_cache("evaluate", "src", "model", extra=_model), on_completion=[publish], **_IO)
+def evaluate(src: StageOutput, model: StageOutput, cfg: PipelineConfig) -> StageOutput:
+    table, digest = read_input(src)
+    return execute("evaluate", cfg, table, digest, evaluate_stage.run)
+
+
+@task(name="report", cache_policy=stage_cache("report", "src", extra=_upstream), on_completion=[publish, publish_run])
+def report(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
+    """Rebuilds RUN_DIR/report/report.html from the run's artifacts (whatever stages ran)."""
+    table, digest = read_input(src)
+    return execute("report", cfg, table, digest, report_stage.run)

@@ -1,0 +1,300 @@
+"""End to end on a real ``prefect server start``: pool, cron deployment, worker, runs, artifacts.
+
+Everything runs in subprocesses the way a user starts them (own process group each, a
+temporary PREFECT_HOME, a free port on 127.0.0.1) and is stopped in ``finally``; the
+fixtures then check that no process they started is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mmcore import tables
+from mmcore.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "demo.yaml"
+CRON = "0 3 * * *"
+POOL = "mmpipe-test"
+N_ROWS = 300  # synth_small
+N_LOAD = 8
+_WALL: dict[str, float] = {}  # seconds per scenario, printed by the load test (run with -s to see)
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    env: dict[str, str]
+    home: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else "(no log)"
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start ``python -m prefect ARGS`` with this venv's Python, in its own process group."""
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            [sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def _stop(proc: subprocess.Popen) -> list[psutil.Process]:
+    """Stop a process group; returns the processes still alive afterwards (should be none).
+
+    SIGINT first, as Ctrl-C would (a worker ignores SIGTERM while it retries a lost
+    connection), then SIGKILL for whatever is left in the group (flow-run processes).
+    """
+    tracked: list[psutil.Process] = []
+    with suppress(psutil.NoSuchProcess):
+        tracked = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    _signal_group(proc, signal.SIGINT)
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(20)
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait(10)
+    _, alive = psutil.wait_procs(tracked, timeout=10)
+    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``prefect server start`` on a free loopback port with its own PREFECT_HOME."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",  # default 60 s
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # default 10 s; each poll is a write
+        # SQLite answers a burst of writes with 503 "database is locked": fewer writers (no
+        # "Late" marking of runs a busy machine starts 15 s late) and more client retries.
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+        "PREFECT_CLIENT_MAX_RETRIES": "8",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    log = home / "server.log"
+    proc = _start(["server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
+    try:
+        _wait_healthy(url, proc, log)
+        yield Server(url=url, env=env, home=home)
+    finally:
+        left = _stop(proc)
+    assert not left, f"server processes left: {left}"
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 150) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited with {proc.returncode}:\n{_tail(log)}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"prefect server not healthy after {timeout} s:\n{_tail(log)}")
+
+
+@contextmanager
+def _api(server: Server):
+    """Point this process's Prefect client at the test server (over any session harness)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.url}):
+        yield
+
+
+@dataclass(frozen=True)
+class Deployment:
+    name: str
+    run_dir: Path
+
+
+@pytest.fixture(scope="module")
+def deployment(server, synth_small, tmp_path_factory) -> Deployment:
+    """The pool and the cron deployment of the pipeline (until clean, so any stage list is fast)."""
+    from deployments.deploy import deploy, ensure_pool
+
+    out = tmp_path_factory.mktemp("deployed") / "run"
+    with _api(server):
+        assert ensure_pool(POOL) is True
+        assert ensure_pool(POOL) is False
+        name = deploy(
+            CONFIG, CRON, pool=POOL, name="e2e", until="clean",
+            overrides=[f"data.manifest={synth_small / 'manifest.csv'}", f"out={out}"],
+        )
+    assert name == "mmpipe-from-config/e2e"
+    return Deployment(name, out)
+
+
+@pytest.fixture(scope="module")
+def worker(server, deployment):
+    """``prefect worker start --pool POOL`` from the repo root: flow runs get this venv's Python."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    log = server.home / "worker.log"
+    proc = _start(["worker", "start", "--pool", POOL], server.env, log)
+    try:
+        yield log
+    finally:
+        left = _stop(proc)
+    assert not left, f"worker processes left: {left}"
+    new = {p.pid for p in psutil.Process().children(recursive=True)} - before
+    assert not new, f"child processes left: {new}"
+
+
+def _flow_run_ids_under(client, flow_run_id) -> list:
+    """The run and its subflow runs (stage artifacts belong to the inner ``mmpipe`` flow run)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    subs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+    )
+    return [flow_run_id, *(r.id for r in subs)]
+
+
+def _summary(client, flow_run_id) -> dict:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    arts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["clean-summary"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=_flow_run_ids_under(client, flow_run_id)),
+        )
+    )
+    assert len(arts) == 1 and arts[0].type == "table", arts
+    rows = json.loads(arts[0].data) if isinstance(arts[0].data, str) else arts[0].data
+    return {r["metric"]: r["value"] for r in rows}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cron_deployment_runs_on_a_worker_and_publishes_artifacts(server, deployment, worker):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+    from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+
+    with _api(server), get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment.name)
+        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == [(CRON, "UTC", True)]
+        assert dep.work_pool_name == POOL and dep.entrypoint == "flows/pipeline.py:from_config"
+        assert dep.parameters["config"] == str(CONFIG) and dep.parameters["until"] == "clean"
+        assert dep.parameters["overrides"][-1] == f"out={deployment.run_dir}"
+
+        # The server's scheduler turns the cron into future runs at 03:00 UTC.
+        deadline = time.monotonic() + 60
+        scheduled = []
+        while not scheduled and time.monotonic() < deadline:
+            scheduled = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+            )
+            time.sleep(1)
+        assert scheduled, "the scheduler made no runs from the cron"
+        assert {(r.expected_start_time.hour, r.expected_start_time.minute) for r in scheduled} == {(3, 0)}
+
+        t0 = time.perf_counter()
+        run = run_deployment(deployment.name, timeout=240, poll_interval=1)
+        _WALL["1 run"] = time.perf_counter() - t0
+        assert run.state.is_completed(), f"{run.state}\n{_tail(worker)}"
+        summary = _summary(client, run.id)
+
+    stats = tables.read_json(tables.StagePaths.of(deployment.run_dir, "clean").stats)
+    assert summary["n_rows"] == N_ROWS == summary["n_kept"] + summary["n_quarantined"]
+    assert (summary["n_kept"], summary["n_quarantined"]) == (stats["n_kept"], stats["n_quarantined"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_eight_runs_started_at_once_all_complete(server, deployment, worker, synth_small, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    base = [f"data.manifest={synth_small / 'manifest.csv'}"]
+    outs = [tmp_path / f"run{i}" for i in range(N_LOAD)]
+    with _api(server), get_client(sync_client=True) as client:
+        t0 = time.perf_counter()
+        runs = [
+            run_deployment(deployment.name, parameters={"overrides": [*base, f"out={o}"]}, timeout=0) for o in outs
+        ]
+        pending = {r.id for r in runs}
+        deadline = time.monotonic() + 360
+        while pending and time.monotonic() < deadline:
+            pending = {i for i in pending if not client.read_flow_run(i).state.is_final()}
+            time.sleep(1)
+        wall = time.perf_counter() - t0
+        states = [client.read_flow_run(r.id).state for r in runs]
+        assert all(s.is_completed() for s in states), f"{[s.name for s in states]}\n{_tail(worker)}"
+        summaries = [_summary(client, r.id) for r in runs]
+    one = _WALL.get("1 run", float("nan"))
+    print(f"\ndeployment runs until clean, {N_ROWS} rows: 1 run {one:.1f} s, {N_LOAD} at once {wall:.1f} s wall")
+    assert all(s["n_rows"] == N_ROWS for s in summaries)
+    for o in outs:
+        status = tables.read_json(tables.StagePaths.of(o, "clean").dir / "status.json")
+        assert status["cached"] is False  # distinct run folders: no run borrowed another's result
+
+
+def test_deploy_rejects_bad_config_and_cron_in_one_line(tmp_path):
+    from deployments.deploy import deploy
+
+    with pytest.raises(ConfigError, match=r"^config file not found: .*nope\.yaml$"):
+        deploy(tmp_path / "nope.yaml", CRON)
+    with pytest.raises(ConfigError, match=r"unknown config key 'clean.min_char'"):
+        deploy(CONFIG, CRON, overrides=["clean.min_char=3"])
+    with pytest.raises(ConfigError, match=r"^--cron '61 3 \* \* \*': invalid cron string; expected 5 fields"):
+        deploy(CONFIG, "61 3 * * *")
+    with pytest.raises(ConfigError, match=r"^until: unknown stage 'cleanup'; expected one of clean, "):
+        deploy(CONFIG, CRON, until="cleanup")
+
+
+def test_deploy_without_a_server_says_how_to_start_one():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.deploy import deploy
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(ConfigError, match=r"^PREFECT_API_URL is not set: start a server"):
+            deploy(CONFIG, CRON)
+
+
+def test_relative_path_overrides_are_made_absolute_where_deploy_runs(tmp_path, monkeypatch):
+    from deployments.deploy import _absolute_overrides
+
+    monkeypatch.chdir(tmp_path)
+    got = _absolute_overrides(["out=runs/x", "data.manifest=/abs/m.csv", "clean.min_chars=3", "data.root=img"])
+    assert got == [f"out={tmp_path / 'runs/x'}", "data.manifest=/abs/m.csv", "clean.min_chars=3", f"data.root={tmp_path / 'img'}"]
