@@ -48,6 +48,8 @@ def map_batches(
             return out
         # forkserver: workers must not inherit threads or locks of the parent (Prefect, torch).
         ctx = mp.get_context("forkserver")
+        # Import the heavy modules once in the fork server, not in every worker.
+        ctx.set_forkserver_preload(["numpy", "pandas", "PIL.Image", "mmcore.tables", fn.__module__])
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             window = 2 * workers  # bounded in-flight batches
             futures = []

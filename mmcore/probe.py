@@ -1,11 +1,300 @@
-"""Probe stage (placeholder until its issue lands)."""
+"""Probe: resolve each image path safely, read its header and check the file is whole.
+
+Each distinct path is read once: its bytes are hashed (``content_digest``, unless
+``digest=False``) and the header is parsed from memory, so no pixels are decoded. With ``verify="structure"`` (the default) a file
+counts as whole when its format's end marker is present (JPEG EOI after the last scan, PNG IEND,
+GIF trailer, WebP RIFF length); other formats, and every file with ``verify="decode"``, are
+decoded (JPEG at 1/8 scale). The quality stage decodes every kept image anyway and quarantines
+any that still fail as ``corrupt_image``.
+
+``measure`` is a pure per-batch function (picklable, never raises on a bad file) and ``decide``
+turns measurements into kept and quarantined rows, so a Dask or process pool can run ``measure``.
+"""
 
 from __future__ import annotations
 
-from mmcore.base import StrictModel
+import hashlib
+import io
+import os
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from pydantic import Field, field_validator
+
+from mmcore import images, parallel, tables
+from mmcore.base import StageContext, StrictModel
+from mmcore.tables import IMAGE, ROW_ID, StageResult
 
 STAGE = "probe"
 
+# Reason codes, in the order they are tested (a row gets the first it fails).
+REASONS = {
+    "outside_root": "the path resolves outside the dataset root (../ traversal, absolute path, escaping symlink)",
+    "missing_file": "no file at the path (or it cannot be read)",
+    "empty_file": "the file has zero bytes",
+    "not_an_image": "Pillow does not recognise the bytes as an image",
+    "too_many_pixels": "the header declares more than probe.max_pixels pixels (decompression bomb), refused before decoding",
+    "unsupported_format": "an image format not in probe.formats",
+    "corrupt_image": "truncated or corrupt: the header or the data does not decode, or the end marker is missing",
+}
+
+# Columns probe adds, in order.
+COLUMNS = ("width", "height", "format", "mode", "n_frames", "file_size", "content_digest", "res_bucket", "aspect_bucket")
+_INT_COLUMNS = ("width", "height", "n_frames", "file_size")
+_STR_COLUMNS = ("format", "mode", "content_digest")
+ERROR, DETAIL = "probe_error", "probe_detail"
+
 
 class ProbeConfig(StrictModel):
-    """Settings of the probe stage."""
+    """Probe settings; a decompression-bomb limit, accepted formats and the strata buckets."""
+
+    max_pixels: int = Field(100_000_000, ge=1, description="Images declaring more pixels are too_many_pixels.")
+    formats: tuple[str, ...] = Field(
+        ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"),
+        min_length=1,
+        description="Pillow format names accepted; others are unsupported_format.",
+    )
+    verify: Literal["structure", "decode"] = Field(
+        "structure", description="structure: end markers, no decoding; decode: also a reduced-size decode."
+    )
+    res_bucket_edges: tuple[int, ...] = Field(
+        (256, 512, 1024), min_length=1, description="Short-side edges (px) of res_bucket."
+    )
+    aspect_bucket_edges: tuple[float, float, float] = Field(
+        (0.8, 1.25, 2.0), description="width/height edges between portrait, square, landscape and wide."
+    )
+    digest: bool = Field(
+        True, description="Hash every file (sha256) into content_digest; off = header-only probe, digest ''."
+    )
+    batch_size: int = Field(256, ge=1, description="Files per batch sent to a worker process.")
+
+    @field_validator("formats")
+    @classmethod
+    def _upper(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f.upper() for f in v)
+
+    @field_validator("res_bucket_edges", "aspect_bucket_edges")
+    @classmethod
+    def _increasing(cls, v: tuple) -> tuple:
+        if any(b <= a for a, b in zip(v, v[1:])) or v[0] <= 0:
+            raise ValueError(f"bucket edges must be positive and increasing, got {list(v)}")
+        return v
+
+
+# --------------------------------------------------------------------------- per file
+
+
+_TAIL = 4096
+
+
+def _is_whole(head: bytes, tail: bytes, size: int, fmt: str, whole_file) -> bool | None:
+    """Whether the format's end marker is present; None when the format has no cheap test.
+
+    ``head``/``tail`` are the file's first and last bytes; ``whole_file()`` returns all of them
+    (only read for a JPEG that does not end with EOI).
+    """
+    if fmt in ("JPEG", "MPO"):
+        if tail.endswith(b"\xff\xd9"):
+            return True
+        # Junk after EOI is allowed. 0xFFD9 (EOI) cannot occur inside entropy-coded data (0xFF
+        # is always stuffed), so a file cut inside its last scan has no EOI after its last SOS.
+        data = whole_file()
+        sos = data.rfind(b"\xff\xda")
+        return sos != -1 and data.find(b"\xff\xd9", sos + 2) != -1
+    if fmt == "PNG":
+        return b"IEND" in tail  # tolerates a little junk after IEND
+    if fmt == "GIF":
+        return tail.rstrip(b"\x00").endswith(b";")
+    if fmt == "WEBP":
+        return len(head) >= 12 and int.from_bytes(head[4:8], "little") + 8 <= size
+    return None
+
+
+def _decodes(fp) -> str:
+    """'' if the image decodes (JPEG at 1/8 scale), else the error."""
+    try:
+        fp.seek(0)
+        with Image.open(fp) as im:
+            if im.format == "JPEG":
+                im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+        return ""
+    except Exception as e:  # any decoder failure means the file is unusable
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def _one_line(prefix: str, e: Exception) -> str:
+    return f"{prefix}{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def _probe_one(root_real: str, rel: str, cfg: ProbeConfig) -> dict:
+    out: dict = {ERROR: "", DETAIL: ""}
+
+    def fail(code: str, detail: str) -> dict:
+        out[ERROR], out[DETAIL] = code, detail
+        return out
+
+    # The root check comes first: nothing outside the root is ever opened, not even to stat it.
+    try:
+        path = images.resolve_under(root_real, rel)
+    except images.UnsafePath as e:
+        return fail("outside_root", str(e))
+    except ValueError as e:  # e.g. an embedded NUL byte
+        return fail("missing_file", f"invalid path {rel!r}: {e}")
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return fail("missing_file", f"no file {rel!r}")
+    except IsADirectoryError:
+        return fail("missing_file", f"{rel!r} is a directory")
+    except OSError as e:
+        return fail("missing_file", f"cannot read {rel!r}: {e.strerror or e}")
+    with f:
+        try:
+            return _probe_open(f, out, fail, cfg)
+        except OSError as e:  # a read error half-way (I/O error, file shrank)
+            return fail("missing_file", _one_line(f"cannot read {rel!r}: ", e))
+
+
+def _probe_open(f, out: dict, fail, cfg: ProbeConfig) -> dict:
+    size = os.fstat(f.fileno()).st_size
+    out["file_size"] = size
+    data = None
+    if cfg.digest:
+        data = f.read()
+        out["file_size"] = size = len(data)
+        out["content_digest"] = "sha256:" + hashlib.sha256(data).hexdigest()
+    if size == 0:
+        return fail("empty_file", "zero bytes")
+    fp = io.BytesIO(data) if data is not None else f
+    try:
+        im = Image.open(fp)  # header only; nothing is decoded here
+    except UnidentifiedImageError:
+        fp.seek(0)
+        return fail("not_an_image", f"unrecognised bytes (starts {fp.read(8)!r})")
+    except Exception as e:  # a recognised format whose header is broken
+        return fail("corrupt_image", _one_line("header: ", e))
+    with im:
+        try:
+            w, h = images.displayed_size(im)
+            fmt, mode = str(im.format or ""), im.mode
+            out.update(width=w, height=h, format=fmt, mode=mode)
+            if w * h > cfg.max_pixels:
+                return fail("too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
+            if fmt not in cfg.formats:
+                return fail("unsupported_format", f"format {fmt}; accepted: {', '.join(cfg.formats)}")
+            out["n_frames"] = int(getattr(im, "n_frames", 1))
+        except Exception as e:
+            return fail("corrupt_image", _one_line("header: ", e))
+    whole = None
+    if cfg.verify == "structure":
+        if data is not None:
+            head, tail = data[:16], data[-_TAIL:]
+        else:
+            f.seek(0)
+            head = f.read(16)
+            f.seek(max(0, size - _TAIL))
+            tail = f.read()
+
+        def whole_file() -> bytes:
+            f.seek(0)
+            return data if data is not None else f.read()
+
+        whole = _is_whole(head, tail, size, fmt, whole_file)
+        if whole is False:
+            return fail("corrupt_image", f"truncated: {fmt} end marker missing ({size} bytes)")
+    if whole is None and (err := _decodes(fp)):
+        return fail("corrupt_image", err)
+    return out
+
+
+def measure(rows: pd.DataFrame, cfg: ProbeConfig, root: str) -> pd.DataFrame:
+    """Probe the files of ``rows`` (columns row_id, image_path); one row of measurements each.
+
+    Never raises on a bad file: ``probe_error`` holds a reason code ('' when the file is fine).
+    """
+    root_real = os.path.realpath(root)
+    # Headers only: Pillow's own bomb check is off, the header size is compared to max_pixels.
+    with images.pixel_limit(None):
+        recs = [_probe_one(root_real, rel, cfg) for rel in rows[IMAGE].tolist()]
+    out = pd.DataFrame({ROW_ID: rows[ROW_ID].to_numpy(np.int64)})
+    for c in _INT_COLUMNS:
+        out[c] = pd.array([r.get(c) for r in recs], dtype="Int64")
+    for c in (*_STR_COLUMNS, ERROR, DETAIL):
+        out[c] = pd.Series([r.get(c, "") for r in recs], dtype="str")
+    return out
+
+
+# --------------------------------------------------------------------------- buckets
+
+
+def res_bucket(short_side: pd.Series, edges: tuple[int, ...]) -> pd.Series:
+    """'<256', '256-512', '512-1024', '>=1024' for edges (256, 512, 1024)."""
+    labels = [f"<{edges[0]}", *(f"{a}-{b}" for a, b in zip(edges, edges[1:])), f">={edges[-1]}"]
+    idx = np.searchsorted(np.asarray(edges), short_side.to_numpy(np.float64), side="right")
+    return pd.Series(np.asarray(labels, dtype=object)[idx], index=short_side.index, dtype="str")
+
+
+def aspect_bucket(aspect: pd.Series, edges: tuple[float, float, float]) -> pd.Series:
+    """portrait (w/h < edges[0]), square, landscape, wide (w/h > edges[2])."""
+    labels = np.asarray(["portrait", "square", "landscape", "wide"], dtype=object)
+    a = aspect.to_numpy(np.float64)
+    idx = (a >= edges[0]).astype(int) + (a > edges[1]) + (a > edges[2])
+    return pd.Series(labels[idx], index=aspect.index, dtype="str")
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def broadcast(table: pd.DataFrame, measurements: pd.DataFrame) -> pd.DataFrame:
+    """Measurements of one row per distinct path, copied to every row of ``table`` with that path."""
+    key = table.set_index(ROW_ID)[IMAGE]
+    m = measurements.drop(columns=[ROW_ID]).set_index(key.reindex(measurements[ROW_ID]).to_numpy())
+    return m.reindex(table[IMAGE].to_numpy()).set_axis(table.index)
+
+
+def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: ProbeConfig) -> StageResult:
+    """Add the probe columns to ``table`` and quarantine rows whose file failed a check."""
+    m = broadcast(table, measurements)
+    df = table.copy()
+    for c in ("width", "height", "format", "mode", "n_frames", "file_size", "content_digest"):
+        df[c] = m[c]
+    short = np.minimum(df["width"].astype("Float64"), df["height"].astype("Float64")).fillna(0)
+    df["res_bucket"] = res_bucket(short, cfg.res_bucket_edges).where(df["width"].notna(), "")
+    aspect = (df["width"].astype("Float64") / df["height"].astype("Float64")).fillna(1.0)
+    df["aspect_bucket"] = aspect_bucket(aspect, cfg.aspect_bucket_edges).where(df["width"].notna(), "")
+    err = m[ERROR].fillna("missing_file")
+    checks = [(code, err == code, m[DETAIL]) for code in REASONS]
+    res = tables.partition(df, checks)
+    kept = res.kept.copy()
+    for c in _INT_COLUMNS:
+        kept[c] = kept[c].astype(np.int64)
+    fmt_counts = {str(k): int(v) for k, v in kept["format"].value_counts().sort_index().items()}
+    stats = {
+        "n_files": int(len(measurements)),
+        "formats": fmt_counts,
+        "res_buckets": {str(k): int(v) for k, v in kept["res_bucket"].value_counts().sort_index().items()},
+        "aspect_buckets": {str(k): int(v) for k, v in kept["aspect_bucket"].value_counts().sort_index().items()},
+        "bytes": int(kept.drop_duplicates(IMAGE)["file_size"].sum()),
+    }
+    return StageResult(kept, res.quarantined, stats)
+
+
+def distinct_paths(table: pd.DataFrame) -> pd.DataFrame:
+    """The first row (lowest row_id) of each distinct image path: what gets measured."""
+    first = table.sort_values(ROW_ID, kind="stable").drop_duplicates(IMAGE)
+    return first[[ROW_ID, IMAGE]].reset_index(drop=True)
+
+
+def run(table: pd.DataFrame, cfg: ProbeConfig, ctx: StageContext) -> StageResult:
+    """Probe every distinct image path of ``table`` in worker processes, then ``decide``."""
+    tables.require_columns(table, [ROW_ID, IMAGE], STAGE)
+    todo = distinct_paths(table)
+    parts = parallel.map_batches(
+        measure, todo, batch_size=cfg.batch_size, workers=ctx.workers, desc=STAGE, progress=ctx.progress,
+        args=(cfg, str(ctx.data.image_root)),
+    )
+    measurements = pd.concat(parts, ignore_index=True) if parts else measure(todo, cfg, str(ctx.data.image_root))
+    return decide(table, measurements, cfg)

@@ -1,11 +1,405 @@
-"""Quality stage (placeholder until its issue lands)."""
+"""Quality: score every image on a reduced-size decode and quarantine by the registered checks.
+
+Each distinct image is decoded once as gray at reduced size (JPEG ``draft``: most pixels are never
+computed), then resized to a fixed ``analysis_size`` square so that no score depends on the
+resolution. From that one small array come brightness percentiles, entropy, sharpness and a
+perceptual hash (pHash); a checksum of the reduced pixels finds exact duplicates. An image that looks blurry or uniform in gray is
+measured again in colour before it is flagged: a yellow shape on beige has almost no luminance
+edge, yet it is sharp.
+
+Checks live in ``mmcore.checks`` (score in [0, 1], flagged below a threshold). Near-duplicates
+(pHash within ``phash_radius`` bits) share a ``dup_cluster`` id, which split uses as a group so
+that near-duplicates never straddle splits; a later file with the same pixels as an earlier one is
+quarantined as ``duplicate_image``. An optional CLIP-score check (``low_alignment``) runs when
+``alignment_model`` names a local model.
+"""
 
 from __future__ import annotations
 
-from mmcore.base import StrictModel
+import os
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator, model_validator
+
+from mmcore import checks, images, parallel, tables
+from mmcore.base import StageContext, StrictModel
+from mmcore.errors import ConfigError
+from mmcore.probe import broadcast, distinct_paths
+from mmcore.tables import IMAGE, ROW_ID, TEXT, StageResult
 
 STAGE = "quality"
 
+REASONS = {
+    "corrupt_image": "the image failed to decode at reduced size (the probe's header check passed)",
+    **{name: c.reason for name, c in checks.CHECKS.items()},
+}
+
+ERROR, DETAIL = "quality_error", "quality_detail"
+MEASURES = ("brightness_mean", "brightness_p5", "brightness_p99", "sharpness", "entropy")
+
 
 class QualityConfig(StrictModel):
-    """Settings of the quality stage."""
+    """Which checks run, threshold overrides, decode sizes, near-duplicates and the CLIP score."""
+
+    checks: tuple[str, ...] = Field(checks.DEFAULT_CHECKS, description="Checks to run, in order.")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Per-check threshold overrides (score units, 0..1)."
+    )
+    decode_size: int = Field(96, ge=8, description="Reduced decode: short side at least this (JPEG draft).")
+    analysis_size: int = Field(96, ge=16, description="Side of the fixed square every score is computed on.")
+    phash_radius: int = Field(4, ge=0, le=16, description="pHash Hamming distance for near-duplicates.")
+    batch_size: int = Field(128, ge=1, description="Images per batch sent to a worker process.")
+    alignment_model: Path | None = Field(None, description="Local CLIP model folder; None turns the check off.")
+    alignment_threshold: float | None = Field(
+        None, ge=-1, le=1, description="Minimum image-text cosine; 0.2 when neither this nor the fraction is set."
+    )
+    alignment_keep_fraction: float | None = Field(None, gt=0, le=1, description="Keep this top fraction by cosine.")
+    alignment_batch_size: int = Field(64, ge=1)
+
+    @field_validator("checks")
+    @classmethod
+    def _known_checks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        checks.validate_names(v, "quality.checks")
+        if "low_alignment" in v:
+            raise ValueError("low_alignment is enabled by quality.alignment_model, not listed in quality.checks")
+        return v
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, v: dict[str, float]) -> dict[str, float]:
+        checks.validate_names(v, "quality.thresholds")
+        if "low_alignment" in v:
+            raise ValueError("set quality.alignment_threshold or alignment_keep_fraction, not thresholds.low_alignment")
+        bad = {k: t for k, t in v.items() if not 0.0 <= t <= 1.0}
+        if bad:
+            raise ValueError(f"thresholds must be in [0, 1] (score units), got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _alignment(self) -> QualityConfig:
+        if self.alignment_threshold is not None and self.alignment_keep_fraction is not None:
+            raise ValueError("set alignment_threshold or alignment_keep_fraction, not both")
+        return self
+
+    def threshold(self, name: str) -> float:
+        return self.thresholds.get(name, checks.CHECKS[name].threshold)
+
+
+# --------------------------------------------------------------------------- per image
+
+
+def _sharpness(channels: list[np.ndarray]) -> float:
+    """Mean of the strongest 0.2% pixel steps over the intensity range (+16 so flat noise is blurry).
+
+    A step edge scores ~0.3-1 at any contrast; a Gaussian blur of sigma s pixels (at the analysis
+    size) scores about 0.4 / s. Channels are summed, so a flat channel adds nothing.
+    """
+    top = rng = 0.0
+    for a in channels:
+        # |steps| are 0..255: a histogram gives the top-k mean in O(n), without a sort.
+        hist = _hist(cv2.absdiff(a[1:], a[:-1])) + _hist(cv2.absdiff(a[:, 1:], a[:, :-1]))
+        k = max(1, int(hist.sum()) // 500)
+        desc = hist[::-1]
+        above = np.cumsum(desc)
+        n = int(np.searchsorted(above, k)) + 1  # levels (from 255 down) holding the top k steps
+        take = desc[:n].copy()
+        take[-1] -= above[n - 1] - k
+        top += float(take @ np.arange(255, 255 - n, -1)) / k
+        rng += float(a.max()) - float(a.min())
+    return top / (rng + 16.0)
+
+
+def _entropy(hist: np.ndarray) -> float:
+    """Shannon entropy (bits) of a 256-bin histogram."""
+    p = hist[hist > 0] / hist.sum()
+    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _hist(a: np.ndarray) -> np.ndarray:
+    """256-bin histogram of a uint8 array, as int64 (cv2.calcHist is several times np.bincount's speed)."""
+    return cv2.calcHist([np.ascontiguousarray(a)], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+
+
+def phash(a: np.ndarray) -> int:
+    """64-bit perceptual hash: DCT of a 32x32 reduction, 8x8 low frequencies above their median."""
+    small = cv2.resize(a, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+    low = cv2.dct(small)[:8, :8].ravel()
+    mid = np.partition(low, (31, 32))
+    bits = low > (mid[31] + mid[32]) / 2
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def _analysis(arr: np.ndarray, s: int) -> np.ndarray:
+    """The fixed s x s analysis image. The reduced decode is already within 2x of s, so bilinear
+    resampling loses little and costs a tenth of area averaging at a non-integer ratio."""
+    if arr.shape[0] >= 2 * s and arr.shape[1] >= 2 * s:
+        return cv2.resize(arr, (s, s), interpolation=cv2.INTER_AREA)
+    return cv2.resize(arr, (s, s), interpolation=cv2.INTER_LINEAR)
+
+
+def _measure_one(path: str, cfg: QualityConfig, sharp_min: float, entropy_min: float) -> dict:
+    gray = images.load_gray(path, cfg.decode_size)
+    s = cfg.analysis_size
+    a = _analysis(gray, s)
+    hist = _hist(a)
+    cdf = np.cumsum(hist) / a.size
+    sharp, ent = _sharpness([a]), _entropy(hist)
+    if sharp < sharp_min or ent < entropy_min:
+        # Luminance looks blurry or flat: look at colour before flagging (isoluminant shapes).
+        rgb = images.load_reduced(path, cfg.decode_size, color=True)
+        c = _analysis(rgb, s)
+        chans = [np.ascontiguousarray(c[..., i]) for i in range(3)]
+        sharp = max(sharp, _sharpness(chans))
+        ent = max(ent, *(_entropy(_hist(x)) for x in chans))
+    # Exact-pixel key: size + CRC-32 + Adler-32 of the reduced pixels (64 bits of checksum, far
+    # cheaper than a cryptographic hash); a duplicate must also match the pHash.
+    buf = np.ascontiguousarray(gray)
+    ph = f"{phash(a):016x}"
+    pixel_key = f"{gray.shape[1]}x{gray.shape[0]}:{ph}:{zlib.crc32(buf):08x}{zlib.adler32(buf):08x}"
+    return {
+        "brightness_mean": float(hist @ np.arange(256)) / a.size / 255.0,
+        "brightness_p5": float(np.searchsorted(cdf, 0.05)) / 255.0,
+        "brightness_p99": float(np.searchsorted(cdf, 0.99)) / 255.0,
+        "sharpness": sharp,
+        "entropy": ent,
+        "phash": ph,
+        "pixel_hash": pixel_key,
+    }
+
+
+def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
+    """Scores of the images of ``rows`` (columns row_id, image_path), one row each.
+
+    Never raises on a bad file: ``quality_error`` is 'corrupt_image' and the scores are NaN.
+    """
+    cv2.setNumThreads(1)  # one process per core already; threads would oversubscribe
+    root_real = os.path.realpath(root)
+    sharp_min = cfg.threshold("blurry") * checks.SHARPNESS_FULL
+    entropy_min = cfg.threshold("low_information") * checks.ENTROPY_BITS
+    recs = []
+    with images.pixel_limit(None):  # the probe refused oversized headers already
+        for rel in rows[IMAGE].tolist():
+            try:
+                rec = _measure_one(images.resolve_under(root_real, rel), cfg, sharp_min, entropy_min)
+                rec[ERROR], rec[DETAIL] = "", ""
+            except Exception as e:  # any failure to decode quarantines the row, never the batch
+                rec = {ERROR: "corrupt_image", DETAIL: f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+            recs.append(rec)
+    out = pd.DataFrame({ROW_ID: rows[ROW_ID].to_numpy(np.int64)})
+    for c in MEASURES:
+        out[c] = np.array([r.get(c, np.nan) for r in recs], dtype=np.float64)
+    for c in ("phash", "pixel_hash", ERROR, DETAIL):
+        out[c] = pd.Series([r.get(c, "") for r in recs], dtype="str")
+    return out
+
+
+# --------------------------------------------------------------------------- near-duplicates
+
+
+def _pairs_within(h: np.ndarray, members: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j) of ``members`` whose hashes differ in at most ``radius`` bits."""
+    src, dst = [], []
+    step = max(1, 4_000_000 // max(len(members), 1))  # bound the distance block in memory
+    for lo in range(0, len(members), step):
+        block = members[lo : lo + step]
+        d = np.bitwise_count(h[block][:, None] ^ h[members][None, :])
+        i, j = np.nonzero(d <= radius)
+        keep = block[i] < members[j]
+        src.append(block[i][keep])
+        dst.append(members[j][keep])
+    return np.concatenate(src), np.concatenate(dst)
+
+
+def near_duplicate_labels(hashes: np.ndarray, radius: int) -> np.ndarray:
+    """A component label per hash (deterministic ids) for the graph 'within ``radius`` bits'.
+
+    Multi-index hashing: split the 64 bits into ``radius + 1`` bands; two hashes within the radius
+    agree exactly on at least one band (pigeonhole), so only hashes sharing a band value are
+    compared. Cost grows with bucket sizes, not with n squared.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    h = np.asarray(hashes, dtype=np.uint64)
+    n = len(h)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    uniq, inv = np.unique(h, return_inverse=True)
+    m = len(uniq)
+    bands = radius + 1
+    edges = np.linspace(0, 64, bands + 1).astype(int)
+    src, dst = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for b in range(bands if radius > 0 else 0):
+        width = edges[b + 1] - edges[b]
+        key = (uniq >> np.uint64(edges[b])) & np.uint64((1 << width) - 1)
+        order = np.argsort(key, kind="stable")
+        k = key[order]
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        ends = np.r_[starts[1:], m]
+        for s, e in zip(starts, ends):
+            if e - s > 1:
+                i, j = _pairs_within(uniq, order[s:e], radius)
+                src.append(i)
+                dst.append(j)
+    i, j = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(m, m))
+    _, comp = connected_components(graph, directed=False)
+    return comp[inv].astype(np.int64)
+
+
+# --------------------------------------------------------------------------- alignment (CLIP score)
+
+
+def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int = 64) -> np.ndarray:
+    """Cosine similarity of each row's image and caption under a local CLIP model (no download)."""
+    import torch
+    from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    model_dir = Path(model_dir)
+    try:
+        model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
+    except Exception as e:  # missing folder, not a CLIP checkpoint: a config mistake, one line
+        raise ConfigError(
+            f"quality.alignment_model: cannot load a CLIP model from {model_dir}: {str(e).strip().splitlines()[0][:200]}; "
+            "expected a folder written by CLIPModel.save_pretrained with its tokenizer"
+        ) from None
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        image_proc, tokenizer = processor.image_processor, processor.tokenizer
+    except Exception:  # a model saved with a bare tokenizer and no processor config
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        try:
+            image_proc = CLIPImageProcessor.from_pretrained(model_dir, local_files_only=True)
+        except Exception:
+            size = model.config.vision_config.image_size
+            image_proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    max_len = model.config.text_config.max_position_embeddings
+    root_real = os.path.realpath(root)
+    out = np.zeros(len(table), dtype=np.float64)
+    paths, texts = table[IMAGE].tolist(), table[TEXT].tolist()
+    with torch.no_grad():
+        for lo in range(0, len(table), batch_size):
+            ims = [images.load_rgb(images.resolve_under(root_real, p), max_side=448) for p in paths[lo : lo + batch_size]]
+            px = image_proc(images=ims, return_tensors="pt")["pixel_values"]
+            tok = tokenizer(texts[lo : lo + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            img = model.get_image_features(pixel_values=px)
+            txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok.get("attention_mask"))
+            img = getattr(img, "pooler_output", img)
+            txt = getattr(txt, "pooler_output", txt)
+            cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+            out[lo : lo + len(ims)] = cos.numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def _quantiles(s: pd.Series) -> dict[str, float]:
+    s = s.dropna()
+    if s.empty:
+        return {}
+    q = s.quantile([0.0, 0.01, 0.05, 0.5, 0.95, 1.0]).to_numpy()
+    return {k: round(float(v), 4) for k, v in zip(("min", "p1", "p5", "p50", "p95", "max"), q)}
+
+
+def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: QualityConfig) -> StageResult:
+    """Score columns, dup_cluster and the quarantine, from ``measure``'s rows (one per distinct path).
+
+    ``table`` may carry a ``clip_score`` column (see ``clip_scores``) for the alignment check.
+    """
+    m = broadcast(table, measurements)
+    df = table.copy()
+    for c in (*MEASURES, "phash", "pixel_hash"):
+        df[c] = m[c]
+    err = m[ERROR].fillna("corrupt_image")
+    ok = err == ""
+    names = list(cfg.checks)
+    thresholds = {n: cfg.threshold(n) for n in names}
+    alignment = "clip_score" in df.columns
+    if alignment:
+        names.append("low_alignment")
+        cos = df["clip_score"].to_numpy(np.float64)
+        if cfg.alignment_keep_fraction is not None:
+            cut = float(np.quantile(cos[ok.to_numpy()], 1 - cfg.alignment_keep_fraction)) if ok.any() else -1.0
+            # Rows at the cut stay: "< threshold" flags strictly below it.
+            thresholds["low_alignment"] = (cut + 1) / 2
+        else:
+            thr = cfg.alignment_threshold if cfg.alignment_threshold is not None else 2 * checks.CHECKS["low_alignment"].threshold - 1
+            thresholds["low_alignment"] = (thr + 1) / 2
+    for name in names:
+        cols = checks.evaluate(df[ok], checks.CHECKS[name], thresholds[name])
+        for c in cols.columns:
+            df[c] = cols[c].reindex(df.index)
+        df[checks.issue_column(name)] = df[checks.issue_column(name)].fillna(False).astype(bool)
+    # Near-duplicate clusters over decoded images, named by their lowest row_id.
+    dup = df[ROW_ID].to_numpy(np.int64).copy()
+    if ok.any():
+        hashes = np.array([int(x, 16) for x in df.loc[ok, "phash"]], dtype=np.uint64)
+        labels = near_duplicate_labels(hashes, cfg.phash_radius)
+        dup[ok.to_numpy()] = pd.Series(df.loc[ok, ROW_ID].to_numpy()).groupby(labels).transform("min").to_numpy()
+    df["dup_cluster"] = dup
+    detail = {
+        name: checks.score_column(name) + " " + df[checks.score_column(name)].round(3).astype(str) + f" < {thresholds[name]:.3f}"
+        for name in names
+    }
+    partition = [("corrupt_image", ~ok, m[DETAIL])]
+    partition += [(n, df[checks.issue_column(n)], detail[n]) for n in names]
+    res = tables.partition(df.drop(columns=["pixel_hash"]), partition)
+    kept = res.kept.copy()
+    stats = {
+        "n_images": int(len(measurements)),
+        "checks": names,
+        "thresholds": {n: round(t, 6) for n, t in thresholds.items()},
+        "flagged": {n: int(df[checks.issue_column(n)].sum()) for n in names},
+        "scores": {checks.score_column(n): _quantiles(df[checks.score_column(n)]) for n in names},
+        "n_dup_clusters": int(pd.Series(dup[ok.to_numpy()]).nunique()),
+        "n_rows_in_near_dup_clusters": int(pd.Series(dup).duplicated(keep=False)[ok.to_numpy()].sum()),
+        "alignment": "on" if alignment else "off: no quality.alignment_model configured",
+    }
+    return StageResult(kept, res.quarantined, stats)
+
+
+def run(table: pd.DataFrame, cfg: QualityConfig, ctx: StageContext) -> StageResult:
+    """Measure each distinct image in worker processes, add the CLIP score if configured, ``decide``."""
+    tables.require_columns(table, [ROW_ID, IMAGE, "width", "height"], STAGE)
+    root = str(ctx.data.image_root)
+    todo = distinct_paths(table)
+    parts = parallel.map_batches(
+        measure, todo, batch_size=cfg.batch_size, workers=ctx.workers, desc=STAGE, progress=ctx.progress,
+        args=(cfg, root),
+    )
+    measurements = pd.concat(parts, ignore_index=True) if parts else measure(todo, cfg, root)
+    if cfg.alignment_model is not None:
+        table = table.copy()
+        m = broadcast(table, measurements)
+        ok = (m[ERROR] == "").to_numpy()
+        scores = np.full(len(table), np.nan)
+        if ok.any():
+            scores[ok] = clip_scores(table[ok], cfg.alignment_model, root, cfg.alignment_batch_size)
+        table["clip_score"] = scores
+    return decide(table, measurements, cfg)
+
+
+def describe(kept: pd.DataFrame, stats: dict) -> str:
+    """A compact text summary for ``mmpipe inspect RUN_DIR quality``: quantiles, thresholds, counts."""
+    lines = [f"quality: {stats.get('n_kept', len(kept))} kept / {stats.get('n_rows', '?')} rows, "
+             f"{stats.get('n_images', '?')} distinct images; alignment {stats.get('alignment', 'off')}"]
+    header = f"{'check':<16}{'threshold':>10}{'flagged':>9}{'quarantined':>12}   score quantiles (all rows) min p1 p5 p50 p95 max"
+    lines.append(header)
+    reasons = stats.get("reasons", {})
+    for name in stats.get("checks", [c for c in checks.DEFAULT_CHECKS]):
+        col = checks.score_column(name)
+        q = stats.get("scores", {}).get(col) or (_quantiles(kept[col]) if col in kept else {})
+        qs = " ".join(f"{v:.3f}" for v in q.values()) if q else "-"
+        thr = stats.get("thresholds", {}).get(name, checks.CHECKS[name].threshold)
+        lines.append(f"{name:<16}{thr:>10.3f}{stats.get('flagged', {}).get(name, 0):>9}{reasons.get(name, 0):>12}   {qs}")
+    other = {k: v for k, v in reasons.items() if k not in stats.get("checks", ())}
+    if other:
+        lines.append("other reasons: " + ", ".join(f"{k}={v}" for k, v in sorted(other.items())))
+    lines.append(f"near-duplicate clusters: {stats.get('n_dup_clusters', '?')} "
+                 f"({stats.get('n_rows_in_near_dup_clusters', '?')} rows share a cluster)")
+    return "\n".join(lines)

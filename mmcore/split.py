@@ -1,11 +1,465 @@
-"""Split stage (placeholder until its issue lands)."""
+"""Split: assign every kept row to train, val or test so that test measures generalization.
+
+Rows are joined into groups (same image bytes, same near-duplicate cluster, same user group and,
+optionally, same normalised caption) with one vectorised connected-components pass, and groups
+are placed whole. Stratified mode walks the strata and fills each with its groups (shuffled by
+seed) up to the target ratios, carrying any rounding error over to the next stratum, so both the
+global ratios and each stratum's proportions land close to the targets. Time mode orders groups
+by their newest row. A leakage check runs always and fails loudly.
+"""
 
 from __future__ import annotations
 
-from mmcore.base import StrictModel
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from mmcore import tables
+from mmcore.base import StageContext, StrictModel
+from mmcore.errors import InputError, LeakageError
+from mmcore.tables import DOMAIN, GROUP, LABEL, ROW_ID, TEXT, TIME, StageResult
 
 STAGE = "split"
 
+REASONS = {
+    "missing_time": "split.mode is time and the row's time is null or not a timestamp",
+}
+
+SPLITS = ("train", "val", "test")
+# Columns the stage adds.
+SPLIT = "split"
+SPLIT_GROUP = "split_group"
+STRATUM = "stratum"
+SAMPLE_WEIGHT = "sample_weight"
+# Columns written by probe and quality.
+CONTENT_DIGEST = "content_digest"
+DUP_CLUSTER = "dup_cluster"
+RES_BUCKET = "res_bucket"
+ASPECT_BUCKET = "aspect_bucket"
+
+# Stratum name -> the column it reads (caption_length is derived from the text).
+STRATA = {
+    "caption_length": TEXT, "res_bucket": RES_BUCKET, "aspect_bucket": ASPECT_BUCKET, "label": LABEL, "domain": DOMAIN,
+}
+# Keys that must never be shared between splits (checked after every assignment).
+LEAK_KEYS = (CONTENT_DIGEST, DUP_CLUSTER, GROUP, SPLIT_GROUP)
+OTHER = "other"  # the stratum rare strata are merged into
+NA = "na"  # how a null label, domain or bucket reads in a stratum name
+_TOP = 20  # categories listed per split in stats; the rest are summed as "(rest)"
+
 
 class SplitConfig(StrictModel):
-    """Settings of the split stage."""
+    """Ratios, strata, grouping and weighting of the split; seeded by the run's seed."""
+
+    ratios: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2},
+        description="Share of rows per split (train, val, test; a missing one is 0); must sum to 1.",
+    )
+    mode: Literal["stratified", "time"] = Field(
+        "stratified", description="stratified: by strata, groups whole; time: train oldest, test newest."
+    )
+    strata: list[str] = Field(
+        default_factory=lambda: ["caption_length", "res_bucket"],
+        description=f"Columns crossed into strata; any of {', '.join(STRATA)}.",
+    )
+    caption_bins: list[int] = Field(
+        default_factory=lambda: [50, 100, 200], description="Caption length bin edges in characters."
+    )
+    min_stratum_size: int = Field(10, ge=1, description="Strata with fewer rows are merged into 'other'.")
+    holdout_domains: list[str] = Field(default_factory=list, description="Every row of these domains goes to test.")
+    group_by_caption: bool = Field(False, description="Also keep rows with equal normalised captions together.")
+    weight_by: Literal["stratum", "label"] = Field("stratum", description="Frequency that sample_weight inverts.")
+    weight_exponent: float = Field(0.5, ge=0, description="sample_weight = frequency ** -exponent; 0 = uniform.")
+    ratio_tolerance: float = Field(0.02, ge=0, le=1, description="Warn when a split's share is further off.")
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"split.ratios has unknown split(s) {', '.join(unknown)}; expected train, val, test")
+        if any(not np.isfinite(r) or r < 0 for r in v.values()):
+            raise ValueError(f"split.ratios must be non-negative, got {v}")
+        if abs(sum(v.values()) - 1) > 1e-6:
+            raise ValueError(f"split.ratios must sum to 1, got {sum(v.values()):.6g} ({v})")
+        return {s: float(v.get(s, 0.0)) for s in SPLITS}
+
+    @field_validator("strata")
+    @classmethod
+    def _strata(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in STRATA]
+        if bad:
+            raise ValueError(f"split.strata: unknown stratum {bad[0]!r}; expected any of {', '.join(STRATA)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"split.strata lists a stratum twice: {v}")
+        return v
+
+    @field_validator("caption_bins")
+    @classmethod
+    def _bins(cls, v: list[int]) -> list[int]:
+        if any(b <= 0 for b in v) or any(a >= b for a, b in zip(v, v[1:])):
+            raise ValueError(f"split.caption_bins must be positive and strictly increasing, got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------- keys and groups
+
+
+def _key_codes(s: pd.Series, col: str) -> np.ndarray:
+    """Integer code per row for a grouping key; -1 where the row has no key (null, or cluster < 0)."""
+    if col == DUP_CLUSTER and pd.api.types.is_numeric_dtype(s):
+        # Quality may mark "no cluster" with a negative id: such rows join nothing.
+        s = s.where((s >= 0).fillna(False).astype(bool))
+    return pd.factorize(s, use_na_sentinel=True)[0].astype(np.int64)
+
+
+def _arrow(text: pd.Series) -> pa.StringArray:
+    """A text column as one Arrow array (pandas may hold it in several chunks)."""
+    arr = pa.array(text, type=pa.string())
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def caption_key(text: pd.Series) -> pd.Series:
+    """Caption normalised for overlap checks: lower case, punctuation and spacing dropped."""
+    arr = pc.utf8_lower(_arrow(text))
+    arr = pc.utf8_trim_whitespace(pc.replace_substring_regex(arr, r"[^\p{L}\p{N}]+", " "))
+    return pd.Series(arr.to_pandas(), index=text.index, dtype="str")
+
+
+def _caption_codes(text: pd.Series) -> np.ndarray:
+    """Code per row of its normalised caption (distinct captions normalised once: they repeat)."""
+    enc = pc.dictionary_encode(_arrow(text))
+    norm = caption_key(pd.Series(enc.dictionary.to_pandas(), dtype="str"))
+    # A trailing -1 so that null captions (index -1) get no key.
+    remap = np.append(pd.factorize(norm)[0].astype(np.int64), -1)
+    return remap[enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)]
+
+
+def connected_groups(codes: list[np.ndarray]) -> np.ndarray:
+    """Union-find over rows: rows sharing any key share a group; ids numbered by first row."""
+    n = len(codes[0]) if codes else 0
+    rows, cols, offset = [], [], n
+    for c in codes:
+        has = c >= 0
+        rows.append(np.flatnonzero(has))
+        cols.append(c[has] + offset)
+        offset += int(c.max()) + 1 if c.size else 0
+    if not rows or not sum(r.size for r in rows):
+        return np.arange(n, dtype=np.int64)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    # Bipartite graph row -> key node; its components are the groups.
+    graph = coo_matrix((np.ones(r.size, np.int8), (r, c)), shape=(offset, offset)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    labels = labels[:n]
+    # Renumber by first row so ids do not depend on scipy's traversal order.
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[inverse]
+
+
+# --------------------------------------------------------------------------- strata
+
+
+def caption_length_bins(text: pd.Series, bins: list[int]) -> pd.Series:
+    """Caption length category, e.g. 0-50, 50-100, 100-200, 200+ characters."""
+    n = pc.utf8_length(_arrow(text)).fill_null(0).to_numpy(zero_copy_only=False)
+    edges = [0, *bins]
+    names = np.array([f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+"], dtype=object)
+    return pd.Series(names[np.searchsorted(np.asarray(bins), n, side="right")], index=text.index, dtype="str")
+
+
+def _strata(df: pd.DataFrame, cfg: SplitConfig) -> tuple[np.ndarray, list[str], dict[str, int]]:
+    """Stratum code per row, stratum names (sorted, 'other' last) and merge counts."""
+    n = len(df)
+    if not cfg.strata:
+        return np.zeros(n, np.int64), ["all"], {"n_strata_merged": 0, "n_rows_merged": 0}
+    combined = np.zeros(n, np.int64)
+    parts: list[tuple[str, ...]] = [()]  # combined code -> the values it stands for
+    for name in cfg.strata:
+        col = caption_length_bins(df[TEXT], cfg.caption_bins) if name == "caption_length" else df[STRATA[name]]
+        codes, uniques = pd.factorize(col.astype("str").fillna(NA), sort=True)
+        k = max(len(uniques), 1)
+        # Renumber after each column so the crossed code stays small whatever the number of values.
+        seen, combined = np.unique(combined * k + codes, return_inverse=True)
+        parts = [(*parts[u // k], str(uniques[u % k])) for u in seen.tolist()]
+    names = ["|".join(p) for p in parts]
+    counts = np.bincount(combined, minlength=len(names))
+    rare = counts < cfg.min_stratum_size
+    # Rare strata are merged rather than failing (a stratum of one row cannot be in three splits).
+    keep = [nm for nm, r in zip(names, rare) if not r]
+    final = sorted(keep) + ([OTHER] if rare.any() and OTHER not in keep else [])
+    pos = {nm: i for i, nm in enumerate(final)}
+    remap = np.array([pos[OTHER] if r else pos[nm] for nm, r in zip(names, rare)], dtype=np.int64)
+    merged = {"n_strata_merged": int(rare.sum()), "n_rows_merged": int(counts[rare].sum())}
+    return remap[combined], final, merged
+
+
+def _group_mode(labels: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """Most common code per group (ties: the smallest code)."""
+    if not codes.size:
+        return np.zeros(n_groups, np.int64)
+    k = int(codes.max()) + 1
+    pairs, counts = np.unique(labels * k + codes, return_counts=True)
+    g, c = pairs // k, pairs % k
+    order = np.lexsort((c, -counts, g))
+    first = np.r_[True, g[order][1:] != g[order][:-1]]
+    out = np.zeros(n_groups, np.int64)
+    out[g[order][first]] = c[order][first]
+    return out
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+def _fill(sizes: np.ndarray, segments: list[tuple[int, int]], bounds: np.ndarray) -> np.ndarray:
+    """Split code per group (in the given order), filling each segment up to the cumulative targets.
+
+    A group goes where its middle row falls. The targets of a segment include what earlier
+    segments over- or under-filled, so rounding errors do not add up across strata.
+    """
+    out = np.empty(sizes.size, np.int8)
+    done, filled = 0.0, np.zeros(2)  # rows so far; rows in train, in train + val
+    for a, b in segments:
+        g = sizes[a:b]
+        n_s = float(g.sum())
+        t = np.clip(bounds * (done + n_s) - filled, 0, n_s)
+        t[1] = max(t[1], t[0])
+        mid = np.cumsum(g) - g / 2
+        sp = (mid >= t[0]).astype(np.int8) + (mid >= t[1])
+        out[a:b] = sp
+        filled += (g[sp == 0].sum(), g[sp <= 1].sum())
+        done += n_s
+    return out
+
+
+def _segments(keys: np.ndarray) -> list[tuple[int, int]]:
+    if not keys.size:
+        return []
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return list(zip(starts.tolist(), np.r_[starts[1:], keys.size].tolist()))
+
+
+# --------------------------------------------------------------------------- leakage
+
+
+def _shared(codes: np.ndarray, split: np.ndarray) -> tuple[int, int]:
+    """Number of keys found in more than one split, and one row holding such a key (or -1)."""
+    ok = (codes >= 0) & (split >= 0)
+    if not ok.any():
+        return 0, -1
+    mask = np.zeros(int(codes.max()) + 1, np.uint8)
+    np.bitwise_or.at(mask, codes[ok], (1 << split[ok]).astype(np.uint8))
+    bad = (mask & (mask - 1)) != 0  # more than one bit set
+    n = int(bad.sum())
+    if not n:
+        return 0, -1
+    return n, int(np.flatnonzero(ok & bad[np.maximum(codes, 0)])[0])
+
+
+def check_leakage(df: pd.DataFrame, raise_on_leak: bool = True) -> dict[str, int]:
+    """Count keys shared between splits; raise LeakageError if any digest, cluster or group is.
+
+    Returns counts for each of ``LEAK_KEYS`` present in ``df`` and ``caption_overlap`` (distinct
+    normalised captions found in more than one split: reported, not an error, since templated
+    captions repeat legitimately across different images).
+    """
+    tables.require_columns(df, [SPLIT], "split leakage check")
+    split = pd.Categorical(df[SPLIT], categories=SPLITS).codes.astype(np.int64)
+    counts: dict[str, int] = {}
+    leaks = []
+    for col in LEAK_KEYS:
+        if col not in df.columns:
+            continue
+        counts[col], row = _shared(_key_codes(df[col], col), split)
+        if counts[col]:
+            leaks.append(f"{counts[col]} {col} value(s) (e.g. {df[col].iloc[row]!r})")
+    if TEXT in df.columns:
+        counts["caption_overlap"] = _shared(_caption_codes(df[TEXT]), split)[0]
+    if leaks and raise_on_leak:
+        raise LeakageError(f"split: leakage between train, val and test: {'; '.join(leaks)} in more than one split")
+    return counts
+
+
+# --------------------------------------------------------------------------- weights and report
+
+
+def _weights(split: np.ndarray, codes: np.ndarray, exponent: float) -> np.ndarray:
+    """Inverse frequency (among train rows) tempered by ``exponent``, mean 1 over train."""
+    if exponent == 0 or not codes.size:
+        return np.ones(codes.size)
+    train = split == 0
+    k = int(codes.max()) + 1
+    freq = np.bincount(codes[train], minlength=k).astype(float)
+    freq = np.where(freq > 0, freq, np.bincount(codes, minlength=k))  # categories absent from train
+    w = freq[codes] ** -exponent
+    return w / (w[train].mean() if train.any() else w.mean())
+
+
+def _distribution(split: np.ndarray, values: pd.Series) -> tuple[dict[str, dict[str, int]], float]:
+    """Counts per split of the most common values (rest summed) and the max share deviation."""
+    codes, uniques = pd.factorize(values.astype("str").fillna(NA), sort=True)
+    k = max(len(uniques), 1)
+    table = np.bincount(split * k + codes, minlength=3 * k).reshape(3, k)
+    total = table.sum(0)
+    dev = 0.0
+    if total.sum():
+        share_all = total / total.sum()
+        for row in table:
+            if row.sum():
+                dev = max(dev, float(np.abs(row / row.sum() - share_all).max()))
+    top = np.argsort(-total, kind="stable")[:_TOP]
+    rest = np.setdiff1d(np.arange(k), top)
+    out = {}
+    for s, row in zip(SPLITS, table):
+        d = {str(uniques[i]): int(row[i]) for i in top if total[i]}
+        if rest.size and row[rest].sum():
+            d["(rest)"] = int(row[rest].sum())
+        out[s] = d
+    return out, round(dev, 4)
+
+
+def report_table(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per split (rows, groups, achieved and target share, top strata), for a table artifact."""
+    rows = []
+    dist = stats.get("distributions", {})
+    for s in SPLITS:
+        info = stats["splits"][s]
+        row = {"split": s, **{k: info[k] for k in ("rows", "groups", "ratio", "target", "deviation")}}
+        for dim in ("stratum", "label", "domain"):
+            counts = dist.get(dim, {}).get(s)
+            if counts is not None:
+                n = sum(counts.values()) or 1
+                top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+                row[dim] = ", ".join(f"{k} {100 * v / n:.0f}%" for k, v in top)
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _require(df: pd.DataFrame, cfg: SplitConfig) -> None:
+    cols = [ROW_ID, TEXT, CONTENT_DIGEST] + [STRATA[s] for s in cfg.strata]
+    if cfg.mode == "time":
+        cols.append(TIME)
+    if cfg.holdout_domains:
+        cols.append(DOMAIN)
+    if cfg.weight_by == "label" and cfg.weight_exponent > 0:
+        cols.append(LABEL)
+    tables.require_columns(df, dict.fromkeys(cols), "split input")
+    if cfg.holdout_domains:
+        present = set(df[DOMAIN].dropna().astype("str"))
+        missing = [d for d in cfg.holdout_domains if d not in present]
+        if missing and len(df):
+            raise InputError(
+                f"split.holdout_domains: domain(s) {', '.join(map(repr, missing))} not in column {DOMAIN!r}; "
+                f"got {', '.join(map(repr, sorted(present)[:10]))}"
+            )
+
+
+def run(table: pd.DataFrame, cfg: SplitConfig, ctx: StageContext) -> StageResult:
+    """Add split, split_group, stratum and sample_weight; quarantine rows a time split cannot place."""
+    _require(table, cfg)
+    df = table if table[ROW_ID].is_monotonic_increasing else table.sort_values(ROW_ID, kind="stable")
+    df = df.reset_index(drop=True)
+
+    quarantined = tables.empty_quarantine(df)
+    if cfg.mode == "time":
+        t = df[TIME]
+        if not isinstance(t.dtype, pd.DatetimeTZDtype) and not pd.api.types.is_datetime64_dtype(t):
+            t = pd.to_datetime(t, utc=True, errors="coerce", format="ISO8601")
+        res = tables.partition(df, [("missing_time", t.isna(), "time is null or not a timestamp")])
+        df, quarantined = res.kept.reset_index(drop=True), res.quarantined
+        t = t[t.notna()].reset_index(drop=True)
+
+    n = len(df)
+    keys = [_key_codes(df[c], c) for c in (CONTENT_DIGEST, DUP_CLUSTER, GROUP) if c in df.columns]
+    if cfg.group_by_caption:
+        keys.append(_caption_codes(df[TEXT]))
+    labels = connected_groups(keys) if n else np.zeros(0, np.int64)
+    n_groups = int(labels.max()) + 1 if n else 0
+    sizes = np.bincount(labels, minlength=n_groups)
+
+    strat, strat_names, merged = _strata(df, cfg)
+    # Groups of a held-out domain go to test whole, so no row of them can leak into train.
+    forced = np.zeros(n_groups, bool)
+    if cfg.holdout_domains:
+        forced[labels[df[DOMAIN].isin(cfg.holdout_domains).to_numpy(dtype=bool, na_value=False)]] = True
+    free = np.flatnonzero(~forced)
+    bounds = np.cumsum([cfg.ratios[s] for s in SPLITS])[:2]
+    gsplit = np.full(n_groups, 2, np.int8)
+    rng = np.random.default_rng(ctx.seed)
+    if cfg.mode == "time":
+        newest = np.full(n_groups, np.iinfo(np.int64).min)
+        np.maximum.at(newest, labels, t.to_numpy(dtype="datetime64[ns]").astype(np.int64))
+        order = free[np.argsort(newest[free], kind="stable")]
+        segs = [(0, order.size)] if order.size else []
+    else:
+        gstrat = _group_mode(labels, strat, n_groups)
+        order = free[np.lexsort((rng.random(free.size), gstrat[free]))]
+        segs = _segments(gstrat[order])
+    gsplit[order] = _fill(sizes[order].astype(float), segs, bounds)
+    split = gsplit[labels].astype(np.int64)
+
+    weight_codes = strat if cfg.weight_by == "stratum" else pd.factorize(df[LABEL].astype("str").fillna(NA))[0]
+    kept = df.copy(deep=False)  # copy-on-write: the input is left as it was
+    kept[SPLIT] = pd.Series(np.array(SPLITS, dtype=object)[split], dtype="str")
+    kept[SPLIT_GROUP] = labels.astype(np.int64)
+    kept[STRATUM] = pd.Series(np.array(strat_names, dtype=object)[strat], dtype="str")
+    kept[SAMPLE_WEIGHT] = _weights(split, np.asarray(weight_codes, np.int64), cfg.weight_exponent).astype(np.float64)
+
+    leakage = check_leakage(kept)  # raises on any shared digest, cluster or group
+    stats = _stats(kept, split, np.bincount(gsplit, minlength=3), labels, forced, cfg, merged, strat_names, leakage)
+    return StageResult(kept, quarantined, stats)
+
+
+def _stats(kept, split, groups_per_split, labels, forced, cfg, merged, strat_names, leakage) -> dict[str, Any]:
+    free_rows = ~forced[labels] if labels.size else np.zeros(0, bool)
+    n_free = int(free_rows.sum())
+    splits, dev = {}, 0.0
+    for k, s in enumerate(SPLITS):
+        ratio = float((split[free_rows] == k).sum() / n_free) if n_free else 0.0
+        d = abs(ratio - cfg.ratios[s]) if n_free else 0.0
+        dev = max(dev, d)
+        splits[s] = {
+            "rows": int((split == k).sum()),
+            "groups": int(groups_per_split[k]),
+            "ratio": round(ratio, 4),
+            "target": cfg.ratios[s],
+            "deviation": round(d, 4),
+        }
+    dists, devs = {}, {}
+    for dim, col in ((STRATUM, STRATUM), ("label", LABEL), ("domain", DOMAIN)):
+        if col in kept.columns:
+            dists[dim], devs[dim] = _distribution(split, kept[col])
+    warnings = []
+    if dev > cfg.ratio_tolerance:
+        warnings.append(f"split ratios are {dev:.3f} off target (ratio_tolerance {cfg.ratio_tolerance}): large groups")
+    if merged["n_strata_merged"]:
+        warnings.append(f"{merged['n_strata_merged']} strata under {cfg.min_stratum_size} rows merged into '{OTHER}'")
+    sizes = np.bincount(labels) if labels.size else np.zeros(1, np.int64)
+    return {
+        "mode": cfg.mode,
+        "n_groups": int(sizes.size if labels.size else 0),
+        "n_multi_row_groups": int((sizes > 1).sum()),
+        "largest_group": int(sizes.max()),
+        "splits": splits,
+        "max_ratio_deviation": round(dev, 4),
+        "ratio_within_tolerance": dev <= cfg.ratio_tolerance,
+        "max_stratum_deviation": devs.get(STRATUM, 0.0),
+        "n_strata": len(strat_names),
+        **merged,
+        "n_holdout_rows": int(labels.size - n_free),
+        "leakage": {k: v for k, v in leakage.items() if k != "caption_overlap"},
+        "caption_overlap": leakage.get("caption_overlap", 0),
+        "distributions": dists,
+        "distribution_deviation": devs,
+        "warnings": warnings,
+    }

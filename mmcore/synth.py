@@ -360,7 +360,10 @@ def generate(out: str | os.PathLike, n: int = 3000, seed: int = 0) -> pd.DataFra
         elif defect == "duplicate_image":
             # Another image's exact bytes under a new name: pixels equal to an earlier file.
             # Sources are healthy rows that carry no defect (beyond the planted ones in order).
-            j = max(spare - used)
+            # The copy must come after its source, so that the copy is what quality drops.
+            j = min(spare - used)
+            if j >= i:
+                continue
             used.add(j)
             first = rows[j]["image_path"]
             del files[path]

@@ -1,0 +1,173 @@
+"""Safe image paths, header reads and decoding, shared by every stage that opens an image."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from mmcore.errors import InputError
+
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class UnsafePath(InputError):
+    """A path that resolves outside the dataset root (``..``, absolute elsewhere, escaping symlink)."""
+
+
+def resolve_path(root: str | os.PathLike, rel: str) -> Path:
+    """The real path of ``rel`` under ``root``; raises ``UnsafePath`` if it leaves ``root``.
+
+    Symlinks are resolved first, so a link inside the root that points outside it is refused
+    before anything is read.
+    """
+    return Path(resolve_under(os.path.realpath(root), rel))
+
+
+def resolve_under(root_real: str, rel: str) -> str:
+    """``resolve_path`` for a root already made real (``os.path.realpath``), as a string.
+
+    Hot loops resolve the root once and call this per file.
+    """
+    full = os.path.realpath(rel if os.path.isabs(rel) else os.path.join(root_real, rel))
+    if full != root_real and not full.startswith(root_real.rstrip(os.sep) + os.sep):
+        raise UnsafePath(f"path {rel!r} resolves outside the dataset root {root_real}")
+    return full
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Pillow refuses images above ``max_pixels`` (``DecompressionBombError``) while inside.
+
+    Pillow only errors above twice its limit and warns in between; here the limit is exact and the
+    warning is silenced, so callers decide by the header size themselves.
+    """
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max(1, max_pixels // 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def orientation(im: Image.Image) -> int:
+    """EXIF orientation (1-8) read from the header; 1 when absent. Never decodes pixels."""
+    # PNG's getexif() decodes the whole image when the eXIf chunk was not in the header: only
+    # ask when the header already carried EXIF.
+    if "exif" not in im.info:
+        return 1
+    try:
+        o = int(im.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # malformed EXIF is not a reason to refuse the image
+        return 1
+    return o if o in _TRANSPOSE else 1
+
+
+def displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed: swapped for EXIF orientations 5-8 (rotated by 90 degrees)."""
+    w, h = im.size
+    return (h, w) if orientation(im) >= 5 else (w, h)
+
+
+def _gray_array(im: Image.Image) -> np.ndarray:
+    """An opened image as a uint8 gray array: alpha over white, 16-bit scaled down."""
+    mode = im.mode
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in im.info) or (
+        mode in ("L", "RGB") and "transparency" in im.info
+    ):
+        la = np.asarray(im.convert("RGBA").convert("LA"), dtype=np.uint16)
+        g, a = la[..., 0], la[..., 1]
+        return ((g * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(im)
+        if arr.dtype.kind == "f":
+            return np.clip(arr, 0, 255).astype(np.uint8)
+        # 16-bit samples (I;16 or I holding 0..65535) -> 8 bit, as a viewer would show them.
+        return np.clip(arr.astype(np.int64) // 257, 0, 255).astype(np.uint8)
+    if mode != "L":
+        try:
+            im = im.convert("L")
+        except ValueError:  # modes without a direct conversion (LAB, HSV)
+            im = im.convert("RGB").convert("L")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _rgb_array(im: Image.Image) -> np.ndarray:
+    """An opened image as a uint8 RGB array: alpha over white, 16-bit scaled down."""
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint16)
+        a = rgba[..., 3:]
+        return ((rgba[..., :3] * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    if im.mode.startswith("I") or im.mode == "F":
+        return np.repeat(_gray_array(im)[..., None], 3, axis=2)
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+
+
+def load_reduced(fp: str | os.PathLike | IO[bytes], size: int, color: bool = False) -> np.ndarray:
+    """Decode as uint8 gray (or RGB) at reduced size: upright (EXIF), first frame, alpha over white.
+
+    A JPEG is decoded with ``draft`` at 1/2, 1/4 or 1/8 scale (the largest that keeps both sides
+    >= ``size``), so most of the pixels are never computed; then any image is area-reduced by an
+    integer factor to a short side between ``size`` and ``2 * size``.
+    """
+    with Image.open(fp) as im:  # opened at its first frame; later frames are never decoded
+        o = orientation(im)
+        if im.format == "JPEG":
+            im.draft("RGB" if color else "L", (size, size))
+        arr = _rgb_array(im) if color else _gray_array(im)
+    factor = min(arr.shape[:2]) // size
+    if factor >= 2:
+        h, w = arr.shape[:2]
+        arr = cv2.resize(arr, (-(-w // factor), -(-h // factor)), interpolation=cv2.INTER_AREA)
+    if o != 1:
+        arr = np.asarray(Image.fromarray(arr).transpose(_TRANSPOSE[o]))
+    return arr
+
+
+def load_gray(fp: str | os.PathLike | IO[bytes], size: int) -> np.ndarray:
+    """``load_reduced`` in gray: what the quality scores are computed on."""
+    return load_reduced(fp, size, color=False)
+
+
+def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
+    """Decode an image as RGB: EXIF orientation applied, first frame, alpha over white.
+
+    With ``max_side`` a JPEG is decoded at reduced size (``draft``) and the result thumbnailed, so
+    large files cost a fraction of a full decode.
+    """
+    with Image.open(path) as im:
+        if max_side is not None and im.format == "JPEG":
+            im.draft("RGB", (max_side, max_side))
+        im.seek(0)
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        if im.mode == "I;16" or im.mode.startswith("I"):
+            im = im.point(lambda v: v / 257).convert("L")
+        im = im.convert("RGB")
+        if max_side is not None and max(im.size) > max_side:
+            im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+        im.load()
+        return im
