@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
 from mmcore.config import PipelineConfig, load_config
@@ -34,6 +36,24 @@ def pipeline(cfg: PipelineConfig, until: str = "report") -> dict[str, StageOutpu
     last = list(out.values())[-1]
     out["report"] = run_cached(stages.report, last, cfg)
     return out
+
+
+@flow(name="mmpipe-ablate", flow_run_name="mmpipe-ablate-{cfg.run_name}", log_prints=True, validate_parameters=False)
+def ablate(cfg: PipelineConfig, schemes: list[str], seeds: int = 1) -> Path:
+    """Train and evaluate each augmentation scheme (x seeds) on the same cached split; one table."""
+    split = pipeline(cfg, until="split")["split"]
+    variants: dict[str, list[str]] = {}
+    for scheme in schemes:
+        for seed in range(seeds):
+            run_dir = cfg.run_dir / "ablate" / f"{scheme}-s{seed}"
+            train_cfg = cfg.train.model_copy(update={"augment": scheme})
+            v = cfg.model_copy(update={"seed": cfg.seed + seed, "out": run_dir, "train": train_cfg})
+            model = run_cached(stages.train, split, v)
+            run_cached(stages.evaluate, split, model, v)
+            variants.setdefault(scheme, []).append(str(run_dir))
+    path = stages.ablation(cfg, variants)
+    run_cached(stages.report, split, cfg)
+    return path
 
 
 @flow(name="mmpipe-from-config", flow_run_name="mmpipe-from-config", log_prints=True)

@@ -86,6 +86,13 @@ def _run(cfg, until: str, runner: str = "local", address: str | None = None, wor
     typer.echo("")
     _print_overview(cfg.run_dir)
     typer.echo(f"\nartifacts: {cfg.run_dir}")
+    metrics = cfg.run_dir / "evaluate" / "metrics.json"
+    if metrics.is_file() and "evaluate" in tables.STAGES[: tables.STAGES.index(until) + 1]:
+        from mmcore import evaluate as evaluate_mod
+
+        rob = cfg.run_dir / "evaluate" / "robustness.parquet"
+        typer.echo("\n" + evaluate_mod.summary_markdown(tables.read_json(metrics), tables.read_parquet(rob) if rob.is_file() else None))
+        typer.echo(f"spot-check: {cfg.run_dir / 'evaluate' / 'spotcheck.html'} (fill spotcheck.csv, then `mmpipe verdicts`)")
     html = cfg.run_dir / "report" / "report.html"
     if html.is_file():
         typer.echo(f"report:    {html}")
@@ -287,6 +294,44 @@ def verdicts(
 
     out = evaluate_mod.verdicts(run_dir, filled)
     typer.echo(json.dumps(out, indent=2))
+
+
+@app.command()
+@_one_line_errors
+def ablate(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
+    schemes: Annotated[str, typer.Option(help="Comma-separated augmentation schemes; 'none' is the baseline.")] = (
+        "none,light,aligned,cross_modal,synonym"
+    ),
+    seeds: Annotated[int, typer.Option(min=1, help="Training seeds per scheme (paired over the same test queries).")] = 1,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+) -> None:
+    """Train and evaluate each augmentation scheme on the same split; metrics with CIs and the
+    paired bootstrap difference against 'none', so a claimed gain is tested, not asserted."""
+    from mmcore import clean
+    from mmcore.config import load_config
+    from typing import get_args
+
+    from mmcore.train import TrainConfig
+
+    AUGMENTS = get_args(TrainConfig.model_fields["augment"].annotation)
+    names = [s.strip() for s in schemes.split(",") if s.strip()]
+    bad = [s for s in names if s not in AUGMENTS]
+    if bad or not names:
+        raise MMPipeError(f"--schemes: unknown {', '.join(map(repr, bad)) or 'empty list'}; expected from {', '.join(AUGMENTS)}")
+    cfg = load_config(config, list(set_ or []) + ([f"out={out}"] if out is not None else []))
+    clean.check_columns(cfg.data)
+    _setup_prefect_env()
+    import pandas as pd
+
+    from flows.pipeline import ablate as ablate_flow
+
+    path = ablate_flow(cfg, names, seeds)
+    t = tables.read_parquet(path)
+    with pd.option_context("display.width", 160, "display.max_columns", 12):
+        typer.echo(t.round(4).to_string(index=False))
+    typer.echo(f"\nablation: {path}\nreport:   {cfg.run_dir / 'report' / 'report.html'}")
 
 
 @app.command()

@@ -190,6 +190,20 @@ def publish(task, task_run, state) -> None:
     )
 
 
+def publish_metrics(task, task_run, state) -> None:
+    """on_completion hook of evaluate: the metrics with their CIs as a table artifact."""
+    from mmcore import evaluate
+
+    out = state.result(raise_on_failure=False)
+    metrics = Path(out.run_dir) / "evaluate" / "metrics.json" if isinstance(out, StageOutput) else None
+    if metrics is None or not metrics.is_file():
+        return
+    table = evaluate.metrics_table(tables.read_json(metrics))
+    table = table.astype(object).where(table.notna(), None)  # NaN is not JSON
+    create_table_artifact(key="evaluate-metrics", table=table.to_dict(orient="records"),
+                          description="test/val metrics with 95% bootstrap CIs")
+
+
 def publish_run(task, task_run, state) -> None:
     """on_completion hook of the report: the whole run's summary and a link to the report."""
     from prefect.artifacts import create_link_artifact

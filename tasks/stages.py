@@ -16,7 +16,16 @@ from mmcore import tables
 from mmcore import train as train_stage
 from mmcore.config import PipelineConfig, dump_config
 from mmcore.stale import extra_digest
-from tasks.common import StageOutput, execute, is_transient, publish, publish_run, read_input, stage_cache
+from tasks.common import (
+    StageOutput,
+    execute,
+    is_transient,
+    publish,
+    publish_metrics,
+    publish_run,
+    read_input,
+    stage_cache,
+)
 
 _IO = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, persist_result=True)
 
@@ -87,7 +96,12 @@ def train(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
     return execute("train", cfg, table, digest, train_stage.run)
 
 
-@task(name="evaluate", cache_policy=stage_cache("evaluate", "src", "model", extra=_model), on_completion=[publish], **_IO)
+@task(
+    name="evaluate",
+    cache_policy=stage_cache("evaluate", "src", "model", extra=_model),
+    on_completion=[publish, publish_metrics],
+    **_IO,
+)
 def evaluate(src: StageOutput, model: StageOutput, cfg: PipelineConfig) -> StageOutput:
     table, digest = read_input(src)
     return execute("evaluate", cfg, table, digest, evaluate_stage.run)
@@ -98,3 +112,22 @@ def report(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
     """Rebuilds RUN_DIR/report/report.html from the run's artifacts (whatever stages ran)."""
     table, digest = read_input(src)
     return execute("report", cfg, table, digest, report_stage.run)
+
+
+@task(name="ablation", persist_result=False)
+def ablation(cfg: PipelineConfig, variants: dict[str, list[str]]) -> Path:
+    """Per-query test metrics of every scheme and seed -> a table with CIs and paired differences."""
+    import numpy as np
+    import pandas as pd
+
+    results = {}
+    for scheme, run_dirs in variants.items():
+        per_seed = [evaluate_stage.per_query(d, ks=cfg.evaluate.ks) for d in run_dirs]
+        results[scheme] = {m: np.stack([q[m] for q in per_seed]) for m in per_seed[0]}
+    baseline = "none" if "none" in results else next(iter(results))
+    table: pd.DataFrame = evaluate_stage.ablation_table(
+        results, baseline=baseline, n_boot=cfg.evaluate.bootstrap, seed=cfg.seed, ci=cfg.evaluate.ci
+    )
+    path = cfg.run_dir / "evaluate" / "ablation.parquet"
+    tables.write_parquet(table, path)
+    return path

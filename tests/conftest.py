@@ -38,7 +38,20 @@ def synth_small(tmp_path_factory) -> Path:
     return out
 
 
-def demo_config(manifest: Path, out: Path, *overrides: str):
+# Train and evaluate briefly in flow tests: the stages' own tests cover their behaviour in depth.
+FAST = (
+    "train.steps=2",
+    "train.batch_size=16",
+    "train.num_workers=0",
+    "evaluate.bootstrap=50",
+    "evaluate.splits=[test]",
+    "evaluate.degradations={downscale: [2]}",
+    "evaluate.spotcheck_n=3",
+)
+
+
+def demo_config(manifest: Path, out: Path, *overrides: str, fast: bool = True):
     from mmcore.config import load_config
 
-    return load_config(REPO / "configs" / "demo.yaml", [f"data.manifest={manifest}", f"out={out}", *overrides])
+    extra = FAST if fast else ()
+    return load_config(REPO / "configs" / "demo.yaml", [f"data.manifest={manifest}", f"out={out}", *extra, *overrides])

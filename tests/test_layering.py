@@ -25,3 +25,16 @@ def test_no_prefect_import_statement_in_mmcore():
         for line in path.read_text().splitlines():
             s = line.strip()
             assert not (s.startswith("import prefect") or s.startswith("from prefect")), (path, line)
+
+
+def test_readme_documents_every_reason_code_and_command():
+    import importlib
+
+    from mmcore import tables
+
+    readme = (REPO / "README.md").read_text()
+    for stage in tables.STAGES:
+        for code in getattr(importlib.import_module(f"mmcore.{stage}"), "REASONS", {}):
+            assert f"| {stage} | `{code}` |" in readme, (stage, code)
+    for cmd in ("make demo", "make test", "mmpipe synth", "mmpipe run", "mmpipe inspect", "mmpipe report"):
+        assert cmd in readme, cmd
