@@ -1,0 +1,145 @@
+"""Images decoded once into pre-resized JPEG shards, so epochs never re-decode full-size files.
+
+``build`` writes ``part-NNNNN.parquet`` files (row_id, split, text, jpeg) of square images at the
+training resolution (short side resized, centre crop: the eval preprocessing, so val scores
+during training match evaluation) and ``meta.json`` keyed on the input rows and resolution; a
+second call with the same key reuses them. Bytes are deterministic (fixed JPEG settings, order
+by row_id).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from mmcore import parallel, tables
+from mmcore.images import load_rgb, resolve_path
+from mmcore.tables import IMAGE, ROW_ID, TEXT
+
+META_FILE = "meta.json"
+ROWS_PER_FILE = 8192
+JPEG_QUALITY = 92
+SPLIT = "split"
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to ``size`` (bicubic), then crop the centre square (the eval preprocessing)."""
+    w, h = img.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _key(table: pd.DataFrame, image_root: Path, image_size: int) -> str:
+    cols = [ROW_ID, IMAGE, TEXT] + ([SPLIT] if SPLIT in table else [])
+    t = table[cols].sort_values(ROW_ID)
+    return tables.text_digest(
+        str(image_size), str(JPEG_QUALITY), str(Path(image_root).resolve()),
+        pd.util.hash_pandas_object(t, index=False).to_numpy().tobytes(),
+    )
+
+
+def _decode_batch(rows: list[tuple[int, str]], image_root: str, image_size: int) -> list[tuple[int, bytes | None, str]]:
+    out = []
+    for row_id, rel in rows:
+        try:
+            img = load_rgb(resolve_path(image_root, rel), max_side=None if image_size > 512 else 4 * image_size)
+            buf = io.BytesIO()
+            resize_center_crop(img, image_size).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+            out.append((row_id, buf.getvalue(), ""))
+        except Exception as e:  # any decoder failure is a quarantined row, not a crash
+            out.append((row_id, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]))
+    return out
+
+
+def build(
+    table: pd.DataFrame,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    image_size: int,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Decode ``table``'s images into shards under ``out_dir``; returns ``meta`` (with ``failed``).
+
+    ``meta['failed']`` maps row_id -> error for images that could not be decoded.
+    """
+    tables.require_columns(table, [ROW_ID, IMAGE, TEXT], "shards")
+    out = Path(out_dir)
+    key = _key(table, Path(image_root), image_size)
+    meta_path = out / META_FILE
+    if meta_path.is_file():
+        meta = tables.read_json(meta_path)
+        if meta.get("key") == key and all((out / f).is_file() for f in meta["files"]):
+            return meta
+    df = table.sort_values(ROW_ID, kind="stable").reset_index(drop=True)
+    items = list(zip(df[ROW_ID].astype(int).tolist(), df[IMAGE].astype(str).tolist()))
+    parts = parallel.map_batches(
+        _decode_batch, items, batch_size=128, workers=workers, desc="shards", progress=progress,
+        args=(str(image_root), int(image_size)),
+    )
+    decoded = [r for p in parts for r in p]
+    jpeg = {rid: b for rid, b, _ in decoded if b is not None}
+    failed = {str(rid): err for rid, b, err in decoded if b is None}
+    ok = df[df[ROW_ID].isin(jpeg)]
+    split = ok[SPLIT].astype(str) if SPLIT in ok else pd.Series("train", index=ok.index)
+    for old in out.glob("part-*.parquet"):
+        old.unlink()
+    files = []
+    for i in range(0, max(len(ok), 1), ROWS_PER_FILE):
+        chunk = ok.iloc[i : i + ROWS_PER_FILE]
+        t = pa.table({
+            ROW_ID: pa.array(chunk[ROW_ID].astype("int64").to_numpy()),
+            SPLIT: pa.array(split.iloc[i : i + ROWS_PER_FILE].tolist(), pa.string()),
+            TEXT: pa.array(chunk[TEXT].astype(str).tolist(), pa.string()),
+            "jpeg": pa.array([jpeg[r] for r in chunk[ROW_ID]], pa.binary()),
+        })
+        name = f"part-{i // ROWS_PER_FILE:05d}.parquet"
+        tables.write_parquet(t, out / name)
+        files.append(name)
+    meta = {"key": key, "image_size": int(image_size), "n_rows": int(len(ok)), "files": files, "failed": failed}
+    tables.write_json(meta, meta_path)
+    return meta
+
+
+def read(out_dir: str | os.PathLike, split: str | None = None) -> pd.DataFrame:
+    """The shard rows (row_id, split, text, jpeg), optionally one split only, in row_id order."""
+    out = Path(out_dir)
+    meta = tables.read_json(out / META_FILE)
+    t = pa.concat_tables([pq.read_table(out / f) for f in meta["files"]])
+    df = t.to_pandas()
+    if split is not None:
+        df = df[df[SPLIT] == split]
+    return df.sort_values(ROW_ID, kind="stable").reset_index(drop=True)
+
+
+def decode(jpeg: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return im.convert("RGB")
+
+
+def mean_std(jpegs: list[bytes], max_images: int = 5000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 scale) over up to ``max_images`` evenly spaced images."""
+    step = max(1, len(jpegs) // max_images)
+    s = np.zeros(3)
+    s2 = np.zeros(3)
+    n = 0
+    for b in jpegs[::step]:
+        a = np.asarray(decode(b), dtype=np.float64).reshape(-1, 3) / 255.0
+        s += a.sum(0)
+        s2 += (a * a).sum(0)
+        n += a.shape[0]
+    mean = s / max(n, 1)
+    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean * mean, 1e-12))
+    return [round(float(x), 6) for x in mean], [round(float(x), 6) for x in std]

@@ -1,0 +1,533 @@
+"""The train stage's torch side: CLIP loss, data loading, the loop, checkpoints, DDP and ``run_stage``.
+
+nanoGPT's loop as functions: ``get_lr`` (warmup then cosine), a loss module like open_clip's
+``ClipLoss``, atomic checkpoints with model, optimizer, RNG and data position, so that a run
+killed mid-epoch and resumed ends with the same weights. Which sample a step sees and how it is
+augmented depend only on (seed, epoch, index), never on workers, ranks or restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from mmcore import augment, clip_model, shards, tables
+from mmcore.base import StageContext
+from mmcore.errors import ConfigError, InputError
+from mmcore.tables import ROW_ID, TEXT, StageResult
+from mmcore.train import STAGE, TrainConfig
+
+CKPT = "last.pt"
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def gather_features(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ranks' features in rank order, with gradients flowing back to each rank (gather_with_grad)."""
+    import torch.distributed.nn.functional as dnf
+
+    return torch.cat(dnf.all_gather(img), 0), torch.cat(dnf.all_gather(txt), 0)
+
+
+class ClipLoss(nn.Module):
+    """Symmetric cross-entropy over the image-text similarity matrix (CLIP)."""
+
+    def get_logits(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            img, txt = gather_features(img, txt)
+        logits = logit_scale * img @ txt.T
+        return logits, logits.T
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        li, lt = self.get_logits(img, txt, logit_scale)
+        labels = torch.arange(li.shape[0], device=li.device)
+        return (F.cross_entropy(li, labels) + F.cross_entropy(lt, labels)) / 2
+
+
+def clip_forward(model, pixels: torch.Tensor, ids: torch.Tensor, loss_fn: ClipLoss) -> torch.Tensor:
+    """Loss of one batch; goes through ``model(...)`` so DDP's gradient hooks see the whole model."""
+    out = model(input_ids=ids, pixel_values=pixels)  # embeds come back L2-normalised
+    return loss_fn(out.image_embeds.float(), out.text_embeds.float(), unwrap(model).logit_scale.exp())
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def get_lr(step: int, cfg: TrainConfig, progress: float) -> float:
+    """Learning rate at ``step``; ``progress`` in [0, 1] is the share of the run done (steps or time)."""
+    # 1) linear warmup
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    # 2) past the end: the floor
+    if progress >= 1:
+        return cfg.lr * cfg.min_lr_ratio
+    # 3) cosine from lr down to the floor
+    coeff = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * coeff)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay weight matrices only: biases, norms and the logit scale are left alone (as open_clip)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "norm" in name or "bias" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------- data
+
+
+class PairDataset(Dataset):
+    """Shard images and captions; item ``(epoch, i)`` is sample i augmented with seed (seed, epoch, i)."""
+
+    def __init__(self, jpegs, texts, scheme, size, seed, synonyms=None):
+        self.jpegs, self.texts = list(jpegs), list(texts)
+        self.scheme, self.size, self.seed = scheme, size, seed
+        self.synonyms = synonyms
+
+    def __len__(self) -> int:
+        return len(self.jpegs)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        rng = np.random.default_rng([self.seed, epoch, i])
+        img, text = augment.apply(self.scheme, shards.decode(self.jpegs[i]), self.texts[i], rng, self.size, self.synonyms)
+        return self.as_uint8(img), text
+
+    @staticmethod
+    def as_uint8(img) -> torch.Tensor:
+        # uint8 CHW: a quarter of the bytes to pin and copy; normalised on the device.
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def _collate(items):
+    return torch.stack([x for x, _ in items]), [t for _, t in items]
+
+
+@dataclass
+class BatchPlan:
+    """Micro-batches from optimizer step ``start`` on: epoch permutations seeded by (seed, epoch)."""
+
+    n: int
+    batch_size: int  # global
+    grad_accum: int
+    seed: int
+    start: int = 0
+    rank: int = 0
+    world: int = 1
+    weights: np.ndarray | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return (self.n // self.batch_size) // self.grad_accum
+
+    def order(self, epoch: int) -> np.ndarray:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self.weights is not None:
+            w = torch.as_tensor(self.weights, dtype=torch.float64)
+            return torch.multinomial(w, self.n, replacement=True, generator=g).numpy()
+        return torch.randperm(self.n, generator=g).numpy()
+
+    def __iter__(self):
+        step, per = self.start, self.batch_size // self.world
+        cached: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
+        while True:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if cached[0] != epoch:
+                cached = (epoch, self.order(epoch))
+            for j in range(self.grad_accum):
+                lo = (k * self.grad_accum + j) * self.batch_size + self.rank * per
+                yield [(epoch, int(i)) for i in cached[1][lo : lo + per]]
+            step += 1
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def i2t_recall(model, pixels: torch.Tensor, ids: torch.Tensor, mean, std, k: int = 5, batch: int = 256) -> float:
+    """Image-to-text R@k on uint8 images: image i's own caption ranks in the top k (ties count in its favour)."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    m, s = torch.tensor(mean, device=dev).view(1, 3, 1, 1), torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    img = torch.cat([
+        F.normalize(model.get_image_features(pixel_values=(pixels[i : i + batch].to(dev).float() / 255 - m) / s).pooler_output.float(), dim=-1)
+        for i in range(0, len(pixels), batch)
+    ])
+    txt = torch.cat([F.normalize(model.get_text_features(input_ids=ids[i : i + batch].to(dev)).pooler_output.float(), dim=-1)
+                     for i in range(0, len(ids), batch)])
+    model.train(was)
+    sim = img @ txt.T
+    better = (sim > sim.diag()[:, None]).sum(1)
+    return float((better < k).float().mean())
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a kill mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The CLIPModel inside DDP (``module``) and ``torch.compile`` (``_orig_mod``) wrappers."""
+    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitData:
+    """What the loop trains on: shard rows of train and val, and the resolved preprocessing."""
+
+    train: pd.DataFrame  # row_id, text, jpeg (+ sample_weight)
+    val: pd.DataFrame
+    pre: clip_model.Preprocess
+    fingerprint: str
+
+
+class _Interrupted(Exception):
+    """Raised by the test hook that simulates a kill right after a step."""
+
+
+def pick_device(name: str) -> str:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no CUDA GPU is available; use 'auto' or 'cpu'")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def fit(
+    model: nn.Module,
+    tok,
+    data: FitData,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    seed: int,
+    device: str,
+    progress: bool = False,
+    interrupt_at: int | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place; writes checkpoints and ``history.parquet`` under ``out`` (rank 0)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    if cfg.batch_size % world:
+        raise ConfigError(f"train.batch_size must be divisible by the {world} DDP ranks, got {cfg.batch_size}")
+    n = len(data.train)
+    if n < cfg.batch_size * cfg.grad_accum:
+        raise ConfigError(
+            f"train.batch_size x grad_accum ({cfg.batch_size} x {cfg.grad_accum}) exceeds the {n} train rows; lower it"
+        )
+    synonyms = augment.load_synonyms(cfg.synonyms) if cfg.augment == "synonym" else None
+    ds = PairDataset(data.train["jpeg"], data.train[TEXT], cfg.augment, data.pre.image_size, seed, synonyms)
+    weights = data.train["sample_weight"].to_numpy(float) if cfg.weighted_sampler and "sample_weight" in data.train else None
+
+    # Resume: model, optimizer, step, RNG and history from the last checkpoint of this same run.
+    ckpt_path = out / "checkpoints" / CKPT
+    opt = torch.optim.AdamW(param_groups(unwrap(model), cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6)
+    step, seconds, history = 0, 0.0, []
+    if cfg.resume and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        if ck.get("fingerprint") == data.fingerprint:
+            unwrap(model).load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optim"])
+            step, seconds, history = int(ck["step"]), float(ck["seconds"]), list(ck["history"])
+            torch.set_rng_state(ck["rng_torch"])
+    model.to(device)
+    for st in opt.state.values():  # optimizer state follows the model onto the device
+        for k, v in st.items():
+            if torch.is_tensor(v) and k != "step":
+                st[k] = v.to(device)
+
+    plan = BatchPlan(n, cfg.batch_size, cfg.grad_accum, seed, start=step, rank=rank, world=world, weights=weights)
+    spe = plan.steps_per_epoch
+    unit, amount = cfg.length
+    total = int(amount * spe) if unit == "epochs" else int(amount) if unit == "steps" else None
+    budget = amount * 60 if unit == "minutes" else None
+    loader = DataLoader(ds, batch_sampler=plan, num_workers=cfg.num_workers, collate_fn=_collate,
+                        pin_memory=device == "cuda", persistent_workers=cfg.num_workers > 0,
+                        prefetch_factor=4 if cfg.num_workers else None)
+    vn = len(data.val)
+    vi = np.linspace(0, vn - 1, min(vn, cfg.val_max_rows)).round().astype(int) if vn else np.zeros(0, int)
+    val_px = torch.stack([PairDataset.as_uint8(shards.decode(data.val["jpeg"].iloc[i])) for i in vi]) if vn else None
+    val_ids = clip_model.tokenize(tok, data.val[TEXT].iloc[vi].tolist()) if vn else None
+
+    mean_t = torch.tensor(data.pre.mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(data.pre.std, device=device).view(1, 3, 1, 1)
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
+    fwd_model = torch.compile(ddp_model) if cfg.compile else ddp_model
+    loss_fn = ClipLoss()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (progress and rank == 0), mininterval=1)
+    it = iter(loader)
+    model.train()
+    t_start = time.perf_counter() - seconds
+    last_val = next((h["val_i2t_r5"] for h in reversed(history) if not math.isnan(h["val_i2t_r5"])), float("nan"))
+    try:
+        while True:
+            elapsed = time.perf_counter() - t_start
+            if (total is not None and step >= total) or (budget is not None and elapsed >= budget):
+                break
+            prog = step / total if total else elapsed / budget
+            lr = get_lr(step, cfg, prog)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            t0 = time.perf_counter()
+            loss_sum = 0.0
+            for j in range(cfg.grad_accum):
+                pixels, texts = next(it)
+                ids = clip_model.tokenize(tok, texts).to(device, non_blocking=True)
+                pixels = pixels.to(device, non_blocking=True).float().div_(255).sub_(mean_t).div_(std_t)
+                sync = j == cfg.grad_accum - 1 or world == 1
+                ctx_sync = ddp_model.no_sync() if not sync else _null()
+                with ctx_sync, amp:
+                    loss = clip_forward(fwd_model, pixels, ids, loss_fn)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():  # CLIP clamps the temperature so logits stay <= 100
+                unwrap(model).logit_scale.clamp_(0, clip_model.LOGIT_SCALE_MAX)
+            step += 1
+            dt = time.perf_counter() - t0
+            scale = float(unwrap(model).logit_scale.detach().exp())
+            row = {"step": step, "epoch": step / spe, "loss": loss_sum, "lr": lr, "logit_scale": scale,
+                   "samples_per_s": cfg.batch_size * cfg.grad_accum / dt, "val_i2t_r5": float("nan")}
+            if step % spe == 0 and cfg.val_every_epoch and val_px is not None:
+                row["val_i2t_r5"] = last_val = i2t_recall(unwrap(model), val_px, val_ids, data.pre.mean, data.pre.std)
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", scale=f"{scale:.1f}", r5=f"{last_val:.2f}", refresh=False)
+            if step % cfg.checkpoint_every == 0:
+                _checkpoint(model, opt, step, time.perf_counter() - t_start, history, data.fingerprint, ckpt_path, rank)
+            if interrupt_at is not None and step >= interrupt_at:
+                raise _Interrupted(step)
+    finally:
+        bar.close()
+        del it
+    seconds = time.perf_counter() - t_start
+    if cfg.val_every_epoch and val_px is not None and (not history or math.isnan(history[-1]["val_i2t_r5"])):
+        last_val = i2t_recall(unwrap(model), val_px, val_ids, data.pre.mean, data.pre.std)
+        if history:
+            history[-1]["val_i2t_r5"] = last_val
+    _checkpoint(model, opt, step, seconds, history, data.fingerprint, ckpt_path, rank)
+    h = pd.DataFrame(history, columns=["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "val_i2t_r5"])
+    if rank == 0:
+        tables.write_parquet(h, out / "history.parquet")
+    train_time = float(sum(cfg.batch_size * cfg.grad_accum / r for r in h["samples_per_s"])) if len(h) else 0.0
+    return {
+        "steps": step,
+        "epochs": round(step / spe, 3),
+        "steps_per_epoch": spe,
+        "samples_seen": step * cfg.batch_size * cfg.grad_accum,
+        "samples_per_s": round(len(h) * cfg.batch_size * cfg.grad_accum / train_time, 2) if train_time else 0.0,
+        "seconds_training": round(seconds, 2),
+        "final_loss": round(float(h["loss"].tail(max(1, min(spe, 20))).mean()), 4) if len(h) else float("nan"),
+        "val_i2t_r5": round(last_val, 4) if not math.isnan(last_val) else None,
+        "chance_r5": round(min(1.0, 5 / len(vi)), 4) if len(vi) else None,
+        "n_val_scored": int(len(vi)),
+        "world_size": world,
+    }
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _checkpoint(model, opt, step, seconds, history, fingerprint, path, rank) -> None:
+    if rank != 0:
+        return
+    save_checkpoint(path, {
+        "model": unwrap(model).state_dict(),
+        "optim": opt.state_dict(),
+        "step": step,
+        "seconds": seconds,
+        "history": history,
+        "rng_torch": torch.get_rng_state(),
+        "fingerprint": fingerprint,
+    })
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _fingerprint(cfg: TrainConfig, shard_key: str, seed: int, world: int) -> str:
+    # What must match for a checkpoint to be resumed: settings that change the math, not workers.
+    c = cfg.model_dump(mode="json", exclude={"resume", "num_workers", "checkpoint_every", "val_every_epoch"})
+    return tables.json_digest({"cfg": c, "shards": shard_key, "seed": seed, "world": world})
+
+
+def run_stage(
+    table: pd.DataFrame,
+    cfg: TrainConfig,
+    ctx: StageContext,
+    *,
+    interrupt_at: int | None = None,
+) -> StageResult:
+    """Build shards, train the tokenizer and model, save ``train/model``; see ``mmcore.train.run``."""
+    rank, world = _dist()
+    tables.require_columns(table, [ROW_ID, tables.IMAGE, TEXT, "split"], STAGE)
+    out = ctx.stage_dir(STAGE)
+    device = pick_device(cfg.device)
+    clip_model.quiet_transformers()
+    source = cfg.model_path if cfg.model_path is not None else cfg.preset
+    if cfg.model_path is None:
+        clip_model.preset_config(cfg.preset)  # a bad name fails before any image is decoded
+    image_size = cfg.image_size or _model_image_size(source)
+
+    shard_dir = out / "shards"
+    if rank == 0:
+        meta = shards.build(table, ctx.data.image_root, shard_dir, image_size, workers=ctx.workers, progress=ctx.progress)
+    if world > 1:
+        dist.barrier()
+        meta = tables.read_json(shard_dir / shards.META_FILE)
+    failed = {int(k): v for k, v in meta["failed"].items()}
+    sh = shards.read(shard_dir)
+    if "sample_weight" in table:
+        sh = sh.merge(table[[ROW_ID, "sample_weight"]], on=ROW_ID, how="left")
+    train_df = sh[sh["split"] == "train"].reset_index(drop=True)
+    val_df = sh[sh["split"] == "val"].reset_index(drop=True)
+    if not len(train_df):
+        raise InputError(f"train: no decodable rows with split == 'train' in the input ({len(table)} rows)")
+
+    if cfg.tokenizer_path is not None:
+        tok = clip_model.load_tokenizer(cfg.tokenizer_path)
+    else:
+        tok = clip_model.train_tokenizer(train_df[TEXT].tolist(), cfg.vocab_size)
+    torch.manual_seed(ctx.seed)
+    model = clip_model.build_model(source, vocab_size=tok.get_vocab_size(), image_size=cfg.image_size)
+    if tok.get_vocab_size() > model.config.text_config.vocab_size:
+        raise ConfigError(
+            f"train.tokenizer_path: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
+            f"{model.config.text_config.vocab_size}"
+        )
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    ctx_len = clip_model.context_length(model)
+    clip_model.configure_tokenizer(tok, ctx_len)
+    if cfg.normalize == "dataset":
+        mean, std = shards.mean_std(train_df["jpeg"].tolist())
+    else:
+        mean, std = list(clip_model.IMAGENET_MEAN), list(clip_model.IMAGENET_STD)
+    pre = clip_model.Preprocess(image_size=image_size, mean=tuple(mean), std=tuple(std), context_length=ctx_len)
+    data = FitData(train_df, val_df, pre, _fingerprint(cfg, meta["key"], ctx.seed, world))
+    stats = fit(model, tok, data, cfg, out, seed=ctx.seed, device=device, progress=ctx.progress, interrupt_at=interrupt_at)
+
+    model_dir = out / "model"
+    if rank == 0:
+        m = unwrap(model)
+        if cfg.grad_checkpointing:
+            m.gradient_checkpointing_disable()
+        m.to("cpu").save_pretrained(model_dir)
+        clip_model.save_tokenizer(tok, model_dir, ctx_len)
+        pre.save(model_dir)
+        tables.write_json(cfg.model_dump(mode="json"), out / "config.json")
+    bad = table[ROW_ID].isin(list(failed))
+    detail = table.loc[bad, ROW_ID].map(lambda r: failed.get(int(r), "")).astype(str)
+    res = tables.partition(table, [("decode_failed", bad, detail)])
+    stats.update(
+        device=device if device == "cpu" else torch.cuda.get_device_name(),
+        cpu_only=device == "cpu",
+        note="trained on CPU: no GPU found" if device == "cpu" and cfg.device == "auto" else "",
+        preset=cfg.preset if cfg.model_path is None else str(cfg.model_path),
+        n_params=int(sum(p.numel() for p in unwrap(model).parameters())),
+        n_train=int(len(train_df)),
+        n_val=int(len(val_df)),
+        image_size=image_size,
+        augment=cfg.augment,
+        model_dir=str(model_dir),
+    )
+    return StageResult(res.kept, res.quarantined, stats)
+
+
+def _model_image_size(source) -> int:
+    p = Path(source)
+    if p.is_dir():
+        return int(json.loads((p / "config.json").read_text())["vision_config"]["image_size"])
+    return int(clip_model.preset_config(str(source))["vision_config"]["image_size"])
+
+
+def main(argv: list[str]) -> int:
+    """``RUN_DIR [key=value ...]``: train from ``RUN_DIR/config.yaml`` and ``split/kept.parquet``."""
+    import sys
+
+    from mmcore.config import load_config
+    from mmcore.errors import MMPipeError
+
+    if not argv:
+        print("usage: python -m mmcore.train RUN_DIR [train.key=value ...]", file=sys.stderr)
+        return 2
+    run_dir, overrides = Path(argv[0]), argv[1:]
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        if distributed:
+            cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if cuda else "gloo")
+        src = tables.StagePaths.of(run_dir, "split").kept
+        table = tables.read_parquet(src)
+        ctx = StageContext(cfg.data, run_dir, cfg.seed, cfg.n_workers, progress=sys.stderr.isatty())
+        t0 = time.perf_counter()
+        res = run_stage(table, cfg.train, ctx)
+        if _dist()[0] == 0:
+            stats = tables.write_stage(
+                run_dir, STAGE, res, input_ids=table[ROW_ID].to_numpy(), input_digest=tables.file_digest(src),
+                seconds=time.perf_counter() - t0, config_digest=tables.json_digest(cfg.train.model_dump(mode="json")),
+            )
+            print(f"train: {stats['steps']} steps on {stats['device']}, final loss {stats['final_loss']}, "
+                  f"val i2t R@5 {stats['val_i2t_r5']} (chance {stats['chance_r5']}) -> {stats['model_dir']}")
+        return 0
+    except MMPipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

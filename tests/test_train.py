@@ -1,0 +1,204 @@
+"""Train stage: augmentation, shards, presets, the loop, resume, DDP and the saved model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from mmcore import augment, clip_model, demo_split, shards, tables, train, trainloop
+from mmcore.base import StageContext
+from mmcore.errors import ConfigError
+from mmcore.train import REASONS, TrainConfig
+
+# The micro preset and a few steps keep the whole file well under a minute on 2 cores.
+FAST = dict(preset="micro", batch_size=16, steps=4, warmup_steps=2, num_workers=0, checkpoint_every=2, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    table, data = demo_split.make(root, n=300, seed=1)
+    return table, data
+
+
+def _ctx(data, run_dir: Path, seed: int = 0) -> StageContext:
+    return StageContext(data=data, run_dir=run_dir, seed=seed, workers=1)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_flip_swaps_left_and_right_words_and_pixels():
+    img = Image.new("RGB", (32, 32), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 8, 32))  # red band on the left
+    text = "a red circle on the left of a Right square, leftmost"
+    # Find a seed whose first draw flips, then check image and caption flipped together.
+    for seed in range(20):
+        out, cap = augment.apply("aligned", img, text, np.random.default_rng(seed), 32)
+        if cap != text:
+            break
+    assert cap == "a red circle on the right of a Left square, rightmost"
+    a = np.asarray(out).astype(int)
+    assert a[:, -4:, 0].mean() > 150 and a[:, :4, 0].mean() < 100  # red now on the right
+    assert augment.flip_caption(augment.flip_caption(text)) == text
+
+
+def test_synonym_only_touches_words_in_table():
+    table = {"small": ["little"], "picture": ["photo"]}
+    text = "A small red circle at the left of the picture"
+    outs = {augment.synonym_caption(text, table, np.random.default_rng(s), p=1.0) for s in range(5)}
+    assert outs == {"A little red circle at the left of the photo"}
+    default = augment.load_synonyms()
+    for word in ("red", "circle", "left", "right", "square", "blue"):
+        assert word not in default  # meaning-carrying words are never replaced by default
+
+
+def test_cross_modal_erases_and_drops_words_deterministically():
+    img = Image.new("RGB", (48, 48), (128, 128, 128))
+    text = "a small red circle on the left over a gray background"
+    a = augment.apply("cross_modal", img, text, np.random.default_rng(3), 32)
+    b = augment.apply("cross_modal", img, text, np.random.default_rng(3), 32)
+    assert a[1] == b[1] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    assert a[0].size == (32, 32)
+    assert 1 <= len(a[1].split()) < len(text.split()) + 1
+    assert np.asarray(a[0]).std() > 5  # the erased patch is noise on a flat image
+
+
+def test_bad_synonym_file_is_one_line_error(tmp_path):
+    p = tmp_path / "syn.yaml"
+    p.write_text("small: little\n")
+    with pytest.raises(ConfigError, match=r"train.synonyms: .* must map words to non-empty lists"):
+        augment.load_synonyms(p)
+
+
+# --------------------------------------------------------------------------- presets, shards
+
+
+def test_bad_preset_is_one_line_error_listing_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown model preset 'vit-h-99'; expected one of .*tiny.*vit-b-32") as e:
+        clip_model.build_model("vit-h-99")
+    assert "\n" not in str(e.value)
+    assert {"tiny", "vit-b-32"} <= set(clip_model.list_presets())
+
+
+def test_config_lengths_are_exclusive():
+    with pytest.raises(ValueError, match="exactly one of epochs, steps, minutes"):
+        TrainConfig(epochs=2, minutes=1.0)
+    assert TrainConfig().length == ("epochs", 8)
+
+
+def test_shards_are_deterministic_cached_and_quarantine_bad_images(demo, tmp_path):
+    table, data = demo
+    t = table.head(40).copy()
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    t.loc[t.index[0], tables.IMAGE] = str(bad)  # absolute path outside the root: refused too
+    m1 = shards.build(t, data.image_root, tmp_path / "a", 32)
+    m2 = shards.build(t, data.image_root, tmp_path / "b", 32)
+    assert m1["n_rows"] == 39 and list(m1["failed"]) == [str(t[tables.ROW_ID].iloc[0])]
+    assert tables.file_digest(tmp_path / "a" / m1["files"][0]) == tables.file_digest(tmp_path / "b" / m2["files"][0])
+    rows = shards.read(tmp_path / "a")
+    assert shards.decode(rows["jpeg"].iloc[0]).size == (32, 32)
+    before = (tmp_path / "a" / m1["files"][0]).stat().st_mtime_ns
+    shards.build(t, data.image_root, tmp_path / "a", 32)  # same key: reused, not rewritten
+    assert (tmp_path / "a" / m1["files"][0]).stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_batch_plan_is_resumable_and_splits_global_batches_across_ranks():
+    full = trainloop.BatchPlan(n=50, batch_size=8, grad_accum=1, seed=3)
+    it = iter(full)
+    seq = [next(it) for _ in range(14)]  # 6 steps per epoch: crosses two epoch boundaries
+    assert [b[0][0] for b in seq[::6]] == [0, 1, 2] and all(len(b) == 8 for b in seq)
+    later = iter(trainloop.BatchPlan(n=50, batch_size=8, grad_accum=1, seed=3, start=9))
+    assert [next(later) for _ in range(5)] == seq[9:14]
+    ranks = [iter(trainloop.BatchPlan(n=50, batch_size=8, grad_accum=1, seed=3, rank=r, world=2)) for r in (0, 1)]
+    for b in seq[:7]:
+        assert next(ranks[0]) + next(ranks[1]) == b
+    w = np.r_[np.ones(25), np.zeros(25)]  # weighted sampler: zero-weight rows are never drawn
+    drawn = trainloop.BatchPlan(n=50, batch_size=8, grad_accum=1, seed=3, weights=w).order(0)
+    assert drawn.max() < 25
+
+
+def test_train_run_saves_a_model_that_reloads_with_same_embeddings(demo, tmp_path):
+    table, data = demo
+    res = train.run(table, TrainConfig(**FAST, augment="aligned", normalize="dataset"), _ctx(data, tmp_path))
+    assert set(res.kept[tables.ROW_ID]) == set(table[tables.ROW_ID]) and len(res.quarantined) == 0
+    assert set(REASONS) == {"decode_failed"}
+    s = res.stats
+    assert s["steps"] == 4 and s["device"] == "cpu" and s["cpu_only"] and s["preset"] == "micro"
+    assert s["samples_seen"] == 64 and s["n_params"] > 0 and 0 < s["chance_r5"] <= 1
+    h = pd.read_parquet(tmp_path / "train" / "history.parquet")
+    assert list(h.columns) == ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "val_i2t_r5"]
+    assert h["step"].tolist() == [1, 2, 3, 4] and np.isfinite(h["loss"]).all() and h["val_i2t_r5"].notna().any()
+
+    from transformers import AutoTokenizer, CLIPModel
+
+    model_dir = tmp_path / "train" / "model"
+    model = CLIPModel.from_pretrained(model_dir)
+    enc = clip_model.Encoder.load(model_dir)
+    assert enc.image_size == 32 and enc.device == "cpu" and enc.pre.mean != clip_model.IMAGENET_MEAN
+    texts = table[tables.TEXT].head(5).tolist()
+    imgs = [Image.open(data.image_root / p).convert("RGB") for p in table[tables.IMAGE].head(5)]
+    et, ei = enc.encode_texts(texts, batch_size=2), enc.encode_images(imgs, batch_size=2)
+    assert et.dtype == np.float32 and et.shape == (5, 32) and np.allclose(np.linalg.norm(ei, axis=1), 1, atol=1e-5)
+    ids = torch.tensor(AutoTokenizer.from_pretrained(model_dir)(texts, padding="max_length", max_length=16, truncation=True)["input_ids"])
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1).numpy()
+    assert np.allclose(ref, et, atol=1e-5)
+
+
+def test_resume_after_kill_gives_identical_weights(demo, tmp_path):
+    table, data = demo
+    cfg = TrainConfig(**{**FAST, "steps": 5})
+    trainloop.run_stage(table, cfg, _ctx(data, tmp_path / "full"))
+    with pytest.raises(trainloop._Interrupted):
+        trainloop.run_stage(table, cfg, _ctx(data, tmp_path / "killed"), interrupt_at=3)  # checkpoint at 2
+    assert trainloop.load_checkpoint(tmp_path / "killed/train/checkpoints/last.pt")["step"] == 2
+    res = trainloop.run_stage(table, cfg, _ctx(data, tmp_path / "killed"))
+    assert res.stats["steps"] == 5
+    a = load_file(tmp_path / "full/train/model/model.safetensors")
+    b = load_file(tmp_path / "killed/train/model/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = pd.read_parquet(tmp_path / "full/train/history.parquet")
+    hb = pd.read_parquet(tmp_path / "killed/train/history.parquet")
+    assert np.allclose(ha["loss"], hb["loss"])
+
+
+def _write_run(run_dir: Path, table: pd.DataFrame, data, train: dict) -> None:
+    run_dir.mkdir(parents=True)
+    tables.write_parquet(table, run_dir / "split" / "kept.parquet")
+    cfg = {"data": {"manifest": str(data.manifest), "label_column": "label", "domain_column": "domain"},
+           "workers": 1, "train": train}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_ddp_two_gloo_processes_match_single_process(demo, tmp_path):
+    table, data = demo
+    train = {**FAST, "steps": 3, "val_every_epoch": False}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    _write_run(tmp_path / "single", table, data, train)
+    assert trainloop.main([str(tmp_path / "single")]) == 0
+    _write_run(tmp_path / "ddp", table, data, train)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "mmcore.train", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stats = tables.read_json(tmp_path / "ddp" / "train" / "stats.json")
+    assert stats["world_size"] == 2 and stats["steps"] == 3
+    a = load_file(tmp_path / "single/train/model/model.safetensors")
+    b = load_file(tmp_path / "ddp/train/model/model.safetensors")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, worst
