@@ -54,6 +54,8 @@ def _setup_prefect_env() -> None:
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    # mmcore's own warnings (read retries) go to Prefect's console and to the run's logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmcore")
     # The temporary server can take longer than Prefect's 20 s to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
@@ -75,10 +77,12 @@ def synth(
 
 def _run(cfg, until: str, runner: str = "local", address: str | None = None, workers: int | None = None) -> None:
     from mmcore import clean
+    from mmcore.config import check_paths
 
     if runner not in ("local", "dask"):
         raise MMPipeError(f"--runner: expected 'local' or 'dask', got {runner!r}")
     clean.check_columns(cfg.data)  # a missing column is a one-line error before Prefect starts
+    check_paths(cfg)  # so is a configured file or folder that does not exist
     _setup_prefect_env()
     from flows.pipeline import with_runner
 
@@ -294,6 +298,21 @@ def verdicts(
 
     out = evaluate_mod.verdicts(run_dir, filled)
     typer.echo(json.dumps(out, indent=2))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_one_line_errors
+def train(
+    ctx: typer.Context,
+    run_dir: Annotated[Path, typer.Argument(help="A run folder whose split stage has run (reads config.yaml, split/).")],
+) -> None:
+    """Train (or resume) the model of a run outside the flow; extra args are train.key=value overrides.
+
+    On several GPUs: torchrun --nproc_per_node=N -m mmcore.train RUN_DIR [train.key=value ...]
+    """
+    from mmcore import trainloop
+
+    raise typer.Exit(trainloop.main([str(run_dir), *ctx.args]))
 
 
 @app.command()

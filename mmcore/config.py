@@ -139,6 +139,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return build_config(tree, source)
 
 
+def check_paths(cfg: PipelineConfig) -> None:
+    """Every file or folder the config names must exist: a typo fails before the run, not in its last stage."""
+    for name, section in cfg:
+        if not isinstance(section, StrictModel):
+            continue
+        for key, value in section:
+            if isinstance(value, Path) and not value.exists():
+                raise ConfigError(f"{name}.{key}: not found: {value}")
+
+
 def dump_config(cfg: PipelineConfig) -> str:
     """The resolved config as YAML (paths as strings), as written to ``RUN_DIR/config.yaml``."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -5,6 +5,7 @@ Memory is bounded by ``batch_size`` x ``workers`` in flight, whatever the table'
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -55,19 +56,54 @@ def map_batches(
             futures = []
             it = iter(chunks)
             for c in it:
-                futures.append((pool.submit(fn, c, *args), len(c)))
+                futures.append((pool.submit(_capturing, fn, c, *args), len(c)))
                 if len(futures) >= window:
                     break
             while futures:
                 fut, n = futures.pop(0)
-                out.append(fut.result())
+                result, records = fut.result()
+                _replay(records)
+                out.append(result)
                 bar.update(n)
                 nxt = next(it, None)
                 if nxt is not None:
-                    futures.append((pool.submit(fn, nxt, *args), len(nxt)))
+                    futures.append((pool.submit(_capturing, fn, nxt, *args), len(nxt)))
         return out
     finally:
         bar.close()
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args, record.exc_info, record.exc_text = record.getMessage(), None, None, None
+        self.records.append(record)
+
+
+def _capturing(fn: Callable[..., R], chunk: Sequence[Any], *args: Any) -> tuple[R, list[logging.LogRecord]]:
+    """In a worker: ``fn``'s result and the ``mmcore`` log records it emitted (e.g. read retries).
+
+    A worker process has no Prefect run context, so its records are sent back and re-emitted by
+    ``_replay`` in the task's thread, where Prefect attaches them to the task run's logs.
+    """
+    handler, logger = _Collect(), logging.getLogger("mmcore")
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        return fn(chunk, *args), handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _replay(records: list[logging.LogRecord]) -> None:
+    for record in records:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
 
 
 def _on_dask_worker() -> bool:

@@ -23,7 +23,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from pydantic import Field, field_validator
 
-from mmcore import images, parallel, tables
+from mmcore import faults, images, parallel, tables
 from mmcore.base import StageContext, StrictModel
 from mmcore.tables import IMAGE, ROW_ID, StageResult
 
@@ -32,7 +32,9 @@ STAGE = "probe"
 # Reason codes, in the order they are tested (a row gets the first it fails).
 REASONS = {
     "outside_root": "the path resolves outside the dataset root (../ traversal, absolute path, escaping symlink)",
-    "missing_file": "no file at the path (or it cannot be read)",
+    "missing_file": "no file at the path",
+    "permission_denied": faults.REASONS["permission_denied"],
+    "read_error": faults.REASONS["read_error"],
     "empty_file": "the file has zero bytes",
     "not_an_image": "Pillow does not recognise the bytes as an image",
     "too_many_pixels": "the header declares more than probe.max_pixels pixels (decompression bomb), refused before decoding",
@@ -144,18 +146,15 @@ def _probe_one(root_real: str, rel: str, cfg: ProbeConfig) -> dict:
     except ValueError as e:  # e.g. an embedded NUL byte
         return fail("missing_file", f"invalid path {rel!r}: {e}")
     try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return fail("missing_file", f"no file {rel!r}")
-    except IsADirectoryError:
-        return fail("missing_file", f"{rel!r} is a directory")
-    except OSError as e:
-        return fail("missing_file", f"cannot read {rel!r}: {e.strerror or e}")
+        # Retries transient I/O errors; a folder or FIFO is a read_error at once, never a hang.
+        f = faults.open_binary(path)
+    except faults.ReadError as e:
+        return fail(e.reason, f"{rel!r}: {e.detail}")
     with f:
         try:
             return _probe_open(f, out, fail, cfg)
         except OSError as e:  # a read error half-way (I/O error, file shrank)
-            return fail("missing_file", _one_line(f"cannot read {rel!r}: ", e))
+            return fail("read_error", _one_line(f"cannot read {rel!r}: ", e))
 
 
 def _probe_open(f, out: dict, fail, cfg: ProbeConfig) -> dict:

@@ -16,6 +16,7 @@ quarantined as ``duplicate_image``. An optional CLIP-score check (``low_alignmen
 
 from __future__ import annotations
 
+import io
 import os
 import zlib
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from mmcore import checks, images, parallel, tables
+from mmcore import checks, faults, images, parallel, tables
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import ConfigError
 from mmcore.probe import broadcast, distinct_paths
@@ -35,6 +36,7 @@ STAGE = "quality"
 
 REASONS = {
     "corrupt_image": "the image failed to decode at reduced size (the probe's header check passed)",
+    **faults.REASONS,
     **{name: c.reason for name, c in checks.CHECKS.items()},
 }
 
@@ -142,7 +144,8 @@ def _analysis(arr: np.ndarray, s: int) -> np.ndarray:
 
 
 def _measure_one(path: str, cfg: QualityConfig, sharp_min: float, entropy_min: float) -> dict:
-    gray = images.load_gray(path, cfg.decode_size)
+    src = io.BytesIO(faults.read_bytes(path))  # transient read errors retried; the file is read once
+    gray = images.load_gray(src, cfg.decode_size)
     s = cfg.analysis_size
     a = _analysis(gray, s)
     hist = _hist(a)
@@ -150,7 +153,8 @@ def _measure_one(path: str, cfg: QualityConfig, sharp_min: float, entropy_min: f
     sharp, ent = _sharpness([a]), _entropy(hist)
     if sharp < sharp_min or ent < entropy_min:
         # Luminance looks blurry or flat: look at colour before flagging (isoluminant shapes).
-        rgb = images.load_reduced(path, cfg.decode_size, color=True)
+        src.seek(0)
+        rgb = images.load_reduced(src, cfg.decode_size, color=True)
         c = _analysis(rgb, s)
         chans = [np.ascontiguousarray(c[..., i]) for i in range(3)]
         sharp = max(sharp, _sharpness(chans))
@@ -186,6 +190,8 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
             try:
                 rec = _measure_one(images.resolve_under(root_real, rel), cfg, sharp_min, entropy_min)
                 rec[ERROR], rec[DETAIL] = "", ""
+            except faults.ReadError as e:  # unreadable now (the probe read it): its own reason
+                rec = {ERROR: e.reason, DETAIL: str(e)}
             except Exception as e:  # any failure to decode quarantines the row, never the batch
                 rec = {ERROR: "corrupt_image", DETAIL: f"{type(e).__name__}: {e}".splitlines()[0][:200]}
             recs.append(rec)
@@ -346,7 +352,7 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: QualityConfig) 
         name: checks.score_column(name) + " " + df[checks.score_column(name)].round(3).astype(str) + f" < {thresholds[name]:.3f}"
         for name in names
     }
-    partition = [("corrupt_image", ~ok, m[DETAIL])]
+    partition = [(code, err == code, m[DETAIL]) for code in ("corrupt_image", *faults.REASONS)]
     partition += [(n, df[checks.issue_column(n)], detail[n]) for n in names]
     res = tables.partition(df.drop(columns=["pixel_hash"]), partition)
     kept = res.kept.copy()

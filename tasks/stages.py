@@ -18,6 +18,7 @@ from mmcore.config import PipelineConfig, dump_config
 from mmcore.stale import extra_digest
 from tasks.common import (
     StageOutput,
+    digest_of,
     execute,
     is_transient,
     publish,
@@ -42,6 +43,17 @@ def _extra(stage: str):
         return extra_digest(stage, params["cfg"]) or "none"
 
     return digest
+
+
+def _train_files(params: dict) -> str:
+    """Model presets and the synonym table are data the training code reads: part of its version."""
+    from mmcore.augment import DEFAULT_SYNONYMS
+    from mmcore.clip_model import MODELS_DIR
+
+    cfg: PipelineConfig = params["cfg"]
+    synonyms = Path(cfg.train.synonyms) if cfg.train.synonyms is not None else DEFAULT_SYNONYMS
+    model = tables.dir_digest(cfg.train.model_path) if cfg.train.model_path is not None else "preset"
+    return tables.text_digest(tables.dir_digest(MODELS_DIR), digest_of(synonyms), model)
 
 
 def _model(params: dict) -> str:
@@ -89,7 +101,7 @@ def split(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
     return execute("split", cfg, table, digest, split_stage.run)
 
 
-@task(name="train", cache_policy=stage_cache("train", "src"), on_completion=[publish], **_IO)
+@task(name="train", cache_policy=stage_cache("train", "src", extra=_train_files), on_completion=[publish], **_IO)
 def train(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
     """Trains on GPU when there is one, else on CPU (the stats and the artifact say which)."""
     table, digest = read_input(src)
