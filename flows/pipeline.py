@@ -48,6 +48,7 @@ def ablate(cfg: PipelineConfig, schemes: list[str], seeds: int = 1) -> Path:
             run_dir = cfg.run_dir / "ablate" / f"{scheme}-s{seed}"
             train_cfg = cfg.train.model_copy(update={"augment": scheme})
             v = cfg.model_copy(update={"seed": cfg.seed + seed, "out": run_dir, "train": train_cfg})
+            stages.save_config(v)
             model = run_cached(stages.train, split, v)
             run_cached(stages.evaluate, split, model, v)
             variants.setdefault(scheme, []).append(str(run_dir))
