@@ -70,12 +70,21 @@ def _read_csv(path: Path) -> pa.Table:
     return pacsv.read_csv(path, convert_options=convert, parse_options=pacsv.ParseOptions(newlines_in_values=True))
 
 
-def read_manifest(data: DataConfig) -> pd.DataFrame:
-    """Read the manifest (CSV, Parquet or JSONL) and give every row its ``row_id``."""
+def _manifest_file(data: DataConfig) -> tuple[Path, str]:
     path = Path(data.manifest)
     if not path.is_file():
         raise InputError(f"data.manifest: file not found: {path}")
-    suffix = path.suffix.lower()
+    return path, path.suffix.lower()
+
+
+def _unparsable(path: Path, e: Exception) -> InputError:
+    """A parser's own message, made one line."""
+    return InputError(f"data.manifest: cannot parse {path}: {str(e).strip().splitlines()[0]}")
+
+
+def read_manifest(data: DataConfig) -> pd.DataFrame:
+    """Read the manifest (CSV, Parquet or JSONL) and give every row its ``row_id``."""
+    path, suffix = _manifest_file(data)
     try:
         if suffix in (".csv", ".tsv"):
             df = _read_csv(path).to_pandas()
@@ -87,8 +96,8 @@ def read_manifest(data: DataConfig) -> pd.DataFrame:
             raise InputError(f"data.manifest: unsupported format {suffix!r} ({path}); expected .csv, .parquet or .jsonl")
     except InputError:
         raise
-    except Exception as e:  # a parser's own message, made one line
-        raise InputError(f"data.manifest: cannot parse {path}: {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:
+        raise _unparsable(path, e) from None
     df = df.reset_index(drop=True)
     if ROW_ID in df.columns:
         raise InputError(f"data.manifest: column {ROW_ID!r} is reserved for mmpipe ({path}); rename it")
@@ -98,10 +107,7 @@ def read_manifest(data: DataConfig) -> pd.DataFrame:
 
 def manifest_columns(data: DataConfig) -> list[str]:
     """The manifest's column names, read from its header only (for checks before a run)."""
-    path = Path(data.manifest)
-    if not path.is_file():
-        raise InputError(f"data.manifest: file not found: {path}")
-    suffix = path.suffix.lower()
+    path, suffix = _manifest_file(data)
     try:
         if suffix in (".csv", ".tsv"):
             with open(path, newline="", encoding="utf-8", errors="replace") as f:
@@ -109,7 +115,7 @@ def manifest_columns(data: DataConfig) -> list[str]:
         if suffix in (".parquet", ".pq"):
             return list(pq.read_schema(path).names)
     except Exception as e:
-        raise InputError(f"data.manifest: cannot parse {path}: {str(e).strip().splitlines()[0]}") from None
+        raise _unparsable(path, e) from None
     return [c for c in read_manifest(data).columns if c != ROW_ID]
 
 

@@ -65,7 +65,7 @@ def context(cfg: PipelineConfig, progress: bool = True) -> StageContext:
 def digest_of(value: Any) -> str:
     """Content digest of a task input: a stage output's kept table, a file, or a plain value."""
     if isinstance(value, StageOutput):
-        return tables.file_digest(value.paths.kept)
+        return value.kept_digest  # checked against the file's bytes by run_cached (intact)
     if isinstance(value, Path):
         return tables.file_digest(value) if value.is_file() else f"missing:{value}"
     return tables.json_digest(value)
