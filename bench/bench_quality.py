@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -59,11 +60,21 @@ def rate(fn, n: int, cores: int = 1, rounds: int = 1) -> tuple[float, float]:
     return n / best / cores, best
 
 
+def _ready(module: str) -> int:
+    """In a worker: import the stage module and hold the worker a moment, so each warm-up call lands on its own worker."""
+    __import__(module)
+    time.sleep(0.3)
+    return os.getpid()
+
+
 def warm_pool_rate(fn, table: pd.DataFrame, cfg, root: str, batch_size: int) -> tuple[float, float]:
     """Steady-state rate of ``fn`` over 2 already-started worker processes (startup excluded)."""
     ctx = mp.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
-        list(pool.map(fn, [table[:2], table[2:4]], [cfg] * 2, [root] * 2))  # imports, warm-up
+        # Both workers started and their imports done before the clock starts.
+        while len(set(pool.map(_ready, [fn.__module__] * 2))) < 2:
+            pass
+        list(pool.map(fn, [table[:2], table[2:4]], [cfg] * 2, [root] * 2))
         chunks = [table[i : i + batch_size] for i in range(0, len(table), batch_size)]
         t = time.perf_counter()
         list(pool.map(fn, chunks, [cfg] * len(chunks), [root] * len(chunks)))
@@ -72,19 +83,15 @@ def warm_pool_rate(fn, table: pd.DataFrame, cfg, root: str, batch_size: int) -> 
 
 
 def naive_measure(paths: list[str], cfg: quality.QualityConfig) -> None:
-    """Pillow open, full-size RGB decode, then the same scores (gray, fixed-size, hashes)."""
-    s = cfg.analysis_size
-    for p in paths:
+    """Pillow open, full-size RGB decode, then the same scores with the same batched code as quality."""
+    scorer = quality.Scorer(len(paths), cfg.analysis_size)
+    for i, p in enumerate(paths):
         with Image.open(p) as im:
             rgb = np.asarray(im.convert("RGB"))
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-        a = cv2.resize(gray, (s, s), interpolation=cv2.INTER_AREA)
-        hist = quality._hist(a)
-        np.cumsum(hist)
-        quality._sharpness([a])
-        quality._entropy(hist)
-        quality.phash(a)
-        __import__("hashlib").blake2b(gray.tobytes(), digest_size=16).hexdigest()
+        scorer.add(i, gray)  # area-reduced to the analysis size inside
+        zlib.crc32(gray), zlib.adler32(gray)  # the same exact-pixel key as quality, over all pixels
+    scorer.scores(np.arange(len(paths)))
 
 
 def run_cleanvision(paths: list[str]) -> pd.DataFrame:
@@ -135,9 +142,12 @@ def speed(out: Path, n: int, cv_n: int) -> tuple[list[dict], dict]:
     rows.update({k: (n / v, v) for k, v in best.items()})
     rows["probe.run, 2 processes (incl. pool start-up)"] = rate(lambda: probe.run(table, pcfg, ctx2), n, 2)
     rows["probe.measure, 2 warm processes"] = warm_pool_rate(probe.measure, table, pcfg, root, pcfg.batch_size)
+    # Quality's input is the probe's output: its rows carry the header facts (HEADER_HINTS).
+    p_kept = probe.run(table, pcfg, ctx2).kept
+    q_rows = probe.distinct_paths(p_kept, quality.HEADER_HINTS)
     # The decode loops run on the first half, best of ROUNDS, interleaved so drifting load hits all.
     half = n // 2
-    paths_h, table_h = abs_paths[:half], table[:half]
+    paths_h, table_h = abs_paths[:half], q_rows[:half]
     loops = {
         "bare reduced decode loop: draft 1/4, gray": lambda: reduced(paths_h),
         "quality, 1 process (all scores + pHash)": lambda: quality.measure(table_h, qcfg, root),
@@ -148,10 +158,9 @@ def speed(out: Path, n: int, cv_n: int) -> tuple[list[dict], dict]:
         for k, fn in loops.items():
             best[k] = min(best[k], rate(fn, half)[1])
     rows.update({k: (half / v, v) for k, v in best.items()})
-    p_kept = probe.run(table, pcfg, ctx2).kept
     rows["quality.run, 2 processes (incl. pool start-up, decide, clusters)"] = rate(
         lambda: quality.run(p_kept, qcfg, ctx2), n, 2)
-    rows["quality.measure, 2 warm processes"] = warm_pool_rate(quality.measure, table, qcfg, root, qcfg.batch_size)
+    rows["quality.measure, 2 warm processes"] = warm_pool_rate(quality.measure, q_rows, qcfg, root, qcfg.batch_size)
     cv_paths = abs_paths[:cv_n]
     rows[f"cleanvision 0.3.7 find_issues (n_jobs=1, {cv_n} images)"] = rate(lambda: run_cleanvision(cv_paths), cv_n)
     return [{"step": k, "images/s/core": v[0], "seconds": v[1]} for k, v in rows.items()], rows

@@ -83,9 +83,9 @@ def _injected(path: str | os.PathLike, attempt: int) -> OSError | None:
     return None
 
 
-def _open_regular(path: str | os.PathLike) -> BinaryIO:
-    # O_NONBLOCK: a FIFO or device planted in the dataset must not hang the run on open; only
-    # regular files are read.
+def _open_fd(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """A descriptor and its stat for a regular file; anything else raises ``ReadError`` at once."""
+    # O_NONBLOCK: a FIFO or device planted in the dataset must not hang the run on open.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -93,17 +93,33 @@ def _open_regular(path: str | os.PathLike) -> BinaryIO:
             folder = stat.S_ISDIR(st.st_mode)
             raise ReadError(path, "read_error", "a folder" if folder else "not a regular file",
                             errno.EISDIR if folder else errno.EINVAL)
-        os.set_blocking(fd, True)
-        f = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
-    return f
+    return fd, st
+
+
+def _open_regular(path: str | os.PathLike) -> BinaryIO:
+    fd, _ = _open_fd(path)
+    try:
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _read_regular(path: str | os.PathLike) -> bytes:
-    with _open_regular(path) as f:
-        return f.read()
+    # os.read straight into one bytes object of the file's size: no buffered-reader layer.
+    # (O_NONBLOCK has no effect on a regular file.)
+    fd, st = _open_fd(path)
+    try:
+        parts = [os.read(fd, st.st_size + 1)]
+        while parts[-1]:  # until end of file, should the file have grown since the stat
+            parts.append(os.read(fd, 1 << 20))
+        return b"".join(parts) if len(parts) > 2 else parts[0]
+    finally:
+        os.close(fd)
 
 
 def reason_of(err: OSError) -> str:

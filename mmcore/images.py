@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +53,38 @@ def resolve_under(root_real: str, rel: str) -> str:
     if full != root_real and not full.startswith(root_real.rstrip(os.sep) + os.sep):
         raise UnsafePath(f"path {rel!r} resolves outside the dataset root {root_real}")
     return full
+
+
+class Resolver:
+    """``resolve_under`` for many paths under one root, resolving each folder only once.
+
+    ``os.path.realpath`` stats every component of every path; in a hot loop over a dataset the
+    folders repeat. ``realpath(folder/name)`` is ``realpath(folder)/name`` unless ``name`` is
+    itself a symlink (checked with one ``lstat``), so only a symlinked file pays the full walk.
+    The folder cache lives as long as the resolver (one batch): make a new one per batch.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root_real = os.path.realpath(root)
+        self._prefix = self.root_real.rstrip(os.sep) + os.sep
+        self._dirs: dict[str, str] = {}
+
+    def __call__(self, rel: str) -> str:
+        head, name = os.path.split(rel)
+        if os.path.isabs(rel) or name in ("", ".", "..") or "\x00" in rel:
+            return resolve_under(self.root_real, rel)  # the general path (and its errors)
+        folder = self._dirs.get(head)
+        if folder is None:
+            folder = self._dirs[head] = os.path.realpath(os.path.join(self.root_real, head))
+        full = os.path.join(folder, name)
+        try:
+            if stat.S_ISLNK(os.lstat(full).st_mode):
+                full = os.path.realpath(full)
+        except OSError:  # missing (or unreadable folder): realpath would leave the name as is
+            pass
+        if full != self.root_real and not full.startswith(self._prefix):
+            raise UnsafePath(f"path {rel!r} resolves outside the dataset root {self.root_real}")
+        return full
 
 
 @contextlib.contextmanager
@@ -123,6 +157,53 @@ def _rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
+# OpenCV flags for libjpeg's scaled gray decode at 1/1, 1/2, 1/4, 1/8.
+_CV2_GRAY = {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+             8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+def _jpeg_gray(data: bytes, im: Image.Image, size: int) -> np.ndarray | None:
+    """The gray pixels Pillow's ``draft("L", (size, size))`` decodes, through OpenCV's libjpeg call.
+
+    Same scale rule and the same libjpeg output (checked pixel for pixel), without Pillow's
+    Python-level read loop. Only for a whole (EOI-terminated) baseline gray or YCbCr JPEG; None
+    otherwise or on any failure, and the caller decodes with Pillow, which reports the error.
+    """
+    if im.mode not in ("L", "RGB") or len(im.tile) != 1 or not data.endswith(b"\xff\xd9"):
+        return None
+    w, h = im.size
+    ratio = min(w // size, h // size)
+    s = next((s for s in (8, 4, 2) if ratio >= s), 1)
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_GRAY[s] | cv2.IMREAD_IGNORE_ORIENTATION)
+    if arr is None or arr.shape != (-(-h // s), -(-w // s)):
+        return None
+    return arr
+
+
+def decode_gray(data: bytes, size: int, hint: tuple | None = None) -> np.ndarray:
+    """``load_gray`` from a file's bytes; a JPEG goes through libjpeg's scaled decode when it can.
+
+    ``hint`` is what the probe read from the header: (displayed width, height, format, mode). With
+    it a whole gray or YCbCr JPEG is decoded by OpenCV straight away (which turns it upright by
+    its EXIF orientation, as the probe did); the decoded shape must match the hint, else the
+    general path runs.
+    """
+    if hint is not None and hint[2] == "JPEG" and hint[3] in ("L", "RGB") and data.endswith(b"\xff\xd9"):
+        w, h = int(hint[0]), int(hint[1])
+        ratio = min(w // size, h // size)
+        s = next((s for s in (8, 4, 2) if ratio >= s), 1)
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_GRAY[s])
+        if arr is not None and arr.shape == (-(-h // s), -(-w // s)):
+            return _finish_reduced(arr, size, 1)
+    with Image.open(io.BytesIO(data)) as im:  # header only
+        arr = _jpeg_gray(data, im, size) if im.format == "JPEG" else None
+        if arr is not None:
+            o = orientation(im)
+    if arr is None:
+        return load_reduced(io.BytesIO(data), size, color=False)
+    return _finish_reduced(arr, size, o)
+
+
 def load_reduced(fp: str | os.PathLike | IO[bytes], size: int, color: bool = False) -> np.ndarray:
     """Decode as uint8 gray (or RGB) at reduced size: upright (EXIF), first frame, alpha over white.
 
@@ -135,6 +216,11 @@ def load_reduced(fp: str | os.PathLike | IO[bytes], size: int, color: bool = Fal
         if im.format == "JPEG":
             im.draft("RGB" if color else "L", (size, size))
         arr = _rgb_array(im) if color else _gray_array(im)
+    return _finish_reduced(arr, size, o)
+
+
+def _finish_reduced(arr: np.ndarray, size: int, o: int) -> np.ndarray:
+    """Area-reduce by a whole factor to a short side in [size, 2 * size), then turn upright."""
     factor = min(arr.shape[:2]) // size
     if factor >= 2:
         h, w = arr.shape[:2]

@@ -131,7 +131,7 @@ def _one_line(prefix: str, e: Exception) -> str:
     return f"{prefix}{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
-def _probe_one(root_real: str, rel: str, cfg: ProbeConfig) -> dict:
+def _probe_one(resolve: images.Resolver, rel: str, cfg: ProbeConfig) -> dict:
     out: dict = {ERROR: "", DETAIL: ""}
 
     def fail(code: str, detail: str) -> dict:
@@ -140,7 +140,7 @@ def _probe_one(root_real: str, rel: str, cfg: ProbeConfig) -> dict:
 
     # The root check comes first: nothing outside the root is ever opened, not even to stat it.
     try:
-        path = images.resolve_under(root_real, rel)
+        path = resolve(rel)
     except images.UnsafePath as e:
         return fail("outside_root", str(e))
     except ValueError as e:  # e.g. an embedded NUL byte
@@ -214,16 +214,18 @@ def measure(rows: pd.DataFrame, cfg: ProbeConfig, root: str) -> pd.DataFrame:
 
     Never raises on a bad file: ``probe_error`` holds a reason code ('' when the file is fine).
     """
-    root_real = os.path.realpath(root)
+    resolve = images.Resolver(root)
     # Headers only: Pillow's own bomb check is off, the header size is compared to max_pixels.
     with images.pixel_limit(None):
-        recs = [_probe_one(root_real, rel, cfg) for rel in rows[IMAGE].tolist()]
-    out = pd.DataFrame({ROW_ID: rows[ROW_ID].to_numpy(np.int64)})
-    for c in _INT_COLUMNS:
-        out[c] = pd.array([r.get(c) for r in recs], dtype="Int64")
+        recs = [_probe_one(resolve, rel, cfg) for rel in rows[IMAGE].tolist()]
+    cols: dict = {ROW_ID: rows[ROW_ID].to_numpy(np.int64)}
+    for c in _INT_COLUMNS:  # nullable: a file that failed early has no size
+        v = [r.get(c) for r in recs]
+        cols[c] = pd.arrays.IntegerArray(np.array([0 if x is None else x for x in v], dtype=np.int64),
+                                         np.array([x is None for x in v], dtype=bool))
     for c in (*_STR_COLUMNS, ERROR, DETAIL):
-        out[c] = pd.Series([r.get(c, "") for r in recs], dtype="str")
-    return out
+        cols[c] = pd.array([r.get(c, "") for r in recs], dtype="str")
+    return pd.DataFrame(cols)
 
 
 # --------------------------------------------------------------------------- buckets
@@ -281,10 +283,13 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: ProbeConfig) ->
     return StageResult(kept, res.quarantined, stats)
 
 
-def distinct_paths(table: pd.DataFrame) -> pd.DataFrame:
-    """The first row (lowest row_id) of each distinct image path: what gets measured."""
+def distinct_paths(table: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The first row (lowest row_id) of each distinct image path: what gets measured.
+
+    ``extra`` columns present in ``table`` come along (e.g. the probe's header facts for quality).
+    """
     first = table.sort_values(ROW_ID, kind="stable").drop_duplicates(IMAGE)
-    return first[[ROW_ID, IMAGE]].reset_index(drop=True)
+    return first[[ROW_ID, IMAGE, *(c for c in extra if c in table.columns)]].reset_index(drop=True)
 
 
 def run(table: pd.DataFrame, cfg: ProbeConfig, ctx: StageContext) -> StageResult:

@@ -41,6 +41,8 @@ REASONS = {
 }
 
 ERROR, DETAIL = "quality_error", "quality_detail"
+# The probe's header facts: with them a JPEG is decoded without parsing its header again.
+HEADER_HINTS = ("width", "height", "format", "mode")
 MEASURES = ("brightness_mean", "brightness_p5", "brightness_p99", "sharpness", "entropy")
 
 
@@ -94,31 +96,11 @@ class QualityConfig(StrictModel):
 # --------------------------------------------------------------------------- per image
 
 
-def _sharpness(channels: list[np.ndarray]) -> float:
-    """Mean of the strongest 0.2% pixel steps over the intensity range (+16 so flat noise is blurry).
-
-    A step edge scores ~0.3-1 at any contrast; a Gaussian blur of sigma s pixels (at the analysis
-    size) scores about 0.4 / s. Channels are summed, so a flat channel adds nothing.
-    """
-    top = rng = 0.0
-    for a in channels:
-        # |steps| are 0..255: a histogram gives the top-k mean in O(n), without a sort.
-        hist = _hist(cv2.absdiff(a[1:], a[:-1])) + _hist(cv2.absdiff(a[:, 1:], a[:, :-1]))
-        k = max(1, int(hist.sum()) // 500)
-        desc = hist[::-1]
-        above = np.cumsum(desc)
-        n = int(np.searchsorted(above, k)) + 1  # levels (from 255 down) holding the top k steps
-        take = desc[:n].copy()
-        take[-1] -= above[n - 1] - k
-        top += float(take @ np.arange(255, 255 - n, -1)) / k
-        rng += float(a.max()) - float(a.min())
-    return top / (rng + 16.0)
-
-
-def _entropy(hist: np.ndarray) -> float:
-    """Shannon entropy (bits) of a 256-bin histogram."""
-    p = hist[hist > 0] / hist.sum()
-    return float(-(p * np.log2(p)).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
+# Every score is computed for a whole batch at once from two 256-bin histograms per image (gray
+# levels and gray-level steps between neighbours): per image only the OpenCV calls run, and the
+# arithmetic runs once per batch, not once per image.
+_LEVELS = np.arange(256, dtype=np.int64)
+_LEVELS_DESC = _LEVELS[::-1].copy()
 
 
 def _hist(a: np.ndarray) -> np.ndarray:
@@ -126,13 +108,81 @@ def _hist(a: np.ndarray) -> np.ndarray:
     return cv2.calcHist([np.ascontiguousarray(a)], [0], None, [256], [0, 256]).ravel().astype(np.int64)
 
 
+def _step_hist(a: np.ndarray) -> np.ndarray:
+    """256-bin histogram of the absolute steps between vertical and horizontal neighbours."""
+    return _hist(cv2.absdiff(a[1:], a[:-1])) + _hist(cv2.absdiff(a[:, 1:], a[:, :-1]))
+
+
+def _value_range(hist: np.ndarray) -> np.ndarray:
+    """max - min level of each row of a (m, 256) histogram stack (0 for an empty row)."""
+    nz = hist > 0
+    lo = nz.argmax(1)
+    hi = 255 - nz[:, ::-1].argmax(1)
+    return np.where(nz.any(1), hi - lo, 0).astype(np.float64)
+
+
+def _top_step_mean(steps: np.ndarray) -> np.ndarray:
+    """Mean of the strongest 0.2% steps of each row of a (m, 256) step histogram stack, in O(256)."""
+    k = np.maximum(1, steps.sum(1) // 500)
+    desc = steps[:, ::-1]
+    before = np.cumsum(desc, 1) - desc  # steps stronger than each level
+    take = np.clip(k[:, None] - before, 0, desc)
+    return (take @ _LEVELS_DESC) / k
+
+
+def _sharpness_of(steps: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """Sharpness from step histograms and intensity ranges, summed over channels (last axis but one).
+
+    ``steps`` is (m, c, 256), ``ranges`` (m, c): the strongest 0.2% steps over the intensity range
+    (+16 so flat noise is blurry). A step edge scores ~0.3-1 at any contrast; a Gaussian blur of
+    sigma s pixels (at the analysis size) scores about 0.4 / s. A flat channel adds nothing.
+    """
+    m, c = ranges.shape
+    top = _top_step_mean(steps.reshape(m * c, 256)).reshape(m, c)
+    return top.sum(1) / (ranges.sum(1) + 16.0)
+
+
+def _entropy_of(hist: np.ndarray) -> np.ndarray:
+    """Shannon entropy (bits) of each row of a (m, 256) histogram stack."""
+    p = hist / np.maximum(hist.sum(1, keepdims=True), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        e = -np.where(hist > 0, p * np.log2(p), 0.0).sum(1)
+    return e + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _sharpness(channels: list[np.ndarray]) -> float:
+    """Sharpness of one image given as its channels (see ``_sharpness_of``)."""
+    steps = np.stack([_step_hist(a) for a in channels])[None]
+    ranges = np.array([[float(a.max()) - float(a.min()) for a in channels]])
+    return float(_sharpness_of(steps, ranges)[0])
+
+
+def _entropy(hist: np.ndarray) -> float:
+    """Shannon entropy (bits) of a 256-bin histogram."""
+    return float(_entropy_of(hist[None])[0])
+
+
+# Orthonormal DCT-II basis (as cv2.dct), its 8 lowest frequencies of 32 samples.
+_DCT8 = (np.sqrt(np.where(np.arange(8) == 0, 1 / 32, 2 / 32))[:, None]
+         * np.cos(np.pi * (2 * np.arange(32)[None, :] + 1) * np.arange(8)[:, None] / 64))
+
+
+def _phash_small(a: np.ndarray) -> np.ndarray:
+    """The 32x32 float32 reduction a pHash is computed from."""
+    return cv2.resize(a, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def phash_of(small: np.ndarray) -> np.ndarray:
+    """64-bit perceptual hashes of a (m, 32, 32) stack: 8x8 lowest DCT frequencies above their median."""
+    low = (_DCT8 @ small.astype(np.float64) @ _DCT8.T).reshape(len(small), 64)
+    srt = np.sort(low, 1)
+    bits = low > (srt[:, 31:32] + srt[:, 32:33]) / 2
+    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+
+
 def phash(a: np.ndarray) -> int:
-    """64-bit perceptual hash: DCT of a 32x32 reduction, 8x8 low frequencies above their median."""
-    small = cv2.resize(a, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-    low = cv2.dct(small)[:8, :8].ravel()
-    mid = np.partition(low, (31, 32))
-    bits = low > (mid[31] + mid[32]) / 2
-    return int(np.packbits(bits).view(">u8")[0])
+    """64-bit perceptual hash of one gray image (see ``phash_of``)."""
+    return int(phash_of(_phash_small(a)[None])[0])
 
 
 def _analysis(arr: np.ndarray, s: int) -> np.ndarray:
@@ -143,36 +193,61 @@ def _analysis(arr: np.ndarray, s: int) -> np.ndarray:
     return cv2.resize(arr, (s, s), interpolation=cv2.INTER_LINEAR)
 
 
-def _measure_one(path: str, cfg: QualityConfig, sharp_min: float, entropy_min: float) -> dict:
-    src = io.BytesIO(faults.read_bytes(path))  # transient read errors retried; the file is read once
-    gray = images.load_gray(src, cfg.decode_size)
-    s = cfg.analysis_size
-    a = _analysis(gray, s)
-    hist = _hist(a)
-    cdf = np.cumsum(hist) / a.size
-    sharp, ent = _sharpness([a]), _entropy(hist)
-    if sharp < sharp_min or ent < entropy_min:
-        # Luminance looks blurry or flat: look at colour before flagging (isoluminant shapes).
-        src.seek(0)
-        rgb = images.load_reduced(src, cfg.decode_size, color=True)
-        c = _analysis(rgb, s)
-        chans = [np.ascontiguousarray(c[..., i]) for i in range(3)]
-        sharp = max(sharp, _sharpness(chans))
-        ent = max(ent, *(_entropy(_hist(x)) for x in chans))
-    # Exact-pixel key: size + CRC-32 + Adler-32 of the reduced pixels (64 bits of checksum, far
-    # cheaper than a cryptographic hash); a duplicate must also match the pHash.
-    buf = np.ascontiguousarray(gray)
-    ph = f"{phash(a):016x}"
-    pixel_key = f"{gray.shape[1]}x{gray.shape[0]}:{ph}:{zlib.crc32(buf):08x}{zlib.adler32(buf):08x}"
-    return {
-        "brightness_mean": float(hist @ np.arange(256)) / a.size / 255.0,
-        "brightness_p5": float(np.searchsorted(cdf, 0.05)) / 255.0,
-        "brightness_p99": float(np.searchsorted(cdf, 0.99)) / 255.0,
-        "sharpness": sharp,
-        "entropy": ent,
-        "phash": ph,
-        "pixel_hash": pixel_key,
-    }
+class Scorer:
+    """Collects gray images one by one, then scores them all at once (``scores``).
+
+    Per image only the resize to the analysis size and its level histogram run; the neighbour
+    steps, the pHash reduction and all the arithmetic run once over the whole stack.
+    """
+
+    def __init__(self, n: int, s: int):
+        self.s = s
+        self.stack = np.zeros((n, s, s), np.uint8)
+        self.hist = np.zeros((n, 256), np.int64)
+
+    def add(self, i: int, gray: np.ndarray) -> None:
+        a = self.stack[i] = _analysis(gray, self.s)
+        self.hist[i] = _hist(a)
+
+    def _step_hists(self, stack: np.ndarray) -> np.ndarray:
+        """(m, 256) histograms of |vertical| and |horizontal| neighbour steps, as ``_step_hist``."""
+        m, s = len(stack), self.s
+        flat, rows = stack.reshape(m, s * s), stack.reshape(m * s, s)
+        steps = np.empty((m, 2, s * (s - 1)), np.uint8)  # one image's steps side by side: one calcHist
+        steps[:, 0] = cv2.absdiff(flat[:, s:], flat[:, :-s])
+        steps[:, 1] = cv2.absdiff(rows[:, 1:], rows[:, :-1]).reshape(m, s * (s - 1))
+        return np.stack([_hist(x) for x in steps]) if m else np.zeros((0, 256), np.int64)
+
+    def _phash_smalls(self, stack: np.ndarray) -> np.ndarray:
+        m, s = len(stack), self.s
+        if s % 32 == 0 and m:  # area reduction by a whole factor: one resize for the stack
+            return cv2.resize(stack.reshape(m * s, s), (32, m * 32), interpolation=cv2.INTER_AREA).reshape(m, 32, 32)
+        return np.stack([_phash_small(a) for a in stack]) if m else np.zeros((0, 32, 32), np.float32)
+
+    def scores(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Brightness percentiles, entropy, sharpness and pHash of the images added at ``idx``."""
+        stack = self.stack if len(idx) == len(self.stack) and (np.diff(idx) == 1).all() else self.stack[idx]
+        hist = self.hist[idx]
+        size = float(self.s * self.s)
+        cdf = np.cumsum(hist, 1) / size
+        return {
+            "brightness_mean": (hist @ _LEVELS) / size / 255.0,
+            "brightness_p5": (cdf < 0.05).sum(1) / 255.0,
+            "brightness_p99": (cdf < 0.99).sum(1) / 255.0,
+            "entropy": _entropy_of(hist),
+            "sharpness": _sharpness_of(self._step_hists(stack)[:, None], _value_range(hist)[:, None]),
+            "phash": phash_of(self._phash_smalls(stack)),
+        }
+
+
+def _colour_recheck(data: bytes, cfg: QualityConfig) -> tuple[float, float]:
+    """Sharpness and the largest channel entropy of the colour decode (isoluminant shapes)."""
+    c = _analysis(images.load_reduced(io.BytesIO(data), cfg.decode_size, color=True), cfg.analysis_size)
+    chans = [np.ascontiguousarray(c[..., i]) for i in range(3)]
+    hist = np.stack([_hist(x) for x in chans])
+    steps = np.stack([_step_hist(x) for x in chans])[None]
+    sharp = float(_sharpness_of(steps, _value_range(hist)[None])[0])
+    return sharp, float(_entropy_of(hist).max())
 
 
 def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
@@ -181,25 +256,53 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
     Never raises on a bad file: ``quality_error`` is 'corrupt_image' and the scores are NaN.
     """
     cv2.setNumThreads(1)  # one process per core already; threads would oversubscribe
-    root_real = os.path.realpath(root)
+    resolve = images.Resolver(root)
     sharp_min = cfg.threshold("blurry") * checks.SHARPNESS_FULL
     entropy_min = cfg.threshold("low_information") * checks.ENTROPY_BITS
-    recs = []
+    paths = rows[IMAGE].tolist()
+    n = len(paths)
+    hints = list(zip(*(rows[c].tolist() for c in HEADER_HINTS))) if set(HEADER_HINTS) <= set(rows.columns) else [None] * n
+    scorer = Scorer(n, cfg.analysis_size)
+    keys, errors, details = [""] * n, [""] * n, [""] * n
     with images.pixel_limit(None):  # the probe refused oversized headers already
-        for rel in rows[IMAGE].tolist():
+        for i, rel in enumerate(paths):
             try:
-                rec = _measure_one(images.resolve_under(root_real, rel), cfg, sharp_min, entropy_min)
-                rec[ERROR], rec[DETAIL] = "", ""
+                data = faults.read_bytes(resolve(rel))  # transient errors retried
+                gray = images.decode_gray(data, cfg.decode_size, hints[i])
+                scorer.add(i, gray)
+                # Exact-pixel key: size + CRC-32 + Adler-32 of the reduced pixels (64 bits of
+                # checksum, far cheaper than a cryptographic hash); the pHash is added below.
+                buf = np.ascontiguousarray(gray)
+                keys[i] = f"{gray.shape[1]}x{gray.shape[0]}:{zlib.crc32(buf):08x}{zlib.adler32(buf):08x}"
             except faults.ReadError as e:  # unreadable now (the probe read it): its own reason
-                rec = {ERROR: e.reason, DETAIL: str(e)}
+                errors[i], details[i] = e.reason, str(e)
             except Exception as e:  # any failure to decode quarantines the row, never the batch
-                rec = {ERROR: "corrupt_image", DETAIL: f"{type(e).__name__}: {e}".splitlines()[0][:200]}
-            recs.append(rec)
+                errors[i], details[i] = "corrupt_image", f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
     out = pd.DataFrame({ROW_ID: rows[ROW_ID].to_numpy(np.int64)})
+    cols = {c: np.full(n, np.nan) for c in MEASURES}
+    hashes = [""] * n
+    if len(ok):
+        sc = scorer.scores(ok)
+        for c in MEASURES:
+            cols[c][ok] = sc[c]
+        # Luminance looks blurry or flat: look at colour before flagging (a yellow shape on beige).
+        for j in np.flatnonzero((sc["sharpness"] < sharp_min) | (sc["entropy"] < entropy_min)):
+            i = ok[j]
+            try:  # read again: holding a batch of files in memory would cost more than these few reads
+                sharp, ent = _colour_recheck(faults.read_bytes(resolve(paths[i])), cfg)
+            except Exception:  # it decoded in gray a moment ago; if not now, the gray scores stand
+                continue
+            cols["sharpness"][i] = max(cols["sharpness"][i], sharp)
+            cols["entropy"][i] = max(cols["entropy"][i], ent)
+        for j, i in enumerate(ok):
+            hashes[i] = f"{int(sc['phash'][j]):016x}"
+            w_h, crc = keys[i].split(":")
+            keys[i] = f"{w_h}:{hashes[i]}:{crc}"
     for c in MEASURES:
-        out[c] = np.array([r.get(c, np.nan) for r in recs], dtype=np.float64)
-    for c in ("phash", "pixel_hash", ERROR, DETAIL):
-        out[c] = pd.Series([r.get(c, "") for r in recs], dtype="str")
+        out[c] = cols[c]
+    for c, v in (("phash", hashes), ("pixel_hash", keys), (ERROR, errors), (DETAIL, details)):
+        out[c] = pd.Series(v, dtype="str")
     return out
 
 
@@ -373,7 +476,7 @@ def run(table: pd.DataFrame, cfg: QualityConfig, ctx: StageContext) -> StageResu
     """Measure each distinct image in worker processes, add the CLIP score if configured, ``decide``."""
     tables.require_columns(table, [ROW_ID, IMAGE, "width", "height"], STAGE)
     root = str(ctx.data.image_root)
-    todo = distinct_paths(table)
+    todo = distinct_paths(table, HEADER_HINTS)
     parts = parallel.map_batches(
         measure, todo, batch_size=cfg.batch_size, workers=ctx.workers, desc=STAGE, progress=ctx.progress,
         args=(cfg, root),

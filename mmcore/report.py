@@ -508,6 +508,11 @@ def _training(run: _Run, cfg: ReportConfig, thumbs: _Thumbs) -> _Section:
         out.append(f'<div class="stats">{cards}</div>')
     if hist_path.is_file():
         h = tables.read_parquet(hist_path)
+        timing = run.file("train", "timing.json")  # wall-clock throughput, kept out of the Parquet
+        if timing.is_file() and "samples_per_s" not in h:
+            t = tables.read_json(timing)
+            if len(t.get("samples_per_s", [])) == len(h):
+                h = h.assign(samples_per_s=np.asarray(t["samples_per_s"], dtype=float))
         x = h["step"].to_numpy(float) if "step" in h else np.arange(len(h), dtype=float)
         panels = [(title, h[col].to_numpy(float)) for col, title in _CURVES.items() if col in h and np.isfinite(h[col].to_numpy(float)).any()]
         if panels:

@@ -226,3 +226,24 @@ def test_measure_never_raises_and_reports_codes(dataset):
     m = probe.measure(_table(cases), probe.ProbeConfig(), str(root))
     assert len(m) == len(cases)
     assert set(m[probe.ERROR]) <= {"", *probe.REASONS}
+
+
+def test_resolver_agrees_with_realpath_on_every_kind_of_path(dataset, tmp_path):
+    """The per-folder cache gives what ``resolve_under`` gives, refusals included."""
+    root, cases = dataset
+    (root / "linked").mkdir(exist_ok=True)
+    if not (root / "linked" / "to_images").exists():
+        os.symlink(root / "images", root / "linked" / "to_images")  # a folder link that stays inside
+        os.symlink(tmp_path, root / "linked" / "to_outside")  # a folder link that leaves
+    rels = [*cases.values(), "linked/to_images/ok.jpg", "linked/to_outside/x.jpg", "images/../images/ok.jpg",
+            "./images/ok.jpg", "images/./ok.jpg", "images/nope/../ok.jpg", "..", ".", "images/", "/etc/passwd",
+            "missing_dir/a.jpg", "images//ok.jpg"]
+    resolve = images.Resolver(root)
+    for rel in rels * 2:  # the second pass is served from the folder cache
+        try:
+            want = images.resolve_under(os.path.realpath(root), rel)
+        except images.UnsafePath:
+            with pytest.raises(images.UnsafePath):
+                resolve(rel)
+            continue
+        assert resolve(rel) == want, rel

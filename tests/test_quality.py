@@ -260,3 +260,48 @@ def test_alignment_check_scores_with_a_local_clip_model(root, tmp_path):
     assert plain.stats["alignment"].startswith("off") and "clip_score" not in plain.kept
     with pytest.raises(ConfigError, match="quality.alignment_model: cannot load a CLIP model from"):
         quality.run(p.kept, quality.QualityConfig(alignment_model=tmp_path / "nope"), ctx)
+
+
+def test_fast_jpeg_decode_gives_the_same_pixels_as_pillow_draft(tmp_path):
+    """The probe-hinted OpenCV decode equals Pillow's draft decode: every EXIF orientation, gray,
+    progressive, odd sizes; CMYK and a JPEG without its end marker take the Pillow path."""
+    from mmcore import images
+
+    rng = np.random.default_rng(0)
+    base = _scene(401, 301, seed=3)
+    files = {}
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[images.ORIENTATION_TAG] = o
+        base.save(tmp_path / f"o{o}.jpg", exif=exif, quality=90)
+        base.convert("L").save(tmp_path / f"g{o}.jpg", exif=exif)
+        files[f"o{o}"], files[f"g{o}"] = tmp_path / f"o{o}.jpg", tmp_path / f"g{o}.jpg"
+    Image.fromarray(rng.integers(0, 256, (1203, 1601, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", progressive=True)
+    base.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    files.update(big=tmp_path / "big.jpg", cmyk=tmp_path / "cmyk.jpg")
+    rows = pd.DataFrame({tables.ROW_ID: np.arange(len(files)), tables.IMAGE: [str(p) for p in files.values()]})
+    hints = probe.measure(rows, probe.ProbeConfig(), "/")
+    for (name, path), h in zip(files.items(), hints.itertuples()):
+        data = path.read_bytes()
+        for size in (40, 96, 150):
+            want = images.load_gray(path, size)
+            got = images.decode_gray(data, size, (h.width, h.height, h.format, h.mode))
+            assert got.shape == want.shape and np.array_equal(got, want), (name, size)
+    cut = files["o1"].read_bytes()[:-2000]  # no end marker: Pillow decides, and refuses
+    with pytest.raises(OSError):
+        images.decode_gray(cut, 96, (401, 301, "JPEG", "RGB"))
+
+
+def test_batched_scores_equal_the_one_image_functions():
+    grays = [np.asarray(_scene(160 + 7 * i, 120 + 5 * i, seed=i).convert("L")) for i in range(6)]
+    for s in (96, 50):  # 96: the whole-stack pHash reduction; 50: one image at a time
+        sc = quality.Scorer(len(grays), s)
+        for i, g in enumerate(grays):
+            sc.add(i, g)
+        got = sc.scores(np.arange(len(grays)))
+        a = [quality._analysis(g, s) for g in grays]
+        assert np.array_equal(got["sharpness"], [quality._sharpness([x]) for x in a])
+        assert np.array_equal(got["entropy"], [quality._entropy(quality._hist(x)) for x in a])
+        assert got["phash"].tolist() == [quality.phash(x) for x in a]
+        sub = sc.scores(np.array([4, 1]))
+        assert np.array_equal(sub["sharpness"], got["sharpness"][[4, 1]]) and np.array_equal(sub["phash"], got["phash"][[4, 1]])

@@ -141,7 +141,9 @@ def test_train_run_saves_a_model_that_reloads_with_same_embeddings(demo, tmp_pat
     assert s["steps"] == 4 and s["device"] == "cpu" and s["cpu_only"] and s["preset"] == "micro"
     assert s["samples_seen"] == 64 and s["n_params"] > 0 and 0 < s["chance_r5"] <= 1
     h = pd.read_parquet(tmp_path / "train" / "history.parquet")
-    assert list(h.columns) == ["step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "val_i2t_r5"]
+    assert list(h.columns) == ["step", "epoch", "loss", "lr", "logit_scale", "val_i2t_r5"]  # no wall clock
+    timing = tables.read_json(tmp_path / "train" / "timing.json")
+    assert timing["step"] == [1, 2, 3, 4] and all(x > 0 for x in timing["samples_per_s"])
     assert h["step"].tolist() == [1, 2, 3, 4] and np.isfinite(h["loss"]).all() and h["val_i2t_r5"].notna().any()
 
     from transformers import AutoTokenizer, CLIPModel
@@ -172,9 +174,8 @@ def test_resume_after_kill_gives_identical_weights(demo, tmp_path):
     a = load_file(tmp_path / "full/train/model/model.safetensors")
     b = load_file(tmp_path / "killed/train/model/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ha = pd.read_parquet(tmp_path / "full/train/history.parquet")
-    hb = pd.read_parquet(tmp_path / "killed/train/history.parquet")
-    assert np.allclose(ha["loss"], hb["loss"])
+    # The curves of the resumed run are the uninterrupted run's, to the byte.
+    assert (tmp_path / "full/train/history.parquet").read_bytes() == (tmp_path / "killed/train/history.parquet").read_bytes()
 
 
 def _write_run(run_dir: Path, table: pd.DataFrame, data, train: dict) -> None:
