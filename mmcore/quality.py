@@ -16,7 +16,6 @@ quarantined as ``duplicate_image``. An optional CLIP-score check (``low_alignmen
 
 from __future__ import annotations
 
-import io
 import os
 import zlib
 from pathlib import Path
@@ -240,9 +239,9 @@ class Scorer:
         }
 
 
-def _colour_recheck(data: bytes, cfg: QualityConfig) -> tuple[float, float]:
+def _colour_recheck(data: bytes, cfg: QualityConfig, hint: tuple | None) -> tuple[float, float]:
     """Sharpness and the largest channel entropy of the colour decode (isoluminant shapes)."""
-    c = _analysis(images.load_reduced(io.BytesIO(data), cfg.decode_size, color=True), cfg.analysis_size)
+    c = _analysis(images.decode_reduced(data, cfg.decode_size, hint, color=True), cfg.analysis_size)
     chans = [np.ascontiguousarray(c[..., i]) for i in range(3)]
     hist = np.stack([_hist(x) for x in chans])
     steps = np.stack([_step_hist(x) for x in chans])[None]
@@ -268,7 +267,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
         for i, rel in enumerate(paths):
             try:
                 data = faults.read_bytes(resolve(rel))  # transient errors retried
-                gray = images.decode_gray(data, cfg.decode_size, hints[i])
+                gray = images.decode_reduced(data, cfg.decode_size, hints[i])
                 scorer.add(i, gray)
                 # Exact-pixel key: size + CRC-32 + Adler-32 of the reduced pixels (64 bits of
                 # checksum, far cheaper than a cryptographic hash); the pHash is added below.
@@ -290,7 +289,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
         for j in np.flatnonzero((sc["sharpness"] < sharp_min) | (sc["entropy"] < entropy_min)):
             i = ok[j]
             try:  # read again: holding a batch of files in memory would cost more than these few reads
-                sharp, ent = _colour_recheck(faults.read_bytes(resolve(paths[i])), cfg)
+                sharp, ent = _colour_recheck(faults.read_bytes(resolve(paths[i])), cfg, hints[i])
             except Exception:  # it decoded in gray a moment ago; if not now, the gray scores stand
                 continue
             cols["sharpness"][i] = max(cols["sharpness"][i], sharp)

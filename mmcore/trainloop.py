@@ -454,7 +454,7 @@ def run_stage(
             f"{model.config.text_config.vocab_size}"
         )
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     ctx_len = clip_model.context_length(model)
     clip_model.configure_tokenizer(tok, ctx_len)
     if cfg.normalize == "dataset":
@@ -469,7 +469,7 @@ def run_stage(
     if rank == 0:
         m = unwrap(model)
         if cfg.grad_checkpointing:
-            m.gradient_checkpointing_disable()
+            m.activation_checkpointing_disable()
         m.to("cpu").save_pretrained(model_dir)
         clip_model.save_tokenizer(tok, model_dir, ctx_len)
         pre.save(model_dir)

@@ -284,12 +284,13 @@ def test_fast_jpeg_decode_gives_the_same_pixels_as_pillow_draft(tmp_path):
     for (name, path), h in zip(files.items(), hints.itertuples()):
         data = path.read_bytes()
         for size in (40, 96, 150):
-            want = images.load_gray(path, size)
-            got = images.decode_gray(data, size, (h.width, h.height, h.format, h.mode))
-            assert got.shape == want.shape and np.array_equal(got, want), (name, size)
+            for color in (False, True):
+                want = images.load_reduced(path, size, color=color)
+                got = images.decode_reduced(data, size, (h.width, h.height, h.format, h.mode), color=color)
+                assert got.shape == want.shape and np.array_equal(got, want), (name, size, color)
     cut = files["o1"].read_bytes()[:-2000]  # no end marker: Pillow decides, and refuses
     with pytest.raises(OSError):
-        images.decode_gray(cut, 96, (401, 301, "JPEG", "RGB"))
+        images.decode_reduced(cut, 96, (401, 301, "JPEG", "RGB"))
 
 
 def test_batched_scores_equal_the_one_image_functions():
