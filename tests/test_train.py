@@ -206,15 +206,21 @@ def test_ddp_two_gloo_processes_match_single_process(demo, tmp_path):
     assert worst < 1e-4, worst
 
 
-@pytest.mark.slow
-def test_gradient_checkpointing_gives_the_same_weights(demo, tmp_path):
+def _with_and_without(demo, tmp_path, **update):
+    """Train 3 steps plainly (``tmp_path/plain``) and with ``update`` (``tmp_path/changed``)."""
     table, data = demo
     cfg = TrainConfig(**{**FAST, "steps": 3})
     trainloop.run_stage(table, cfg, _ctx(data, tmp_path / "plain"))
-    res = trainloop.run_stage(table, cfg.model_copy(update={"grad_checkpointing": True}), _ctx(data, tmp_path / "ckpt"))
+    res = trainloop.run_stage(table, cfg.model_copy(update=update), _ctx(data, tmp_path / "changed"))
     assert res.stats["steps"] == 3
+    return res
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_gives_the_same_weights(demo, tmp_path):
+    _with_and_without(demo, tmp_path, grad_checkpointing=True)
     a = load_file(tmp_path / "plain/train/model/model.safetensors")
-    b = load_file(tmp_path / "ckpt/train/model/model.safetensors")
+    b = load_file(tmp_path / "changed/train/model/model.safetensors")
     # Recomputing activations in backward repeats the same float ops: the same weights.
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
@@ -224,16 +230,12 @@ def test_gradient_checkpointing_gives_the_same_weights(demo, tmp_path):
                     reason="torch.compile on CPU needs a C++ compiler")
 def test_torch_compile_trains_and_matches_eager(demo, tmp_path):
     """compile=True goes through TorchInductor on CPU (about a minute to compile the micro model)."""
-    table, data = demo
-    cfg = TrainConfig(**{**FAST, "steps": 3})
-    trainloop.run_stage(table, cfg, _ctx(data, tmp_path / "eager"))
-    res = trainloop.run_stage(table, cfg.model_copy(update={"compile": True}), _ctx(data, tmp_path / "compiled"))
-    assert res.stats["steps"] == 3
-    he = pd.read_parquet(tmp_path / "eager/train/history.parquet")
-    hc = pd.read_parquet(tmp_path / "compiled/train/history.parquet")
+    res = _with_and_without(demo, tmp_path, compile=True)
+    he = pd.read_parquet(tmp_path / "plain/train/history.parquet")
+    hc = pd.read_parquet(tmp_path / "changed/train/history.parquet")
     # Fused kernels round differently: the same training to float tolerance, not to the bit.
     assert np.allclose(he["loss"], hc["loss"], rtol=1e-3, atol=1e-4), (he["loss"].tolist(), hc["loss"].tolist())
     from transformers import CLIPModel
 
-    model = CLIPModel.from_pretrained(tmp_path / "compiled/train/model")  # saved unwrapped, reloads as usual
+    model = CLIPModel.from_pretrained(tmp_path / "changed/train/model")  # saved unwrapped, reloads as usual
     assert sum(p.numel() for p in model.parameters()) == res.stats["n_params"]
