@@ -166,7 +166,7 @@ def speed(out: Path, n: int, cv_n: int) -> tuple[list[dict], dict]:
     return [{"step": k, "images/s/core": v[0], "seconds": v[1]} for k, v in rows.items()], rows
 
 
-ROUNDS = 3
+ROUNDS = 5
 
 # --------------------------------------------------------------------------- agreement
 

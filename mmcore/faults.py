@@ -111,9 +111,9 @@ def _open_regular(path: str | os.PathLike) -> BinaryIO:
 
 def _read_regular(path: str | os.PathLike) -> bytes:
     # os.read straight into one bytes object of the file's size: no buffered-reader layer.
-    # (O_NONBLOCK has no effect on a regular file.)
     fd, st = _open_fd(path)
     try:
+        os.set_blocking(fd, True)  # a FUSE mount may honour O_NONBLOCK even on a regular file
         parts = [os.read(fd, st.st_size + 1)]
         while parts[-1]:  # until end of file, should the file have grown since the stat
             parts.append(os.read(fd, 1 << 20))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import stat
 import warnings
@@ -155,34 +154,6 @@ def _rgb_array(im: Image.Image) -> np.ndarray:
     if im.mode.startswith("I") or im.mode == "F":
         return np.repeat(_gray_array(im)[..., None], 3, axis=2)
     return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
-
-
-# OpenCV flags for libjpeg's scaled decode at 1/1, 1/2, 1/4, 1/8: gray, colour.
-_CV2_FLAGS = {
-    False: {1: cv2.IMREAD_GRAYSCALE, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
-            8: cv2.IMREAD_REDUCED_GRAYSCALE_8},
-    True: {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-           8: cv2.IMREAD_REDUCED_COLOR_8},
-}
-
-
-def decode_reduced(data: bytes, size: int, hint: tuple | None = None, color: bool = False) -> np.ndarray:
-    """``load_reduced`` from a file's bytes; a JPEG goes through OpenCV's libjpeg call when it can.
-
-    ``hint`` is what the probe read from the header: (displayed width, height, format, mode). With
-    it a whole (EOI-terminated) gray or YCbCr JPEG is decoded by OpenCV straight away, at the scale
-    Pillow's ``draft`` picks, and turned upright by its EXIF orientation as the probe did: the same
-    pixels (checked), without Pillow's header parse and read loop. The decoded shape must match
-    the hint; otherwise, and for every other file, Pillow decodes and reports any error.
-    """
-    if hint is not None and hint[2] == "JPEG" and hint[3] in ("L", "RGB") and data.endswith(b"\xff\xd9"):
-        w, h = int(hint[0]), int(hint[1])
-        ratio = min(w // size, h // size)
-        s = next((s for s in (8, 4, 2) if ratio >= s), 1)
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV2_FLAGS[color][s])
-        if arr is not None and arr.shape[:2] == (-(-h // s), -(-w // s)):
-            return _finish_reduced(cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if color else arr, size, 1)
-    return load_reduced(io.BytesIO(data), size, color=color)
 
 
 def load_reduced(fp: str | os.PathLike | IO[bytes], size: int, color: bool = False) -> np.ndarray:

@@ -283,13 +283,10 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: ProbeConfig) ->
     return StageResult(kept, res.quarantined, stats)
 
 
-def distinct_paths(table: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
-    """The first row (lowest row_id) of each distinct image path: what gets measured.
-
-    ``extra`` columns present in ``table`` come along (e.g. the probe's header facts for quality).
-    """
+def distinct_paths(table: pd.DataFrame) -> pd.DataFrame:
+    """The first row (lowest row_id) of each distinct image path: what gets measured."""
     first = table.sort_values(ROW_ID, kind="stable").drop_duplicates(IMAGE)
-    return first[[ROW_ID, IMAGE, *(c for c in extra if c in table.columns)]].reset_index(drop=True)
+    return first[[ROW_ID, IMAGE]].reset_index(drop=True)
 
 
 def run(table: pd.DataFrame, cfg: ProbeConfig, ctx: StageContext) -> StageResult:

@@ -16,6 +16,7 @@ quarantined as ``duplicate_image``. An optional CLIP-score check (``low_alignmen
 
 from __future__ import annotations
 
+import io
 import os
 import zlib
 from pathlib import Path
@@ -40,8 +41,6 @@ REASONS = {
 }
 
 ERROR, DETAIL = "quality_error", "quality_detail"
-# The probe's header facts: with them a JPEG is decoded without parsing its header again.
-HEADER_HINTS = ("width", "height", "format", "mode")
 MEASURES = ("brightness_mean", "brightness_p5", "brightness_p99", "sharpness", "entropy")
 
 
@@ -161,19 +160,18 @@ def _entropy(hist: np.ndarray) -> float:
     return float(_entropy_of(hist[None])[0])
 
 
-# Orthonormal DCT-II basis (as cv2.dct), its 8 lowest frequencies of 32 samples.
-_DCT8 = (np.sqrt(np.where(np.arange(8) == 0, 1 / 32, 2 / 32))[:, None]
-         * np.cos(np.pi * (2 * np.arange(32)[None, :] + 1) * np.arange(8)[:, None] / 64))
-
-
 def _phash_small(a: np.ndarray) -> np.ndarray:
     """The 32x32 float32 reduction a pHash is computed from."""
     return cv2.resize(a, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
 
 
 def phash_of(small: np.ndarray) -> np.ndarray:
-    """64-bit perceptual hashes of a (m, 32, 32) stack: 8x8 lowest DCT frequencies above their median."""
-    low = (_DCT8 @ small.astype(np.float64) @ _DCT8.T).reshape(len(small), 64)
+    """64-bit perceptual hashes of a (m, 32, 32) float32 stack: 8x8 lowest DCT frequencies above their median.
+
+    ``cv2.dct`` per image: its exact zeros keep a flat image's hash at ``8000000000000000`` whatever
+    its gray level (a matrix product leaves 1e-14 noise that would turn into hash bits).
+    """
+    low = np.array([cv2.dct(x)[:8, :8].ravel() for x in small]).reshape(len(small), 64)
     srt = np.sort(low, 1)
     bits = low > (srt[:, 31:32] + srt[:, 32:33]) / 2
     return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
@@ -220,7 +218,8 @@ class Scorer:
     def _phash_smalls(self, stack: np.ndarray) -> np.ndarray:
         m, s = len(stack), self.s
         if s % 32 == 0 and m:  # area reduction by a whole factor: one resize for the stack
-            return cv2.resize(stack.reshape(m * s, s), (32, m * 32), interpolation=cv2.INTER_AREA).reshape(m, 32, 32)
+            small = cv2.resize(stack.reshape(m * s, s), (32, m * 32), interpolation=cv2.INTER_AREA)
+            return small.reshape(m, 32, 32).astype(np.float32)
         return np.stack([_phash_small(a) for a in stack]) if m else np.zeros((0, 32, 32), np.float32)
 
     def scores(self, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -239,9 +238,9 @@ class Scorer:
         }
 
 
-def _colour_recheck(data: bytes, cfg: QualityConfig, hint: tuple | None) -> tuple[float, float]:
+def _colour_recheck(data: bytes, cfg: QualityConfig) -> tuple[float, float]:
     """Sharpness and the largest channel entropy of the colour decode (isoluminant shapes)."""
-    c = _analysis(images.decode_reduced(data, cfg.decode_size, hint, color=True), cfg.analysis_size)
+    c = _analysis(images.load_reduced(io.BytesIO(data), cfg.decode_size, color=True), cfg.analysis_size)
     chans = [np.ascontiguousarray(c[..., i]) for i in range(3)]
     hist = np.stack([_hist(x) for x in chans])
     steps = np.stack([_step_hist(x) for x in chans])[None]
@@ -260,14 +259,15 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
     entropy_min = cfg.threshold("low_information") * checks.ENTROPY_BITS
     paths = rows[IMAGE].tolist()
     n = len(paths)
-    hints = list(zip(*(rows[c].tolist() for c in HEADER_HINTS))) if set(HEADER_HINTS) <= set(rows.columns) else [None] * n
     scorer = Scorer(n, cfg.analysis_size)
     keys, errors, details = [""] * n, [""] * n, [""] * n
     with images.pixel_limit(None):  # the probe refused oversized headers already
         for i, rel in enumerate(paths):
             try:
                 data = faults.read_bytes(resolve(rel))  # transient errors retried
-                gray = images.decode_reduced(data, cfg.decode_size, hints[i])
+                # Pillow decides what is corrupt: it refuses a JPEG whose entropy-coded data is
+                # garbled, where OpenCV's decoder quietly returns gray blocks.
+                gray = images.load_gray(io.BytesIO(data), cfg.decode_size)
                 scorer.add(i, gray)
                 # Exact-pixel key: size + CRC-32 + Adler-32 of the reduced pixels (64 bits of
                 # checksum, far cheaper than a cryptographic hash); the pHash is added below.
@@ -289,7 +289,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
         for j in np.flatnonzero((sc["sharpness"] < sharp_min) | (sc["entropy"] < entropy_min)):
             i = ok[j]
             try:  # read again: holding a batch of files in memory would cost more than these few reads
-                sharp, ent = _colour_recheck(faults.read_bytes(resolve(paths[i])), cfg, hints[i])
+                sharp, ent = _colour_recheck(faults.read_bytes(resolve(paths[i])), cfg)
             except Exception:  # it decoded in gray a moment ago; if not now, the gray scores stand
                 continue
             cols["sharpness"][i] = max(cols["sharpness"][i], sharp)
@@ -362,8 +362,11 @@ def near_duplicate_labels(hashes: np.ndarray, radius: int) -> np.ndarray:
 # --------------------------------------------------------------------------- alignment (CLIP score)
 
 
-def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int = 64) -> np.ndarray:
-    """Cosine similarity of each row's image and caption under a local CLIP model (no download)."""
+def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """Cosine similarity of each row's image and caption under a local CLIP model (no download).
+
+    Returns the scores and, per row, '' or why its image could not be decoded (score NaN then).
+    """
     import torch
     from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessor, CLIPModel
 
@@ -387,20 +390,31 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
             image_proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     max_len = model.config.text_config.max_position_embeddings
     root_real = os.path.realpath(root)
-    out = np.zeros(len(table), dtype=np.float64)
+    out = np.full(len(table), np.nan)
     paths, texts = table[IMAGE].tolist(), table[TEXT].tolist()
+    errors = [""] * len(table)
+
+    def load(i: int):
+        try:
+            return images.load_rgb(images.resolve_under(root_real, paths[i]), max_side=448)
+        except Exception as e:  # changed or broken since it was scored: its row, never the batch
+            errors[i] = f"alignment decode: {type(e).__name__}: {e}".splitlines()[0][:200]
+            return None
+
     with torch.no_grad():
         for lo in range(0, len(table), batch_size):
-            ims = [images.load_rgb(images.resolve_under(root_real, p), max_side=448) for p in paths[lo : lo + batch_size]]
-            px = image_proc(images=ims, return_tensors="pt")["pixel_values"]
-            tok = tokenizer(texts[lo : lo + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            ims = [(i, im) for i in range(lo, min(lo + batch_size, len(table))) if (im := load(i)) is not None]
+            if not ims:
+                continue
+            px = image_proc(images=[im for _, im in ims], return_tensors="pt")["pixel_values"]
+            tok = tokenizer([texts[i] for i, _ in ims], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
             img = model.get_image_features(pixel_values=px)
             txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok.get("attention_mask"))
             img = getattr(img, "pooler_output", img)
             txt = getattr(txt, "pooler_output", txt)
             cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-            out[lo : lo + len(ims)] = cos.numpy()
-    return out
+            out[[i for i, _ in ims]] = cos.numpy()
+    return out, errors
 
 
 # --------------------------------------------------------------------------- stage
@@ -475,7 +489,7 @@ def run(table: pd.DataFrame, cfg: QualityConfig, ctx: StageContext) -> StageResu
     """Measure each distinct image in worker processes, add the CLIP score if configured, ``decide``."""
     tables.require_columns(table, [ROW_ID, IMAGE, "width", "height"], STAGE)
     root = str(ctx.data.image_root)
-    todo = distinct_paths(table, HEADER_HINTS)
+    todo = distinct_paths(table)
     parts = parallel.map_batches(
         measure, todo, batch_size=cfg.batch_size, workers=ctx.workers, desc=STAGE, progress=ctx.progress,
         args=(cfg, root),
@@ -487,7 +501,15 @@ def run(table: pd.DataFrame, cfg: QualityConfig, ctx: StageContext) -> StageResu
         ok = (m[ERROR] == "").to_numpy()
         scores = np.full(len(table), np.nan)
         if ok.any():
-            scores[ok] = clip_scores(table[ok], cfg.alignment_model, root, cfg.alignment_batch_size)
+            scores[ok], errors = clip_scores(table[ok], cfg.alignment_model, root, cfg.alignment_batch_size)
+            # An image that no longer decodes is quarantined as corrupt, like any other.
+            failed = {p: e for p, e in zip(table.loc[ok, IMAGE], errors) if e}
+            if failed:
+                measurements = measurements.copy()
+                paths = table.set_index(ROW_ID)[IMAGE].reindex(measurements[ROW_ID]).to_numpy()
+                hit = np.array([p in failed for p in paths], dtype=bool)
+                measurements.loc[hit, ERROR] = "corrupt_image"
+                measurements.loc[hit, DETAIL] = [failed[p] for p in paths[hit]]
         table["clip_score"] = scores
     return decide(table, measurements, cfg)
 

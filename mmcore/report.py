@@ -510,9 +510,12 @@ def _training(run: _Run, cfg: ReportConfig, thumbs: _Thumbs) -> _Section:
         h = tables.read_parquet(hist_path)
         timing = run.file("train", "timing.json")  # wall-clock throughput, kept out of the Parquet
         if timing.is_file() and "samples_per_s" not in h:
-            t = tables.read_json(timing)
-            if len(t.get("samples_per_s", [])) == len(h):
-                h = h.assign(samples_per_s=np.asarray(t["samples_per_s"], dtype=float))
+            try:
+                sps = np.asarray(tables.read_json(timing)["samples_per_s"], dtype=float)
+            except Exception:  # a damaged timing file costs the throughput panel, not the report
+                sps = np.zeros(0)
+            if sps.shape == (len(h),):
+                h = h.assign(samples_per_s=sps)
         x = h["step"].to_numpy(float) if "step" in h else np.arange(len(h), dtype=float)
         panels = [(title, h[col].to_numpy(float)) for col, title in _CURVES.items() if col in h and np.isfinite(h[col].to_numpy(float)).any()]
         if panels:

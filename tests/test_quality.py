@@ -260,37 +260,35 @@ def test_alignment_check_scores_with_a_local_clip_model(root, tmp_path):
     assert plain.stats["alignment"].startswith("off") and "clip_score" not in plain.kept
     with pytest.raises(ConfigError, match="quality.alignment_model: cannot load a CLIP model from"):
         quality.run(p.kept, quality.QualityConfig(alignment_model=tmp_path / "nope"), ctx)
+    # A file broken after it was scored costs its own row in the CLIP pass, not the batch.
+    (root / "images" / "broken_later.png").write_bytes(b"not a png any more")
+    rows = pd.concat([table, pd.DataFrame({tables.ROW_ID: [6], tables.IMAGE: ["images/broken_later.png"], tables.TEXT: "x"})])
+    scores, errors = quality.clip_scores(rows, model, str(root), batch_size=4)
+    assert np.isnan(scores[6]) and errors[6].startswith("alignment decode: ") and not any(errors[:6])
+    assert np.allclose(scores[:6], allrows.sort_values(tables.ROW_ID)["clip_score"], atol=1e-5)
 
 
-def test_fast_jpeg_decode_gives_the_same_pixels_as_pillow_draft(tmp_path):
-    """The probe-hinted OpenCV decode equals Pillow's draft decode: every EXIF orientation, gray,
-    progressive, odd sizes; CMYK and a JPEG without its end marker take the Pillow path."""
-    from mmcore import images
+def test_jpeg_with_garbled_data_but_an_end_marker_is_corrupt_not_scored(root, tmp_path):
+    """The probe's end-marker check passes it; quality's decode must still refuse it."""
+    _scene(seed=5).save(root / "images" / "garbled.jpg", quality=90)
+    data = bytearray((root / "images" / "garbled.jpg").read_bytes())
+    sos = data.find(b"\xff\xda")
+    for k in range(sos + 200, sos + 260):  # stray 0xFF bytes: markers where none may be
+        data[k] = 0xFF if k % 7 == 0 else data[k] ^ 0x5A
+    (root / "images" / "garbled.jpg").write_bytes(bytes(data))
+    table = pd.DataFrame({tables.ROW_ID: [0, 1], tables.IMAGE: ["images/good.jpg", "images/garbled.jpg"], tables.TEXT: "x"})
+    ctx = _ctx(root, tmp_path)
+    p = probe.run(table, probe.ProbeConfig(), ctx)
+    assert p.quarantined.empty  # whole by structure
+    res = quality.run(p.kept, quality.QualityConfig(), ctx)
+    assert res.quarantined[tables.REASON].tolist() == ["corrupt_image"]
+    assert res.kept[tables.ROW_ID].tolist() == [0]
 
-    rng = np.random.default_rng(0)
-    base = _scene(401, 301, seed=3)
-    files = {}
-    for o in range(1, 9):
-        exif = Image.Exif()
-        exif[images.ORIENTATION_TAG] = o
-        base.save(tmp_path / f"o{o}.jpg", exif=exif, quality=90)
-        base.convert("L").save(tmp_path / f"g{o}.jpg", exif=exif)
-        files[f"o{o}"], files[f"g{o}"] = tmp_path / f"o{o}.jpg", tmp_path / f"g{o}.jpg"
-    Image.fromarray(rng.integers(0, 256, (1203, 1601, 3), dtype=np.uint8)).save(tmp_path / "big.jpg", progressive=True)
-    base.convert("CMYK").save(tmp_path / "cmyk.jpg")
-    files.update(big=tmp_path / "big.jpg", cmyk=tmp_path / "cmyk.jpg")
-    rows = pd.DataFrame({tables.ROW_ID: np.arange(len(files)), tables.IMAGE: [str(p) for p in files.values()]})
-    hints = probe.measure(rows, probe.ProbeConfig(), "/")
-    for (name, path), h in zip(files.items(), hints.itertuples()):
-        data = path.read_bytes()
-        for size in (40, 96, 150):
-            for color in (False, True):
-                want = images.load_reduced(path, size, color=color)
-                got = images.decode_reduced(data, size, (h.width, h.height, h.format, h.mode), color=color)
-                assert got.shape == want.shape and np.array_equal(got, want), (name, size, color)
-    cut = files["o1"].read_bytes()[:-2000]  # no end marker: Pillow decides, and refuses
-    with pytest.raises(OSError):
-        images.decode_reduced(cut, 96, (401, 301, "JPEG", "RGB"))
+
+def test_flat_images_share_one_phash_at_any_gray_level():
+    hashes = {quality.phash(np.full((96, 96), v, np.uint8)) for v in (1, 10, 128, 200, 255)}
+    assert hashes == {0x8000000000000000}  # only the DC term stands above the median (of zeros)
+    assert quality.phash(np.zeros((96, 96), np.uint8)) == 0
 
 
 def test_batched_scores_equal_the_one_image_functions():

@@ -115,11 +115,12 @@ def _fake_train(df: pd.DataFrame, run_dir: Path) -> tables.StageResult:
     h = pd.DataFrame({
         "step": steps, "epoch": (steps - 1) // 20, "loss": 4.0 * np.exp(-steps / 30) + 0.5,
         "lr": 1e-3 * np.minimum(steps / 10, 1) * (0.5 + 0.5 * np.cos(np.pi * steps / 60)),
-        "logit_scale": 14.3 + steps * 0.05, "samples_per_s": 400 + 10 * np.sin(steps),
-        "val_i2t_r5": np.where(steps % 20 == 0, steps / 100, np.nan),
+        "logit_scale": 14.3 + steps * 0.05, "val_i2t_r5": np.where(steps % 20 == 0, steps / 100, np.nan),
     })
+    sps = 400 + 10 * np.sin(steps)
     tables.write_parquet(h, run_dir / "train" / "history.parquet")
-    stats = {"device": "cpu", "steps": 60, "final_loss": float(h["loss"].iloc[-1]), "samples_per_s": float(h["samples_per_s"].mean()),
+    tables.write_json({"step": steps.tolist(), "samples_per_s": sps.tolist()}, run_dir / "train" / "timing.json")
+    stats = {"device": "cpu", "steps": 60, "final_loss": float(h["loss"].iloc[-1]), "samples_per_s": float(sps.mean()),
              "val_i2t_r5": 0.6, "model_dir": str(run_dir / "train" / "model")}
     return tables.StageResult(df, tables.empty_quarantine(df), stats)
 
