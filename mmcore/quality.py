@@ -3,9 +3,14 @@
 Each distinct image is decoded once as gray at reduced size (JPEG ``draft``: most pixels are never
 computed), then resized to a fixed ``analysis_size`` square so that no score depends on the
 resolution. From that one small array come brightness percentiles, entropy, sharpness and a
-perceptual hash (pHash); a checksum of the reduced pixels finds exact duplicates. An image that looks blurry or uniform in gray is
-measured again in colour before it is flagged: a yellow shape on beige has almost no luminance
-edge, yet it is sharp.
+perceptual hash (pHash); a checksum of the reduced pixels finds exact duplicates. Per image only
+the decode, the resize and two histograms run; the scores are computed for a whole batch at once
+(``Scorer``). An image that looks blurry or uniform in gray is measured again in colour before it
+is flagged: a yellow shape on beige has almost no luminance edge, yet it is sharp.
+
+Pillow decodes (not OpenCV, which is faster but returns a JPEG with garbled entropy-coded data as
+pixels where Pillow refuses it), so a file the probe's end-marker check let through still ends as
+``corrupt_image`` when its data is broken.
 
 Checks live in ``mmcore.checks`` (score in [0, 1], flagged below a threshold). Near-duplicates
 (pHash within ``phash_radius`` bits) share a ``dup_cluster`` id, which split uses as a group so
