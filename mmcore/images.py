@@ -168,11 +168,6 @@ def load_reduced(fp: str | os.PathLike | IO[bytes], size: int, color: bool = Fal
         if im.format == "JPEG":
             im.draft("RGB" if color else "L", (size, size))
         arr = _rgb_array(im) if color else _gray_array(im)
-    return _finish_reduced(arr, size, o)
-
-
-def _finish_reduced(arr: np.ndarray, size: int, o: int) -> np.ndarray:
-    """Area-reduce by a whole factor to a short side in [size, 2 * size), then turn upright."""
     factor = min(arr.shape[:2]) // size
     if factor >= 2:
         h, w = arr.shape[:2]
