@@ -247,10 +247,7 @@ def _colour_recheck(data: bytes, cfg: QualityConfig) -> tuple[float, float]:
     """Sharpness and the largest channel entropy of the colour decode (isoluminant shapes)."""
     c = _analysis(images.load_reduced(io.BytesIO(data), cfg.decode_size, color=True), cfg.analysis_size)
     chans = [np.ascontiguousarray(c[..., i]) for i in range(3)]
-    hist = np.stack([_hist(x) for x in chans])
-    steps = np.stack([_step_hist(x) for x in chans])[None]
-    sharp = float(_sharpness_of(steps, _value_range(hist)[None])[0])
-    return sharp, float(_entropy_of(hist).max())
+    return _sharpness(chans), max(_entropy(_hist(x)) for x in chans)
 
 
 def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
@@ -265,7 +262,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
     paths = rows[IMAGE].tolist()
     n = len(paths)
     scorer = Scorer(n, cfg.analysis_size)
-    keys, errors, details = [""] * n, [""] * n, [""] * n
+    sizes, sums, errors, details = [""] * n, [""] * n, [""] * n, [""] * n
     with images.pixel_limit(None):  # the probe refused oversized headers already
         for i, rel in enumerate(paths):
             try:
@@ -274,10 +271,10 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
                 # garbled, where OpenCV's decoder quietly returns gray blocks.
                 gray = images.load_gray(io.BytesIO(data), cfg.decode_size)
                 scorer.add(i, gray)
-                # Exact-pixel key: size + CRC-32 + Adler-32 of the reduced pixels (64 bits of
-                # checksum, far cheaper than a cryptographic hash); the pHash is added below.
+                # Exact-pixel key (built below): size, pHash, CRC-32 + Adler-32 of the reduced
+                # pixels (64 bits of checksum, far cheaper than a cryptographic hash).
                 buf = np.ascontiguousarray(gray)
-                keys[i] = f"{gray.shape[1]}x{gray.shape[0]}:{zlib.crc32(buf):08x}{zlib.adler32(buf):08x}"
+                sizes[i], sums[i] = f"{gray.shape[1]}x{gray.shape[0]}", f"{zlib.crc32(buf):08x}{zlib.adler32(buf):08x}"
             except faults.ReadError as e:  # unreadable now (the probe read it): its own reason
                 errors[i], details[i] = e.reason, str(e)
             except Exception as e:  # any failure to decode quarantines the row, never the batch
@@ -285,7 +282,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
     ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
     out = pd.DataFrame({ROW_ID: rows[ROW_ID].to_numpy(np.int64)})
     cols = {c: np.full(n, np.nan) for c in MEASURES}
-    hashes = [""] * n
+    hashes, keys = [""] * n, [""] * n
     if len(ok):
         sc = scorer.scores(ok)
         for c in MEASURES:
@@ -301,8 +298,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
             cols["entropy"][i] = max(cols["entropy"][i], ent)
         for j, i in enumerate(ok):
             hashes[i] = f"{int(sc['phash'][j]):016x}"
-            w_h, crc = keys[i].split(":")
-            keys[i] = f"{w_h}:{hashes[i]}:{crc}"
+            keys[i] = f"{sizes[i]}:{hashes[i]}:{sums[i]}"
     for c in MEASURES:
         out[c] = cols[c]
     for c, v in (("phash", hashes), ("pixel_hash", keys), (ERROR, errors), (DETAIL, details)):
