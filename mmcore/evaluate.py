@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from mmcore import metrics, spotcheck, tables
 from mmcore.robustness import DEFAULT_SEVERITIES, check as check_degradations, degrade
 from mmcore.base import StageContext, StrictModel
-from mmcore.errors import InputError
+from mmcore.errors import InputError, row_detail
 from mmcore.images import load_rgb, resolve_path
 from mmcore.tables import DOMAIN, IMAGE, LABEL, ROW_ID, TEXT, StageResult
 
@@ -145,7 +145,7 @@ def embed(
                 idx.append(a + i)
                 keep_keys.append(key)
             except Exception as e:  # any decode failure is quarantined with its message, not raised
-                failed_detail[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                failed_detail[key] = row_detail(e)
         if imgs:
             clean.append(np.asarray(encoder.encode_images(imgs, batch_size=cfg.batch_size), dtype=np.float32))
             robust = [j for j, g in enumerate(idx) if first["robust"].iat[g]]

@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 
 from mmcore import faults, images, parallel, tables
 from mmcore.base import StageContext, StrictModel
+from mmcore.errors import row_detail
 from mmcore.tables import IMAGE, ROW_ID, StageResult
 
 STAGE = "probe"
@@ -124,11 +125,7 @@ def _decodes(fp) -> str:
             im.load()
         return ""
     except Exception as e:  # any decoder failure means the file is unusable
-        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
-
-
-def _one_line(prefix: str, e: Exception) -> str:
-    return f"{prefix}{type(e).__name__}: {e}".splitlines()[0][:200]
+        return row_detail(e)
 
 
 def _probe_one(resolve: images.Resolver, rel: str, cfg: ProbeConfig) -> dict:
@@ -154,7 +151,7 @@ def _probe_one(resolve: images.Resolver, rel: str, cfg: ProbeConfig) -> dict:
         try:
             return _probe_open(f, out, fail, cfg)
         except OSError as e:  # a read error half-way (I/O error, file shrank)
-            return fail("read_error", _one_line(f"cannot read {rel!r}: ", e))
+            return fail("read_error", row_detail(e, f"cannot read {rel!r}: "))
 
 
 def _probe_open(f, out: dict, fail, cfg: ProbeConfig) -> dict:
@@ -174,7 +171,7 @@ def _probe_open(f, out: dict, fail, cfg: ProbeConfig) -> dict:
         fp.seek(0)
         return fail("not_an_image", f"unrecognised bytes (starts {fp.read(8)!r})")
     except Exception as e:  # a recognised format whose header is broken
-        return fail("corrupt_image", _one_line("header: ", e))
+        return fail("corrupt_image", row_detail(e, "header: "))
     with im:
         try:
             w, h = images.displayed_size(im)
@@ -186,7 +183,7 @@ def _probe_open(f, out: dict, fail, cfg: ProbeConfig) -> dict:
                 return fail("unsupported_format", f"format {fmt}; accepted: {', '.join(cfg.formats)}")
             out["n_frames"] = int(getattr(im, "n_frames", 1))
         except Exception as e:
-            return fail("corrupt_image", _one_line("header: ", e))
+            return fail("corrupt_image", row_detail(e, "header: "))
     whole = None
     if cfg.verify == "structure":
         if data is not None:

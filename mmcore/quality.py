@@ -33,7 +33,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mmcore import checks, faults, images, parallel, tables
 from mmcore.base import StageContext, StrictModel
-from mmcore.errors import ConfigError
+from mmcore.errors import ConfigError, row_detail
 from mmcore.probe import broadcast, distinct_paths
 from mmcore.tables import IMAGE, ROW_ID, TEXT, StageResult
 
@@ -278,7 +278,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
             except faults.ReadError as e:  # unreadable now (the probe read it): its own reason
                 errors[i], details[i] = e.reason, str(e)
             except Exception as e:  # any failure to decode quarantines the row, never the batch
-                errors[i], details[i] = "corrupt_image", f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                errors[i], details[i] = "corrupt_image", row_detail(e)
     ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
     out = pd.DataFrame({ROW_ID: rows[ROW_ID].to_numpy(np.int64)})
     cols = {c: np.full(n, np.nan) for c in MEASURES}
@@ -399,7 +399,7 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
         try:
             return images.load_rgb(images.resolve_under(root_real, paths[i]), max_side=448)
         except Exception as e:  # changed or broken since it was scored: its row, never the batch
-            errors[i] = f"alignment decode: {type(e).__name__}: {e}".splitlines()[0][:200]
+            errors[i] = row_detail(e, "alignment decode: ")
             return None
 
     with torch.no_grad():

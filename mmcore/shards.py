@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mmcore import parallel, tables
+from mmcore.errors import row_detail
 from mmcore.images import load_rgb, resolve_path
 from mmcore.tables import IMAGE, ROW_ID, TEXT
 
@@ -59,7 +60,7 @@ def _decode_batch(rows: list[tuple[int, str]], image_root: str, image_size: int)
             resize_center_crop(img, image_size).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
             out.append((row_id, buf.getvalue(), ""))
         except Exception as e:  # any decoder failure is a quarantined row, not a crash
-            out.append((row_id, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]))
+            out.append((row_id, None, row_detail(e)))
     return out
 
 

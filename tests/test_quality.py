@@ -107,6 +107,8 @@ def test_file_broken_after_probe_is_quarantined_not_raised(root, tmp_path):
     (root / "images" / "later.jpg").write_bytes(b"garbage")
     res = quality.run(p.kept, quality.QualityConfig(), ctx)
     assert res.quarantined[tables.REASON].tolist() == ["corrupt_image"]
+    # Pillow names the in-memory file by its repr; no memory address reaches the Parquet.
+    assert res.quarantined[tables.DETAIL].tolist() == ["UnidentifiedImageError: cannot identify image file <_io.BytesIO object>"]
     assert res.kept[tables.ROW_ID].tolist() == [0]
 
 
