@@ -662,7 +662,9 @@ def _num(v: Any) -> float | None:
 def _metrics(run: _Run, cfg: ReportConfig, thumbs: _Thumbs) -> _Section:
     path = run.file("evaluate", "metrics.json")
     if not path.is_file():
-        return _Section("metrics", "Metrics", NOT_RUN, _not_run("evaluate"))
+        # An ablation (``mmpipe ablate``) evaluates its variants, not the run itself.
+        extras = _comparisons(run)
+        return _Section("metrics", "Metrics", OK if extras else NOT_RUN, _not_run("evaluate") + extras)
     m = tables.read_json(path)
     chance = m.get("chance", {}) if isinstance(m.get("chance"), Mapping) else {}
     splits = [s for s in ("test", "val", "train") if isinstance(m.get(s), Mapping)]
@@ -681,6 +683,13 @@ def _metrics(run: _Run, cfg: ReportConfig, thumbs: _Thumbs) -> _Section:
     if first and isinstance(m[first].get("per_domain"), Mapping):
         out.append(f"<h3>Cross-domain ({_esc(first)})</h3>{_per_domain(m[first]['per_domain'], f'evaluate.{first}.per_domain')}")
     out.append(f"<h3>Robustness</h3>{_robustness(run)}")
+    out.append(_comparisons(run))
+    return _Section("metrics", "Metrics", OK, "".join(out))
+
+
+def _comparisons(run: _Run) -> str:
+    """The augmentation ablation table and other datasets' metrics, where the run has them."""
+    out = []
     abl = run.file("evaluate", "ablation.parquet")
     if abl.is_file():
         out.append(f"<h3>Augmentation ablation</h3>{_ablation(tables.read_parquet(abl))}")
@@ -691,7 +700,7 @@ def _metrics(run: _Run, cfg: ReportConfig, thumbs: _Thumbs) -> _Section:
         for s in [s for s in ("test", "val", "train") if isinstance(em.get(s), Mapping)]:
             out.append(f"<h3>External: {_esc(name)} ({_esc(s)})</h3>")
             out.append(_split_metrics(em[s], f"evaluate.external.{name}.{s}", em.get("chance", {}).get(s, {})))
-    return _Section("metrics", "Metrics", OK, "".join(out))
+    return "".join(out)
 
 
 def _spotcheck(run: _Run, cfg: ReportConfig, thumbs: _Thumbs) -> _Section:

@@ -62,11 +62,15 @@ def _model(params: dict) -> str:
 
 
 def _upstream(params: dict) -> str:
-    """Every stage's recorded stats and the evaluation's metrics: the report's inputs."""
+    """Everything the report reads: every stage's stats, the training curves, and the evaluation's
+    files (metrics, robustness, spot-check, an ablation table, external datasets' metrics)."""
     run_dir = params["cfg"].run_dir
     files = [tables.StagePaths.of(run_dir, s).stats for s in tables.STAGES[:-1]]
-    files += [run_dir / "evaluate" / "metrics.json", run_dir / "train" / "history.parquet"]
-    return tables.text_digest(*(tables.file_digest(f) if f.is_file() else "-" for f in files))
+    files += [run_dir / "train" / "history.parquet", run_dir / "train" / "timing.json"]
+    ev = run_dir / "evaluate"
+    files += [ev / f for f in ("metrics.json", "robustness.parquet", "spotcheck.csv", "ablation.parquet")]
+    files += sorted(ev.glob("external/*/metrics.json"))
+    return tables.text_digest(*(f"{f.relative_to(run_dir)}={tables.file_digest(f) if f.is_file() else '-'}" for f in files))
 
 
 @task(name="save-config", persist_result=False)
