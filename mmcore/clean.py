@@ -172,11 +172,6 @@ _SPACE_RE = r"[\x00-\x1f\x7f\p{Zs}\x{200b}\x{feff}]+"
 _UNSPACED = r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}]"
 
 
-def _string_array(text: pd.Series) -> pa.StringArray:
-    arr = pa.array(text, type=pa.string())
-    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-
-
 def _utf8_bytes(arr: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
     """The UTF-8 bytes of a string array and each string's offsets (nulls read as empty)."""
     arr = pc.fill_null(arr, "")
@@ -226,7 +221,7 @@ def normalize_captions(text: pd.Series, fix_text: bool = True) -> tuple[pd.Serie
         text, counts["n_ftfy_fixed"] = _fix_subset(text, non_ascii, lambda s: ftfy.fix_text(s, unescape_html=False))
         has_amp = pd.Series(np.asarray(pc.match_substring(arr, "&").fill_null(False)), index=text.index)
         text, counts["n_html_unescaped"] = _fix_subset(text, has_amp, html.unescape)
-    arr = _string_array(text)
+    arr = tables.string_array(text)
     # The regexes can only change rows with a non-ASCII byte, a control character or two spaces
     # in a row; the others (nearly all) only need trimming. RE2 over every row costs seconds.
     data, off = _utf8_bytes(arr)
@@ -242,7 +237,7 @@ def normalize_captions(text: pd.Series, fix_text: bool = True) -> tuple[pd.Serie
 
 
 def _caption_features(text: pd.Series) -> dict[str, np.ndarray]:
-    arr = _string_array(text)
+    arr = tables.string_array(text)
     n = len(arr)
     n_chars = pc.utf8_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
     # Letters: a byte test for ASCII rows; the Unicode regexes (slow) only on the other rows.

@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 from scipy.sparse import coo_matrix
@@ -119,22 +118,16 @@ def _key_codes(s: pd.Series, col: str) -> np.ndarray:
     return pd.factorize(s, use_na_sentinel=True)[0].astype(np.int64)
 
 
-def _arrow(text: pd.Series) -> pa.StringArray:
-    """A text column as one Arrow array (pandas may hold it in several chunks)."""
-    arr = pa.array(text, type=pa.string())
-    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-
-
 def caption_key(text: pd.Series) -> pd.Series:
     """Caption normalised for overlap checks: lower case, punctuation and spacing dropped."""
-    arr = pc.utf8_lower(_arrow(text))
+    arr = pc.utf8_lower(tables.string_array(text))
     arr = pc.utf8_trim_whitespace(pc.replace_substring_regex(arr, r"[^\p{L}\p{N}]+", " "))
     return pd.Series(arr.to_pandas(), index=text.index, dtype="str")
 
 
 def _caption_codes(text: pd.Series) -> np.ndarray:
     """Code per row of its normalised caption (distinct captions normalised once: they repeat)."""
-    enc = pc.dictionary_encode(_arrow(text))
+    enc = pc.dictionary_encode(tables.string_array(text))
     norm = caption_key(pd.Series(enc.dictionary.to_pandas(), dtype="str"))
     # A trailing -1 so that null captions (index -1) get no key.
     remap = np.append(pd.factorize(norm)[0].astype(np.int64), -1)
@@ -169,7 +162,7 @@ def connected_groups(codes: list[np.ndarray]) -> np.ndarray:
 
 def caption_length_bins(text: pd.Series, bins: list[int]) -> pd.Series:
     """Caption length category, e.g. 0-50, 50-100, 100-200, 200+ characters."""
-    n = pc.utf8_length(_arrow(text)).fill_null(0).to_numpy(zero_copy_only=False)
+    n = pc.utf8_length(tables.string_array(text)).fill_null(0).to_numpy(zero_copy_only=False)
     edges = [0, *bins]
     names = np.array([f"{a}-{b}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+"], dtype=object)
     return pd.Series(names[np.searchsorted(np.asarray(bins), n, side="right")], index=text.index, dtype="str")

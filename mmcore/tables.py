@@ -200,6 +200,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def string_array(text: pd.Series) -> pa.StringArray:
+    """A text column as one Arrow string array (pandas may hold it in several chunks)."""
+    arr = pa.array(text, type=pa.string())
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
 def to_arrow(df: pd.DataFrame | pa.Table) -> pa.Table:
     if isinstance(df, pa.Table):
         return df
