@@ -8,6 +8,7 @@ augmented depend only on (seed, epoch, index), never on workers, ranks or restar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -244,8 +245,7 @@ def fit(
     interrupt_at: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place; writes checkpoints and ``history.parquet`` under ``out`` (rank 0)."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    rank, world = _dist()
     if cfg.batch_size % world:
         raise ConfigError(f"train.batch_size must be divisible by the {world} DDP ranks, got {cfg.batch_size}")
     n = len(data.train)
@@ -316,7 +316,7 @@ def fit(
                 ids = clip_model.tokenize(tok, texts).to(device, non_blocking=True)
                 pixels = pixels.to(device, non_blocking=True).float().div_(255).sub_(mean_t).div_(std_t)
                 sync = j == cfg.grad_accum - 1 or world == 1
-                ctx_sync = ddp_model.no_sync() if not sync else _null()
+                ctx_sync = ddp_model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx_sync, amp:
                     loss = clip_forward(fwd_model, pixels, ids, loss_fn)
                 (loss / cfg.grad_accum).backward()
@@ -370,14 +370,6 @@ def fit(
         "n_val_scored": int(len(vi)),
         "world_size": world,
     }
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _checkpoint(model, opt, step, seconds, history, fingerprint, path, rank) -> None:
