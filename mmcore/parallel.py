@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
@@ -108,6 +109,8 @@ def _replay(records: list[logging.LogRecord]) -> None:
 
 def _on_dask_worker() -> bool:
     """True inside a task that a Dask worker runs (the flow's ``--runner dask``)."""
+    if "distributed" not in sys.modules:  # a Dask worker has imported it; a local run need not
+        return False
     try:
         from distributed import get_worker
     except ImportError:
