@@ -95,9 +95,6 @@ class _Run:
         want = [c for c in names if (columns is not None and c in columns) or (suffix is not None and c.endswith(suffix))]
         return tables.read_parquet(path, columns=want if columns is not None or suffix is not None else None)
 
-    def section_config(self, stage: str) -> dict[str, Any]:
-        return self.config.section(stage).model_dump(mode="json") if self.config is not None else {}
-
 
 def _open_run(run_dir: Path, image_root: Path | None) -> _Run:
     from mmcore.config import load_config  # config imports every stage module; only needed here
@@ -356,23 +353,6 @@ def _funnel(run: _Run, cfg: ReportConfig, thumbs: _Thumbs) -> _Section:
     return _Section("funnel", "Funnel", OK, "".join(out))
 
 
-def _find_threshold(check: str, stats: Mapping[str, Any], qcfg: Mapping[str, Any]) -> float | None:
-    """A check's threshold from the quality stats, else the resolved config (several layouts)."""
-
-    def num(v: Any) -> float | None:
-        if isinstance(v, Mapping):
-            v = v.get("threshold")
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-    for source in (stats.get("thresholds"), stats.get("checks"), qcfg.get("thresholds"), qcfg.get("checks")):
-        if isinstance(source, Mapping) and (v := num(source.get(check))) is not None:
-            return v
-    for key in (f"{check}_threshold", check):
-        if (v := num(qcfg.get(key))) is not None:
-            return v
-    return None
-
-
 def _sample(df: pd.DataFrame, n: int) -> pd.DataFrame:
     return df if len(df) <= n else df.iloc[np.sort(np.random.default_rng(0).choice(len(df), n, replace=False))]
 
@@ -387,11 +367,11 @@ def _scores(run: _Run, cfg: ReportConfig, thumbs: _Thumbs) -> _Section:
     else:
         parts = [t for t in (run.table("quality", suffix="_score"), run.table("quality", True, suffix="_score")) if t is not None and len(t.columns)]
         scores = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        qcfg = run.section_config("quality")
+        thresholds = qstats.get("thresholds") if isinstance(qstats.get("thresholds"), Mapping) else {}
         panels, rows = [], []
         for col in scores.columns:
             check = col.removesuffix("_score")
-            thr = _find_threshold(check, qstats, qcfg)
+            thr = thresholds.get(check)  # quality records the threshold of every check it ran
             v = scores[col].to_numpy(dtype=float)
             n_fail = qstats.get("reasons", {}).get(check, 0)
             panels.append((check, v, thr))
