@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 import warnings
@@ -12,6 +13,7 @@ from typing import IO
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageOps
 
 from mmcore.errors import InputError
@@ -116,12 +118,6 @@ def orientation(im: Image.Image) -> int:
     return o if o in _TRANSPOSE else 1
 
 
-def displayed_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) as displayed: swapped for EXIF orientations 5-8 (rotated by 90 degrees)."""
-    w, h = im.size
-    return (h, w) if orientation(im) >= 5 else (w, h)
-
-
 def _gray_array(im: Image.Image) -> np.ndarray:
     """An opened image as a uint8 gray array: alpha over white, 16-bit scaled down."""
     mode = im.mode
@@ -156,6 +152,24 @@ def _rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
+def draft_scale(width: int, height: int, size: int) -> int:
+    """The JPEG scale denominator Pillow's ``draft`` picks: the largest of 8, 4, 2, 1 that keeps both
+    sides >= ``size``."""
+    fit = min(width // size, height // size)
+    return next(s for s in (8, 4, 2) if fit >= s) if fit >= 2 else 1
+
+
+def _reduce_upright(arr: np.ndarray, size: int, orientation: int) -> np.ndarray:
+    """Area-reduce by a whole factor to a short side in [size, 2 * size), then display upright."""
+    factor = min(arr.shape[:2]) // size
+    if factor >= 2:
+        h, w = arr.shape[:2]
+        arr = cv2.resize(arr, (-(-w // factor), -(-h // factor)), interpolation=cv2.INTER_AREA)
+    if orientation != 1:
+        arr = np.asarray(Image.fromarray(arr).transpose(_TRANSPOSE[orientation]))
+    return arr
+
+
 def load_reduced(fp: str | os.PathLike | IO[bytes], size: int, color: bool = False) -> np.ndarray:
     """Decode as uint8 gray (or RGB) at reduced size: upright (EXIF), first frame, alpha over white.
 
@@ -168,18 +182,58 @@ def load_reduced(fp: str | os.PathLike | IO[bytes], size: int, color: bool = Fal
         if im.format == "JPEG":
             im.draft("RGB" if color else "L", (size, size))
         arr = _rgb_array(im) if color else _gray_array(im)
-    factor = min(arr.shape[:2]) // size
-    if factor >= 2:
-        h, w = arr.shape[:2]
-        arr = cv2.resize(arr, (-(-w // factor), -(-h // factor)), interpolation=cv2.INTER_AREA)
-    if o != 1:
-        arr = np.asarray(Image.fromarray(arr).transpose(_TRANSPOSE[o]))
-    return arr
+    return _reduce_upright(arr, size, o)
 
 
-def load_gray(fp: str | os.PathLike | IO[bytes], size: int) -> np.ndarray:
-    """``load_reduced`` in gray: what the quality scores are computed on."""
-    return load_reduced(fp, size, color=False)
+class DamagedJPEG(ValueError):
+    """libjpeg reports a JPEG's compressed data as damaged: it would fill the lost blocks with gray."""
+
+
+# libjpeg's warnings (JWRN_HIT_MARKER, JWRN_HUFF_BAD_CODE, JWRN_MUST_RESYNC, JWRN_ARITH_BAD_CODE,
+# JWRN_JPEG_EOF) after which part of the image is not the encoded one. Others, such as
+# "extraneous bytes before marker" (padding some cameras write), leave every pixel intact.
+_DAMAGE = ("premature end of data segment", "bad huffman code", "instead of rst", "bad arithmetic code",
+           "premature end of jpeg file")
+
+
+def _jpeg_reduced(data: bytes, size: int, color: bool, strict: bool) -> np.ndarray | None:
+    """A gray (or RGB) JPEG or YCbCr JPEG decoded by libjpeg-turbo at Pillow's ``draft`` scale, or
+    None for Pillow to decode (other colour spaces, any other libjpeg complaint)."""
+    try:
+        h, w, space, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if space not in ("YCbCr", "Gray"):  # CMYK, YCCK, RGB-coded: Pillow's own conversions
+        return None
+    s = draft_scale(w, h, size)
+    try:
+        arr = simplejpeg.decode_jpeg(data, "RGB" if color else "GRAY", min_height=-(-h // s), min_width=-(-w // s))
+    except ValueError as e:
+        if strict and any(d in str(e).lower() for d in _DAMAGE):
+            raise DamagedJPEG(f"damaged JPEG data: {e}") from None
+        return None
+    return arr if color else arr[..., 0]
+
+
+def decode_reduced(data: bytes, size: int, color: bool = False, orientation_tag: int | None = None,
+                   strict_jpeg: bool = True) -> np.ndarray:
+    """``load_reduced`` of a file's bytes, with a direct path for JPEG.
+
+    A YCbCr or gray JPEG is decoded by libjpeg-turbo through simplejpeg, with the same scale, the
+    same DCT and so the same pixels as Pillow's ``draft`` decode, in about 0.85x the time; when the
+    EXIF orientation is already known (``orientation_tag``, from the probe) Pillow never parses the
+    file at all. Anything else goes through Pillow, as does a JPEG libjpeg has a complaint about,
+    so Pillow decides what else is corrupt. With ``strict_jpeg`` a JPEG whose compressed data is
+    damaged raises ``DamagedJPEG``, where Pillow would return gray blocks in place of the lost ones.
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        arr = _jpeg_reduced(data, size, color, strict_jpeg)
+        if arr is not None:
+            if orientation_tag is None:
+                with Image.open(io.BytesIO(data)) as im:
+                    orientation_tag = orientation(im)
+            return _reduce_upright(arr, size, orientation_tag)
+    return load_reduced(io.BytesIO(data), size, color)
 
 
 def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:

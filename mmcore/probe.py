@@ -44,8 +44,9 @@ REASONS = {
 }
 
 # Columns probe adds, in order.
-COLUMNS = ("width", "height", "format", "mode", "n_frames", "file_size", "content_digest", "res_bucket", "aspect_bucket")
-_INT_COLUMNS = ("width", "height", "n_frames", "file_size")
+COLUMNS = ("width", "height", "orientation", "format", "mode", "n_frames", "file_size", "content_digest", "res_bucket",
+           "aspect_bucket")
+_INT_COLUMNS = ("width", "height", "orientation", "n_frames", "file_size")
 _STR_COLUMNS = ("format", "mode", "content_digest")
 ERROR, DETAIL = "probe_error", "probe_detail"
 
@@ -174,9 +175,10 @@ def _probe_open(f, out: dict, fail, cfg: ProbeConfig) -> dict:
         return fail("corrupt_image", row_detail(e, "header: "))
     with im:
         try:
-            w, h = images.displayed_size(im)
+            orientation = images.orientation(im)
+            w, h = im.size[::-1] if orientation >= 5 else im.size  # as displayed
             fmt, mode = str(im.format or ""), im.mode
-            out.update(width=w, height=h, format=fmt, mode=mode)
+            out.update(width=w, height=h, orientation=orientation, format=fmt, mode=mode)
             if w * h > cfg.max_pixels:
                 return fail("too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
             if fmt not in cfg.formats:
@@ -257,7 +259,7 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: ProbeConfig) ->
     """Add the probe columns to ``table`` and quarantine rows whose file failed a check."""
     m = broadcast(table, measurements)
     df = table.copy()
-    for c in ("width", "height", "format", "mode", "n_frames", "file_size", "content_digest"):
+    for c in ("width", "height", "orientation", "format", "mode", "n_frames", "file_size", "content_digest"):
         df[c] = m[c]
     short = np.minimum(df["width"].astype("Float64"), df["height"].astype("Float64")).fillna(0)
     df["res_bucket"] = res_bucket(short, cfg.res_bucket_edges).where(df["width"].notna(), "")

@@ -63,7 +63,7 @@ def versions() -> dict[str, str]:
     """Python, platform and the versions of the packages results depend on."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for pkg in ("mmpipe", "prefect", "torch", "torchvision", "transformers", "tokenizers", "pandas", "pyarrow",
-                "numpy", "scikit-learn", "pillow", "opencv-python-headless", "imagehash", "ftfy"):
+                "numpy", "scikit-learn", "pillow", "opencv-python-headless", "simplejpeg", "imagehash", "ftfy"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

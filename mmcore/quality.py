@@ -8,9 +8,11 @@ the decode, the resize and two histograms run; the scores are computed for a who
 (``Scorer``). An image that looks blurry or uniform in gray is measured again in colour before it
 is flagged: a yellow shape on beige has almost no luminance edge, yet it is sharp.
 
-Pillow decodes (not OpenCV, which is faster but returns a JPEG with garbled entropy-coded data as
-pixels where Pillow refuses it), so a file the probe's end-marker check let through still ends as
-``corrupt_image`` when its data is broken.
+A YCbCr or gray JPEG is decoded by libjpeg-turbo directly (simplejpeg: Pillow's pixels, about 15%
+faster), which also reports damaged compressed data that Pillow would hand back with gray blocks:
+such a file is ``corrupt_image`` (``strict_jpeg``). Every other file, and any JPEG libjpeg has
+another complaint about, is decoded by Pillow, which decides; OpenCV's decoder is not used, as it
+returns pixels for garbled files both refuse.
 
 Checks live in ``mmcore.checks`` (score in [0, 1], flagged below a threshold). Near-duplicates
 (pHash within ``phash_radius`` bits) share a ``dup_cluster`` id, which split uses as a group so
@@ -21,7 +23,6 @@ quarantined as ``duplicate_image``. An optional CLIP-score check (``low_alignmen
 
 from __future__ import annotations
 
-import io
 import os
 import zlib
 from pathlib import Path
@@ -40,12 +41,13 @@ from mmcore.tables import IMAGE, ROW_ID, TEXT, StageResult
 STAGE = "quality"
 
 REASONS = {
-    "corrupt_image": "the image failed to decode at reduced size (the probe's header check passed)",
+    "corrupt_image": "the image failed to decode at reduced size, or libjpeg reports its compressed data damaged",
     **faults.REASONS,
     **{name: c.reason for name, c in checks.CHECKS.items()},
 }
 
 ERROR, DETAIL = "quality_error", "quality_detail"
+ORIENTATION = "orientation"  # the probe's EXIF orientation column, passed to measure when present
 MEASURES = ("brightness_mean", "brightness_p5", "brightness_p99", "sharpness", "entropy")
 
 
@@ -57,6 +59,9 @@ class QualityConfig(StrictModel):
         default_factory=dict, description="Per-check threshold overrides (score units, 0..1)."
     )
     decode_size: int = Field(96, ge=8, description="Reduced decode: short side at least this (JPEG draft).")
+    strict_jpeg: bool = Field(
+        True, description="A JPEG whose compressed data libjpeg reports damaged is corrupt_image (False: kept, lost blocks gray)."
+    )
     analysis_size: int = Field(96, ge=16, description="Side of the fixed square every score is computed on.")
     phash_radius: int = Field(4, ge=0, le=16, description="pHash Hamming distance for near-duplicates.")
     batch_size: int = Field(128, ge=1, description="Images per batch sent to a worker process.")
@@ -65,7 +70,7 @@ class QualityConfig(StrictModel):
         None, ge=-1, le=1, description="Minimum image-text cosine; 0.2 when neither this nor the fraction is set."
     )
     alignment_keep_fraction: float | None = Field(None, gt=0, le=1, description="Keep this top fraction by cosine.")
-    alignment_batch_size: int = Field(64, ge=1)
+    alignment_batch_size: int = Field(64, ge=1, description="Images and captions per CLIP forward pass.")
 
     @field_validator("checks")
     @classmethod
@@ -243,15 +248,17 @@ class Scorer:
         }
 
 
-def _colour_recheck(data: bytes, cfg: QualityConfig) -> tuple[float, float]:
+def _colour_recheck(data: bytes, cfg: QualityConfig, orientation: int | None) -> tuple[float, float]:
     """Sharpness and the largest channel entropy of the colour decode (isoluminant shapes)."""
-    c = _analysis(images.load_reduced(io.BytesIO(data), cfg.decode_size, color=True), cfg.analysis_size)
+    rgb = images.decode_reduced(data, cfg.decode_size, True, orientation, cfg.strict_jpeg)
+    c = _analysis(rgb, cfg.analysis_size)
     chans = [np.ascontiguousarray(c[..., i]) for i in range(3)]
     return _sharpness(chans), max(_entropy(_hist(x)) for x in chans)
 
 
 def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
-    """Scores of the images of ``rows`` (columns row_id, image_path), one row each.
+    """Scores of the images of ``rows`` (columns row_id, image_path, and the probe's EXIF
+    ``orientation`` when known), one row each.
 
     Never raises on a bad file: ``quality_error`` is 'corrupt_image' and the scores are NaN.
     """
@@ -261,15 +268,16 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
     entropy_min = cfg.threshold("low_information") * checks.ENTROPY_BITS
     paths = rows[IMAGE].tolist()
     n = len(paths)
+    # Known orientations spare a JPEG Pillow's header parse (see images.decode_reduced).
+    tags = [None if pd.isna(t) else int(t) for t in rows[ORIENTATION]] if ORIENTATION in rows else [None] * n
     scorer = Scorer(n, cfg.analysis_size)
     sizes, sums, errors, details = [""] * n, [""] * n, [""] * n, [""] * n
     with images.pixel_limit(None):  # the probe refused oversized headers already
         for i, rel in enumerate(paths):
             try:
                 data = faults.read_bytes(resolve(rel))  # transient errors retried
-                # Pillow decides what is corrupt: it refuses a JPEG whose entropy-coded data is
-                # garbled, where OpenCV's decoder quietly returns gray blocks.
-                gray = images.load_gray(io.BytesIO(data), cfg.decode_size)
+                # libjpeg directly for plain JPEGs (damaged data refused), Pillow for the rest.
+                gray = images.decode_reduced(data, cfg.decode_size, False, tags[i], cfg.strict_jpeg)
                 scorer.add(i, gray)
                 # Exact-pixel key (built below): size, pHash, CRC-32 + Adler-32 of the reduced
                 # pixels (64 bits of checksum, far cheaper than a cryptographic hash).
@@ -291,7 +299,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
         for j in np.flatnonzero((sc["sharpness"] < sharp_min) | (sc["entropy"] < entropy_min)):
             i = ok[j]
             try:  # read again: holding a batch of files in memory would cost more than these few reads
-                sharp, ent = _colour_recheck(faults.read_bytes(resolve(paths[i])), cfg)
+                sharp, ent = _colour_recheck(faults.read_bytes(resolve(paths[i])), cfg, tags[i])
             except Exception:  # it decoded in gray a moment ago; if not now, the gray scores stand
                 continue
             cols["sharpness"][i] = max(cols["sharpness"][i], sharp)
@@ -486,11 +494,19 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: QualityConfig) 
     return StageResult(kept, res.quarantined, stats)
 
 
+def distinct_images(table: pd.DataFrame) -> pd.DataFrame:
+    """``measure``'s input: the first row of each distinct path, with the probe's orientation if any."""
+    todo = distinct_paths(table)
+    if ORIENTATION in table:
+        todo[ORIENTATION] = table.set_index(ROW_ID)[ORIENTATION].reindex(todo[ROW_ID]).to_numpy()
+    return todo
+
+
 def run(table: pd.DataFrame, cfg: QualityConfig, ctx: StageContext) -> StageResult:
     """Measure each distinct image in worker processes, add the CLIP score if configured, ``decide``."""
     tables.require_columns(table, [ROW_ID, IMAGE, "width", "height"], STAGE)
     root = str(ctx.data.image_root)
-    todo = distinct_paths(table)
+    todo = distinct_images(table)
     parts = parallel.map_batches(
         measure, todo, batch_size=cfg.batch_size, workers=ctx.workers, desc=STAGE, progress=ctx.progress,
         args=(cfg, root),

@@ -158,6 +158,8 @@ def test_healthy_odd_encodings_are_kept_with_their_displayed_size(dataset, tmp_p
         assert row["content_digest"] == tables.file_digest(images.resolve_path(root, cases[case]))
         assert row["file_size"] == images.resolve_path(root, cases[case]).stat().st_size
     assert kept.loc[cases["png16"], "mode"].startswith("I")
+    # The EXIF orientation is kept too: quality decodes upright without parsing the header again.
+    assert kept["orientation"].to_dict() == {p: 6 if p == cases["rotated"] else 1 for p in kept.index}
     for c in probe.COLUMNS:
         assert c in res.kept.columns
     assert res.kept["width"].dtype == np.int64 and res.kept["file_size"].dtype == np.int64

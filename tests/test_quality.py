@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from mmcore import checks, clean, probe, quality, synth, tables
+from mmcore import checks, clean, images, probe, quality, synth, tables
 from mmcore.base import DataConfig, StageContext
 from mmcore.config import build_config
 from mmcore.errors import ConfigError
@@ -285,6 +286,58 @@ def test_jpeg_with_garbled_data_but_an_end_marker_is_corrupt_not_scored(root, tm
     res = quality.run(p.kept, quality.QualityConfig(), ctx)
     assert res.quarantined[tables.REASON].tolist() == ["corrupt_image"]
     assert res.kept[tables.ROW_ID].tolist() == [0]
+
+
+def _garble(data: bytes, at: int = 200) -> bytes:
+    """Stray 0xFF bytes in the entropy-coded data, 60 bytes after the start of the scan."""
+    b = bytearray(data)
+    sos = b.find(b"\xff\xda")
+    for k in range(sos + at, sos + at + 60):
+        b[k] = 0xFF if k % 7 == 0 else b[k] ^ 0x5A
+    return bytes(b)
+
+
+def test_jpeg_fast_path_gives_pillows_pixels():
+    """simplejpeg (libjpeg-turbo directly) and Pillow's draft decode agree pixel for pixel."""
+    rng = np.random.default_rng(0)
+    cases = [((640, 480), {}), ((300, 300), {"subsampling": 0}), ((1000, 750), {"subsampling": 1}),
+             ((383, 191), {"progressive": True}), ((97, 500), {"restart_marker_blocks": 3}), ((50, 40), {})]
+    for (w, h), kw in cases:
+        rgb = synth.render(synth._random_scene(rng), w, h, rng)
+        for im in (rgb, rgb.convert("L")):
+            for o in (1, 3, 6, 8):
+                exif = Image.Exif()
+                exif[images.ORIENTATION_TAG] = o
+                buf = io.BytesIO()
+                im.save(buf, "JPEG", quality=90, exif=exif, **kw)
+                data = buf.getvalue()
+                for color in (False, True):
+                    want = images.load_reduced(io.BytesIO(data), 96, color)  # Pillow
+                    for tag in (None, o):  # orientation parsed here, or known from the probe
+                        got = images.decode_reduced(data, 96, color, tag)
+                        assert got.dtype == want.dtype and np.array_equal(got, want), ((w, h), kw, im.mode, o, color, tag)
+    cmyk = io.BytesIO()
+    rgb.convert("CMYK").save(cmyk, "JPEG")  # not YCbCr: Pillow's own conversion
+    assert np.array_equal(images.decode_reduced(cmyk.getvalue(), 16), images.load_reduced(io.BytesIO(cmyk.getvalue()), 16))
+
+
+def test_damaged_jpeg_data_that_pillow_hides_is_corrupt(root, tmp_path):
+    """A 640x480 JPEG with garbled entropy-coded data: Pillow returns it with gray blocks, libjpeg
+    says 'premature end of data segment'. Strict (the default) quarantines it; strict_jpeg=False keeps it."""
+    buf = io.BytesIO()
+    _scene(640, 480, seed=3).save(buf, "JPEG", quality=90)
+    data = _garble(buf.getvalue(), at=200)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # Pillow alone would have accepted it
+    (root / "images" / "damaged.jpg").write_bytes(data)
+    paths = ["images/good.jpg", "images/damaged.jpg"]
+    res = _probe_then_quality(root, paths, tmp_path)
+    assert res.quarantined[tables.IMAGE].tolist() == ["images/damaged.jpg"]
+    assert res.quarantined[tables.REASON].tolist() == ["corrupt_image"]
+    assert "damaged JPEG data" in res.quarantined[tables.DETAIL].iloc[0]
+    # Lenient: decoded as Pillow does, with gray in place of the lost blocks: mostly flat gray.
+    lenient = _probe_then_quality(root, paths, tmp_path / "lenient", quality.QualityConfig(strict_jpeg=False))
+    assert lenient.quarantined[tables.REASON].tolist() == ["low_information"]
 
 
 def test_flat_images_share_one_phash_at_any_gray_level():
