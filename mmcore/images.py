@@ -14,8 +14,9 @@ from typing import IO
 import cv2
 import numpy as np
 import simplejpeg
-from PIL import Image, ImageOps
+from PIL import Image
 
+from mmcore import faults
 from mmcore.errors import InputError
 
 ORIENTATION_TAG = 0x0112
@@ -239,22 +240,18 @@ def decode_reduced(data: bytes, size: int, color: bool = False, orientation_tag:
 def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
     """Decode an image as RGB: EXIF orientation applied, first frame, alpha over white.
 
-    With ``max_side`` a JPEG is decoded at reduced size (``draft``) and the result thumbnailed, so
-    large files cost a fraction of a full decode.
+    The same pixels as ``load_reduced(color=True)`` makes (one conversion for every mode), read
+    through ``faults.read_bytes`` (transient I/O errors retried). With ``max_side`` a JPEG is
+    decoded at reduced size (``draft``) and the result thumbnailed, so large files cost a fraction
+    of a full decode.
     """
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(faults.read_bytes(path))) as im:  # at its first frame
+        o = orientation(im)
         if max_side is not None and im.format == "JPEG":
             im.draft("RGB", (max_side, max_side))
-        im.seek(0)
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        if im.mode == "I;16" or im.mode.startswith("I"):
-            im = im.point(lambda v: v / 257).convert("L")
-        im = im.convert("RGB")
-        if max_side is not None and max(im.size) > max_side:
-            im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
-        im.load()
-        return im
+        out = Image.fromarray(_rgb_array(im))
+    if o != 1:
+        out = out.transpose(_TRANSPOSE[o])
+    if max_side is not None and max(out.size) > max_side:
+        out.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+    return out

@@ -399,31 +399,42 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
             image_proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     max_len = model.config.text_config.max_position_embeddings
     root_real = os.path.realpath(root)
-    out = np.full(len(table), np.nan)
-    paths, texts = table[IMAGE].tolist(), table[TEXT].tolist()
-    errors = [""] * len(table)
+    n = len(table)
+    out = np.full(n, np.nan)
+    texts = table[TEXT].tolist()
+    # Each distinct image is decoded and embedded once, however many captions it has: rows are
+    # taken in image order, and a batch reuses the embeddings of the batch before it.
+    codes, uniq = pd.factorize(table[IMAGE].to_numpy())
+    order = np.argsort(codes, kind="stable")
+    image_error = [""] * len(uniq)
 
-    def load(i: int):
+    def load(c: int):
         try:
-            return images.load_rgb(images.resolve_under(root_real, paths[i]), max_side=448)
-        except Exception as e:  # changed or broken since it was scored: its row, never the batch
-            errors[i] = row_detail(e, "alignment decode: ")
+            return images.load_rgb(images.resolve_under(root_real, uniq[c]), max_side=448)
+        except Exception as e:  # changed or broken since it was scored: its rows, never the batch
+            image_error[c] = row_detail(e, "alignment decode: ")
             return None
 
+    def unit(features) -> torch.Tensor:
+        return torch.nn.functional.normalize(getattr(features, "pooler_output", features).float(), dim=-1)
+
+    previous: dict[int, torch.Tensor] = {}
     with torch.no_grad():
-        for lo in range(0, len(table), batch_size):
-            ims = [(i, im) for i in range(lo, min(lo + batch_size, len(table))) if (im := load(i)) is not None]
-            if not ims:
+        for lo in range(0, n, batch_size):
+            rows = order[lo : lo + batch_size]
+            todo = [(c, im) for c in dict.fromkeys(codes[rows].tolist()) if c not in previous and (im := load(c)) is not None]
+            emb = {c: previous[c] for c in codes[rows].tolist() if c in previous}
+            if todo:
+                px = image_proc(images=[im for _, im in todo], return_tensors="pt")["pixel_values"]
+                emb.update(zip((c for c, _ in todo), unit(model.get_image_features(pixel_values=px))))
+            previous = emb
+            rows = [i for i in rows.tolist() if codes[i] in emb]
+            if not rows:
                 continue
-            px = image_proc(images=[im for _, im in ims], return_tensors="pt")["pixel_values"]
-            tok = tokenizer([texts[i] for i, _ in ims], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            img = model.get_image_features(pixel_values=px)
-            txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok.get("attention_mask"))
-            img = getattr(img, "pooler_output", img)
-            txt = getattr(txt, "pooler_output", txt)
-            cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-            out[[i for i, _ in ims]] = cos.numpy()
-    return out, errors
+            tok = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            txt = unit(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok.get("attention_mask")))
+            out[rows] = (torch.stack([emb[codes[i]] for i in rows]) * txt).sum(-1).numpy()
+    return out, [image_error[c] for c in codes]
 
 
 # --------------------------------------------------------------------------- stage

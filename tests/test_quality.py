@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
 
-from mmcore import checks, clean, images, probe, quality, synth, tables
+from mmcore import checks, clean, images, parallel, probe, quality, synth, tables
 from mmcore.base import DataConfig, StageContext
 from mmcore.config import build_config
 from mmcore.errors import ConfigError
@@ -161,11 +162,13 @@ def test_near_duplicate_labels_match_brute_force():
         assert len(set(zip(labels, ref))) == len(set(labels)) == len(set(ref))
 
 
-def test_same_output_whatever_batch_size_and_workers(root, tmp_path):
+def test_same_output_whatever_batch_size_and_workers(root, tmp_path, monkeypatch):
     paths = []
     for k in range(6):
         _scene(seed=10 + k, textured=k % 2 == 0).save(root / "images" / f"s{k}.png")
         paths.append(f"images/s{k}.png")
+    # This data is far below parallel.MIN_ROWS_PER_WORKER: force the pool, so workers=2 uses two processes.
+    monkeypatch.setattr(parallel, "map_batches", partial(parallel.map_batches, min_rows_per_worker=0))
     a = _probe_then_quality(root, paths, tmp_path)
     b = _probe_then_quality(root, paths, tmp_path, cfg=quality.QualityConfig(batch_size=2), workers=2)
     pd.testing.assert_frame_equal(a.kept.reset_index(drop=True), b.kept.reset_index(drop=True))
@@ -240,7 +243,7 @@ def _tiny_clip(path: Path, captions: list[str]) -> Path:
     return path
 
 
-def test_alignment_check_scores_with_a_local_clip_model(root, tmp_path):
+def test_alignment_check_scores_with_a_local_clip_model(root, tmp_path, monkeypatch):
     paths = []
     for k in range(6):
         _scene(seed=20 + k, textured=k % 2 == 1).save(root / "images" / f"a{k}.png")
@@ -269,6 +272,16 @@ def test_alignment_check_scores_with_a_local_clip_model(root, tmp_path):
     scores, errors = quality.clip_scores(rows, model, str(root), batch_size=4)
     assert np.isnan(scores[6]) and errors[6].startswith("alignment decode: ") and not any(errors[:6])
     assert np.allclose(scores[:6], allrows.sort_values(tables.ROW_ID)["clip_score"], atol=1e-5)
+    # Several captions of one image: it is decoded once, and each caption is scored against it.
+    shared = pd.DataFrame({tables.ROW_ID: np.arange(4), tables.IMAGE: [paths[0], paths[1], paths[0], paths[0]],
+                           tables.TEXT: [captions[0], captions[1], captions[1], captions[2]]})
+    alone = [quality.clip_scores(shared.iloc[[i]], model, str(root))[0][0] for i in range(4)]
+    decoded = []
+    load_rgb = images.load_rgb
+    monkeypatch.setattr(images, "load_rgb", lambda path, **kw: decoded.append(Path(path).name) or load_rgb(path, **kw))
+    scores, errors = quality.clip_scores(shared, model, str(root), batch_size=2)  # a0's rows span two batches
+    assert sorted(decoded) == ["a0.png", "a1.png"] and not any(errors)
+    assert np.allclose(scores, alone, atol=1e-5) and scores[0] != scores[2]
 
 
 def test_jpeg_with_garbled_data_but_an_end_marker_is_corrupt_not_scored(root, tmp_path):
@@ -319,6 +332,22 @@ def test_jpeg_fast_path_gives_pillows_pixels():
     cmyk = io.BytesIO()
     rgb.convert("CMYK").save(cmyk, "JPEG")  # not YCbCr: Pillow's own conversion
     assert np.array_equal(images.decode_reduced(cmyk.getvalue(), 16), images.load_reduced(io.BytesIO(cmyk.getvalue()), 16))
+
+
+def test_load_rgb_reads_through_the_retrying_reader(root, monkeypatch):
+    """Shards, evaluation, the report and the CLIP score decode with load_rgb: flaky reads are retried."""
+    from mmcore import faults
+
+    path = root / "images" / "good.jpg"
+    want = np.asarray(images.load_rgb(path, max_side=100))
+    assert want.shape == (75, 100, 3)
+    monkeypatch.setenv(faults.RATE_ENV, "0.5")
+    for seed in range(5):  # some attempts fail and are retried; the pixels are the same
+        monkeypatch.setenv(faults.SEED_ENV, str(seed))
+        assert np.array_equal(np.asarray(images.load_rgb(path, max_side=100)), want)
+    monkeypatch.setenv(faults.PERMANENT_ENV, "good.jpg")
+    with pytest.raises(faults.ReadError, match="read_error"):
+        images.load_rgb(path)
 
 
 def test_damaged_jpeg_data_that_pillow_hides_is_corrupt(root, tmp_path):
