@@ -1,4 +1,4 @@
-"""Map a function over batches of rows in worker processes, in order, with a progress bar.
+"""Map a function over batches of rows, in order, with a progress bar: in-process, in a process pool or on Dask.
 
 Memory is bounded by ``batch_size`` x ``workers`` in flight, whatever the table's length.
 """
@@ -8,14 +8,21 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# A process's first pool starts in about 1 s (fork server, numpy/pandas/PIL imports): what quality
+# spends on about 1,000 640x480 JPEGs in one process (bench/RESULTS.md). Less work runs in-process.
+MIN_ROWS_PER_WORKER = 1_000
 
 
 def batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
@@ -29,21 +36,27 @@ def map_batches(
     *,
     batch_size: int = 256,
     workers: int = 1,
+    min_rows_per_worker: int = MIN_ROWS_PER_WORKER,
     desc: str | None = None,
     progress: bool = False,
     args: tuple = (),
 ) -> list[R]:
-    """``[fn(batch, *args) for batch in batches(items)]``, over ``workers`` processes, in order.
+    """``[fn(batch, *args) for batch in batches(items)]``, over up to ``workers`` processes, in order.
 
-    ``fn`` must be a module-level function (it is pickled). With ``workers <= 1`` it runs inline.
+    ``fn`` must be a module-level function (it is pickled). The pool gets one process per
+    ``min_rows_per_worker`` rows, at most ``workers``; with one or none the batches run in-process
+    (``min_rows_per_worker=0`` always uses the pool). The result is the same either way. On a Dask
+    worker the batches go to the cluster, whose workers are already running.
     """
     chunks = list(batches(items, batch_size))
+    if min_rows_per_worker > 0:
+        workers = min(workers, len(items) // min_rows_per_worker)
     bar = tqdm(total=len(items), desc=desc, unit="row", disable=not progress, mininterval=0.5)
-    out: list[R] = []
     try:
         if _on_dask_worker():
             return _map_dask(fn, chunks, args, bar)
         if workers <= 1 or len(chunks) <= 1:
+            out: list[R] = []
             for c in chunks:
                 out.append(fn(c, *args))
                 bar.update(len(c))
@@ -52,34 +65,42 @@ def map_batches(
         ctx = mp.get_context("forkserver")
         # Import the heavy modules once in the fork server, not in every worker.
         ctx.set_forkserver_preload(["numpy", "pandas", "PIL.Image", "mmcore.tables", fn.__module__])
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            window = 2 * workers  # bounded in-flight batches
-            futures = []
-            it = iter(chunks)
-            for c in it:
-                futures.append((pool.submit(_capturing, fn, c, *args), len(c)))
-                if len(futures) >= window:
-                    break
-            while futures:
-                fut, n = futures.pop(0)
-                result, records = fut.result()
-                _replay(records)
-                out.append(result)
-                bar.update(n)
-                nxt = next(it, None)
-                if nxt is not None:
-                    futures.append((pool.submit(_capturing, fn, nxt, *args), len(nxt)))
-        return out
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_mute) as pool:
+            return _windowed(lambda c: pool.submit(_capturing, fn, c, *args), chunks, 2 * workers, bar)
     finally:
         bar.close()
 
 
+def _windowed(submit: Callable[[Sequence[Any]], Any], chunks: list, window: int, bar: tqdm) -> list:
+    """``submit(chunk).result()`` for each chunk, in order, with at most ``window`` chunks in flight.
+
+    ``submit`` returns a future of ``_capturing``'s ``(result, records)``: the records are replayed
+    here, in the caller's thread.
+    """
+    todo = iter(chunks)
+    pending = deque((submit(c), len(c)) for c in islice(todo, window))
+    out = []
+    while pending:
+        fut, n = pending.popleft()
+        result, records = fut.result()
+        _replay(records)
+        out.append(result)
+        bar.update(n)
+        pending.extend((submit(c), len(c)) for c in islice(todo, 1))
+    return out
+
+
 class _Collect(logging.Handler):
+    """The records emitted by the thread that made it (a Dask worker runs other tasks' threads too)."""
+
     def __init__(self) -> None:
         super().__init__(logging.INFO)
+        self.thread = threading.get_ident()
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if threading.get_ident() != self.thread:
+            return
         record.msg, record.args, record.exc_info, record.exc_text = record.getMessage(), None, None, None
         self.records.append(record)
 
@@ -87,17 +108,23 @@ class _Collect(logging.Handler):
 def _capturing(fn: Callable[..., R], chunk: Sequence[Any], *args: Any) -> tuple[R, list[logging.LogRecord]]:
     """In a worker: ``fn``'s result and the ``mmcore`` log records it emitted (e.g. read retries).
 
-    A worker process has no Prefect run context, so its records are sent back and re-emitted by
-    ``_replay`` in the task's thread, where Prefect attaches them to the task run's logs.
+    A worker has no Prefect run context, so its records are sent back and re-emitted by ``_replay``
+    in the task's thread, where Prefect attaches them to the task run's logs.
     """
     handler, logger = _Collect(), logging.getLogger("mmcore")
     logger.addHandler(handler)
-    propagate, logger.propagate = logger.propagate, False
     try:
         return fn(chunk, *args), handler.records
     finally:
         logger.removeHandler(handler)
-        logger.propagate = propagate
+
+
+def _mute() -> None:
+    """Pool worker initializer: ``mmcore`` records go back to the parent only, not to this worker's stderr.
+
+    Not done on Dask: there the task that replays them may share the worker's process.
+    """
+    logging.getLogger("mmcore").propagate = False
 
 
 def _replay(records: list[logging.LogRecord]) -> None:
@@ -122,38 +149,13 @@ def _on_dask_worker() -> bool:
         return False
 
 
-def _map_dask(fn, chunks: list, args: tuple, bar) -> list:
+def _map_dask(fn: Callable[..., R], chunks: list, args: tuple, bar: tqdm) -> list[R]:
     """Fan the batches out over the whole Dask cluster from inside a task running on one worker.
 
     ``worker_client`` secedes this task's thread while it waits, so the worker can run batches too.
-    A bounded window of batches is in flight, so memory does not grow with the table.
     """
-    from distributed import as_completed, worker_client
+    from distributed import worker_client
 
-    results: dict[int, Any] = {}
     with worker_client() as client:
-        n_workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
-        window = 2 * n_workers
-        todo = iter(enumerate(chunks))
-        pending = as_completed()
-        index = {}
-
-        def submit_next() -> bool:
-            nxt = next(todo, None)
-            if nxt is None:
-                return False
-            i, c = nxt
-            fut = client.submit(fn, c, *args, pure=False)
-            index[fut.key] = (i, len(c))
-            pending.add(fut)
-            return True
-
-        for _ in range(window):
-            if not submit_next():
-                break
-        for fut in pending:
-            i, n = index.pop(fut.key)
-            results[i] = fut.result()
-            bar.update(n)
-            submit_next()
-    return [results[i] for i in range(len(chunks))]
+        window = 2 * max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+        return _windowed(lambda c: client.submit(_capturing, fn, c, *args, pure=False), chunks, window, bar)
