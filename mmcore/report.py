@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from mmcore import plots, tables
+from mmcore import faults, plots, tables
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import InputError
 from mmcore.images import load_rgb, pixel_limit, resolve_path
@@ -251,10 +251,8 @@ class _Thumbs:
             path = resolve_path(self.root, rel)
             with pixel_limit(self.max_pixels):
                 im = load_rgb(path, max_side=self.side)
-        except FileNotFoundError:
-            return note("file not found")
-        except (IsADirectoryError, PermissionError):
-            return note("not a readable file")
+        except faults.ReadError as e:  # the retrying reader's reason code
+            return note("file not found" if e.reason == "missing_file" else "not a readable file")
         except Exception as e:  # the very images quarantined for being unreadable are shown as notes
             name = type(e).__name__
             if name == "UnsafePath":
