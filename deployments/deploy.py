@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from mmcore.config import load_config, parse_override
+from mmcore.config import load_config, parse_override, path_keys
 from mmcore.errors import ConfigError
 from mmcore.tables import STAGES
 
@@ -24,7 +24,7 @@ ENTRYPOINT = "flows/pipeline.py:from_config"
 FLOW_NAME = "mmpipe-from-config"
 # Override keys holding paths: a relative one is made absolute against the directory deploy()
 # runs in, as `mmpipe run` would read it, not against the worker's directory.
-PATH_KEYS = ("data.manifest", "data.root", "out")
+PATH_KEYS = path_keys()
 
 
 def check_cron(cron: str) -> str:

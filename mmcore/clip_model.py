@@ -21,10 +21,10 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import CLIPConfig, CLIPModel
 
+from mmcore.base import MODELS_DIR
 from mmcore.errors import ConfigError, InputError
 from mmcore.shards import resize_center_crop  # noqa: F401  (re-exported: the eval preprocessing)
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 PREPROCESS_FILE = "preprocess.json"
 TOKENIZER_FILE = "tokenizer.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from mmcore.base import DataConfig, StrictModel, default_workers
 from mmcore.clean import CleanConfig
@@ -50,6 +50,17 @@ class PipelineConfig(StrictModel):
 
     def section(self, stage: str) -> StrictModel:
         return getattr(self, stage)
+
+
+def path_keys(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys of every field typed ``Path`` or ``Path | None``, in nested sections too (``train.synonyms``)."""
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += path_keys(field.annotation, f"{prefix}{name}.")
+        elif field.annotation in (Path, Path | None):
+            keys.append(prefix + name)
+    return tuple(keys)
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:

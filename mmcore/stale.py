@@ -2,17 +2,21 @@
 
 Each stage's ``stats.json`` records the digests its output was made from: its config section, its
 code (``provenance.code_digest``) and its input (the manifest's bytes for clean, the previous
-stage's ``kept_digest`` after that). A stage is fresh when all of them equal today's and its own
-artifacts still have the bytes it recorded; a stage after a stale (or missing) one is stale too.
+stage's ``kept_digest`` after that) and, for the stages in ``EXTRAS``, what it reads besides
+(``extra_digest``). A stage is fresh when all of them equal today's and its own artifacts still have
+the bytes it recorded; a stage after a stale (or missing) one is stale too.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmcore import tables
+from mmcore.base import MODELS_DIR
 from mmcore.errors import InputError, MMPipeError
 from mmcore.provenance import code_digest
 from mmcore.tables import STAGES, StagePaths
@@ -62,24 +66,56 @@ def _clean_inputs(cfg: PipelineConfig, stats: dict[str, Any], saved: PipelineCon
     return why
 
 
-def extra_digest(stage: str, cfg: PipelineConfig, run_dir: str | os.PathLike | None = None) -> str | None:
-    """Digest of what a stage reads besides its input table and config, or ``None`` if nothing.
+def _images(cfg: PipelineConfig, run_dir: Path) -> str | None:
+    """The probe's image files: a cheap fingerprint (``None`` before clean has run)."""
+    kept = StagePaths.of(run_dir, "clean").kept
+    if not kept.is_file():
+        return None
+    paths = tables.read_parquet(kept, columns=[tables.IMAGE])[tables.IMAGE]
+    return tables.files_fingerprint(cfg.data.image_root, paths)
 
-    probe reads the image files (their cheap ``files_fingerprint``); quality may read an alignment
-    model folder. The task layer can use this for its cache key and record it in the stats as
-    ``extra_digest``, so ``stale`` sees an edited image or model too.
-    """
-    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
-    if stage == "probe":
-        kept = StagePaths.of(run_dir, "clean").kept
-        if not kept.is_file():
-            return None
-        paths = tables.read_parquet(kept, columns=[tables.IMAGE])[tables.IMAGE]
-        return tables.files_fingerprint(cfg.data.image_root, paths)
-    if stage == "quality":
-        model = getattr(cfg.quality, "alignment_model", None)
-        return tables.dir_digest(model) if model is not None else "none"
-    return None
+
+def _alignment_model(cfg: PipelineConfig, run_dir: Path) -> str:
+    model = cfg.quality.alignment_model
+    return tables.dir_digest(model) if model is not None else "none"
+
+
+def _train_files(cfg: PipelineConfig, run_dir: Path) -> str:
+    """The model presets, the synonym table and a local base model: data the training code reads."""
+    from mmcore.augment import DEFAULT_SYNONYMS
+
+    synonyms = Path(cfg.train.synonyms) if cfg.train.synonyms is not None else DEFAULT_SYNONYMS
+    synonyms_digest = tables.file_digest(synonyms) if synonyms.is_file() else f"missing:{synonyms}"
+    model = tables.dir_digest(cfg.train.model_path) if cfg.train.model_path is not None else "preset"
+    return tables.text_digest(tables.dir_digest(MODELS_DIR), synonyms_digest, model)
+
+
+def _trained_model(cfg: PipelineConfig, run_dir: Path) -> str:
+    return tables.dir_digest(run_dir / "train" / "model")
+
+
+@dataclass(frozen=True)
+class Extra:
+    """What a stage reads besides its input table and config, and how to digest it."""
+
+    what: str  # for the stale reason: "files it reads besides its input (<what>) changed"
+    digest: Callable[[PipelineConfig, Path], str | None]
+
+
+# The one list of extra inputs: the task layer adds each digest to the stage's cache key and records
+# it in the stage's stats as ``extra_digest``; ``stale`` compares that record with today's digest.
+EXTRAS: dict[str, Extra] = {
+    "probe": Extra("image files", _images),
+    "quality": Extra("alignment model", _alignment_model),
+    "train": Extra("model presets, synonyms or base model", _train_files),
+    "evaluate": Extra("trained model", _trained_model),
+}
+
+
+def extra_digest(stage: str, cfg: PipelineConfig, run_dir: str | os.PathLike | None = None) -> str | None:
+    """Digest of what ``stage`` reads besides its input table and config (``EXTRAS``), or ``None`` if nothing."""
+    extra = EXTRAS.get(stage)
+    return extra.digest(cfg, Path(run_dir if run_dir is not None else cfg.run_dir)) if extra is not None else None
 
 
 def stale(run_dir: str | os.PathLike, cfg: PipelineConfig | None = None) -> list[dict[str, str]]:
@@ -114,8 +150,8 @@ def stale(run_dir: str | os.PathLike, cfg: PipelineConfig | None = None) -> list
             why.append(f"config section {stage!r} changed")
         if stats.get("code_digest") != code_digest(f"mmcore.{stage}"):
             why.append(f"code of mmcore.{stage} (or a module it imports) changed")
-        if "extra_digest" in stats and stats["extra_digest"] != extra_digest(stage, cfg, run_dir):
-            why.append("files it reads besides its input (images, model) changed")
+        if stage in EXTRAS and "extra_digest" in stats and stats["extra_digest"] != extra_digest(stage, cfg, run_dir):
+            why.append(f"files it reads besides its input ({EXTRAS[stage].what}) changed")
         if stage == STAGES[0]:
             why += _clean_inputs(cfg, stats, saved)
         elif prev_kept is not None and stats.get("input_digest") != prev_kept:

@@ -3,16 +3,19 @@
 Prefect's ``INPUTS`` policy would hash a path as a string, not the file's bytes, and
 ``TASK_SOURCE`` sees only the task body, not the mmcore code it calls. So a stage's cache key is
 built here from content digests of its inputs, its config section, the data section, the seed,
-the run folder and ``provenance.code_digest`` of its mmcore module.
+the run folder, ``provenance.code_digest`` of its mmcore module and, for the stages in
+``mmcore.stale.EXTRAS``, the digest of what the stage reads besides its input table.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -23,10 +26,17 @@ from mmcore import tables
 from mmcore.base import StageContext
 from mmcore.config import PipelineConfig
 from mmcore.provenance import code_digest
+from mmcore.stale import EXTRAS, extra_digest
 from mmcore.tables import StagePaths
 
 # Bump to invalidate every cached stage at once (e.g. after a change to this caching scheme).
 CACHE_SCHEME = "1"
+
+# The extra digest a task run's cache key was built from, for its body to record in the stats.
+# Prefect calls the key function and then the body in the same context, but passes the body nothing
+# from the key; computing the digest again would lstat every image (probe) or hash a model folder
+# (quality, train, evaluate) a second time, and could record a value other than the key's.
+_KEYED_EXTRA: ContextVar[tuple[UUID, str | None] | None] = ContextVar("mmpipe_keyed_extra", default=None)
 
 
 @dataclass(frozen=True)
@@ -72,13 +82,13 @@ def digest_of(value: Any) -> str:
 
 
 def stage_cache(stage: str, *inputs: str, extra: Callable[[dict[str, Any]], str] | None = None) -> CachePolicy:
-    """Cache policy keyed on the content of ``inputs`` (parameter names) + config + code.
+    """Cache policy keyed on the content of ``inputs`` (parameter names) + config + code + ``EXTRAS``.
 
     Args:
-        extra: returns a further digest from the parameters (e.g. the image files' fingerprint).
+        extra: returns a further digest from the parameters (e.g. the manifest's), not recorded.
     """
 
-    def key(_: TaskRunContext, params: dict[str, Any]) -> str:
+    def key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
         cfg: PipelineConfig = params["cfg"]
         parts = [
             CACHE_SCHEME,
@@ -92,6 +102,8 @@ def stage_cache(stage: str, *inputs: str, extra: Callable[[dict[str, Any]], str]
         ]
         if extra is not None:
             parts.append(extra(params))
+        if stage in EXTRAS:
+            parts.append(_key_extra(ctx, stage, cfg))
         return tables.text_digest(*parts)
 
     return CachePolicy.from_cache_key_fn(key) + TASK_SOURCE
@@ -103,23 +115,41 @@ def is_transient(task, task_run, state) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
 
 
+def _key_extra(ctx: TaskRunContext, stage: str, cfg: PipelineConfig) -> str:
+    """The stage's ``EXTRAS`` digest for its cache key, kept for the task body (``_keyed_extra``).
+
+    Module-level, not inside the key closure: Dask pickles the closure by value, and a ContextVar
+    does not pickle.
+    """
+    digest = extra_digest(stage, cfg)
+    _KEYED_EXTRA.set((ctx.task_run.id, digest))
+    return digest or "none"
+
+
+def _keyed_extra(stage: str, cfg: PipelineConfig) -> str | None:
+    """The ``EXTRAS`` digest this task run's cache key was built from (computed now outside one)."""
+    ctx, keyed = TaskRunContext.get(), _KEYED_EXTRA.get()
+    if ctx is not None and keyed is not None and keyed[0] == ctx.task_run.id:
+        return keyed[1]
+    return extra_digest(stage, cfg)
+
+
 def execute(
     stage: str,
     cfg: PipelineConfig,
     table: pd.DataFrame,
     input_digest: str,
     run: Callable[..., tables.StageResult],
-    extra_digest: str | None = None,
 ) -> StageOutput:
     """Run one mmcore stage on a table and write its artifacts (accounting checked on write).
 
-    Args:
-        extra_digest: digest of what the stage reads besides its table, recorded for staleness.
+    The stats record the stage's ``EXTRAS`` digest as ``extra_digest``, for ``mmpipe inspect --stale``.
     """
+    extra = _keyed_extra(stage, cfg)  # before the stage runs, as the cache key saw its inputs
     t0 = time.perf_counter()
     result = run(table, cfg.section(stage), context(cfg))
-    if extra_digest is not None:
-        result = tables.StageResult(result.kept, result.quarantined, {**result.stats, "extra_digest": extra_digest})
+    if extra is not None:
+        result = tables.StageResult(result.kept, result.quarantined, {**result.stats, "extra_digest": extra})
     stats = tables.write_stage(
         cfg.run_dir,
         stage,

@@ -15,10 +15,8 @@ from mmcore import split as split_stage
 from mmcore import tables
 from mmcore import train as train_stage
 from mmcore.config import PipelineConfig, dump_config
-from mmcore.stale import extra_digest
 from tasks.common import (
     StageOutput,
-    digest_of,
     execute,
     is_transient,
     publish,
@@ -33,32 +31,6 @@ _IO = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, pe
 
 def _manifest(params: dict) -> str:
     return tables.file_digest(Path(params["cfg"].data.manifest))
-
-
-def _extra(stage: str):
-    """What a stage reads besides its input table (probe: the image files; quality: the alignment
-    model), defined once in ``mmcore.stale`` so ``mmpipe inspect --stale`` sees the same thing."""
-
-    def digest(params: dict) -> str:
-        return extra_digest(stage, params["cfg"]) or "none"
-
-    return digest
-
-
-def _train_files(params: dict) -> str:
-    """Model presets and the synonym table are data the training code reads: part of its version."""
-    from mmcore.augment import DEFAULT_SYNONYMS
-    from mmcore.clip_model import MODELS_DIR
-
-    cfg: PipelineConfig = params["cfg"]
-    synonyms = Path(cfg.train.synonyms) if cfg.train.synonyms is not None else DEFAULT_SYNONYMS
-    model = tables.dir_digest(cfg.train.model_path) if cfg.train.model_path is not None else "preset"
-    return tables.text_digest(tables.dir_digest(MODELS_DIR), digest_of(synonyms), model)
-
-
-def _model(params: dict) -> str:
-    """The trained model's files: evaluation must re-run when the model changes."""
-    return tables.dir_digest(params["cfg"].run_dir / "train" / "model")
 
 
 def _upstream(params: dict) -> str:
@@ -87,16 +59,16 @@ def clean(cfg: PipelineConfig) -> StageOutput:
     return execute("clean", cfg, table, tables.file_digest(cfg.data.manifest), clean_stage.run)
 
 
-@task(name="probe", cache_policy=stage_cache("probe", "src", extra=_extra("probe")), on_completion=[publish], **_IO)
+@task(name="probe", cache_policy=stage_cache("probe", "src"), on_completion=[publish], **_IO)
 def probe(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
     table, digest = read_input(src)
-    return execute("probe", cfg, table, digest, probe_stage.run, extra_digest=extra_digest("probe", cfg))
+    return execute("probe", cfg, table, digest, probe_stage.run)
 
 
-@task(name="quality", cache_policy=stage_cache("quality", "src", extra=_extra("quality")), on_completion=[publish], **_IO)
+@task(name="quality", cache_policy=stage_cache("quality", "src"), on_completion=[publish], **_IO)
 def quality(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
     table, digest = read_input(src)
-    return execute("quality", cfg, table, digest, quality_stage.run, extra_digest=extra_digest("quality", cfg))
+    return execute("quality", cfg, table, digest, quality_stage.run)
 
 
 @task(name="split", cache_policy=stage_cache("split", "src"), on_completion=[publish], **_IO)
@@ -105,7 +77,7 @@ def split(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
     return execute("split", cfg, table, digest, split_stage.run)
 
 
-@task(name="train", cache_policy=stage_cache("train", "src", extra=_train_files), on_completion=[publish], **_IO)
+@task(name="train", cache_policy=stage_cache("train", "src"), on_completion=[publish], **_IO)
 def train(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
     """Trains on GPU when there is one, else on CPU (the stats and the artifact say which)."""
     table, digest = read_input(src)
@@ -114,7 +86,7 @@ def train(src: StageOutput, cfg: PipelineConfig) -> StageOutput:
 
 @task(
     name="evaluate",
-    cache_policy=stage_cache("evaluate", "src", "model", extra=_model),
+    cache_policy=stage_cache("evaluate", "src", "model"),
     on_completion=[publish, publish_metrics],
     **_IO,
 )

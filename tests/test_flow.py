@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -45,6 +46,39 @@ def test_rerun_is_cached_and_byte_identical_and_config_change_reruns(synth_small
     tables.StagePaths.of(run_dir, "clean").kept.unlink()
     pipeline(cfg)
     assert _bytes(run_dir, "clean") == first["clean"]
+
+
+def test_extra_digests_are_computed_once_by_the_cache_key_and_recorded(synth_small, tmp_path, monkeypatch):
+    """Each stage's ``EXTRAS`` digest: computed by its cache key only, recorded in its stats, seen by stale()."""
+    from flows.pipeline import pipeline
+    from mmcore import stale
+    from mmcore.augment import DEFAULT_SYNONYMS
+
+    calls: Counter[str] = Counter()
+    for stage, extra in list(stale.EXTRAS.items()):
+        def counted(cfg, run_dir, _stage=stage, _digest=extra.digest):
+            calls[_stage] += 1
+            return _digest(cfg, run_dir)
+
+        monkeypatch.setitem(stale.EXTRAS, stage, stale.Extra(extra.what, counted))
+    synonyms = shutil.copy(DEFAULT_SYNONYMS, tmp_path / "synonyms.yaml")
+    cfg = demo_config(synth_small / "manifest.csv", tmp_path / "run", f"train.synonyms={synonyms}")
+
+    pipeline(cfg, until="evaluate")
+    assert calls == {s: 1 for s in stale.EXTRAS}  # not again in the task body
+    pipeline(cfg, until="evaluate")
+    assert calls == {s: 2 for s in stale.EXTRAS} and all(_status(cfg.run_dir, s)["cached"] for s in stale.EXTRAS)
+    for s in stale.EXTRAS:
+        recorded = tables.read_json(tables.StagePaths.of(cfg.run_dir, s).stats)["extra_digest"]
+        assert recorded == stale.extra_digest(s, cfg), s
+    assert {r["stage"]: r["status"] for r in stale.stale(cfg.run_dir, cfg)}["evaluate"] == "fresh"
+
+    # An edited synonym table: train is stale, and the next run trains again.
+    with open(synonyms, "a") as f:
+        f.write("square: [box]\n")
+    assert {r["stage"]: r["status"] for r in stale.stale(cfg.run_dir, cfg)}["train"] == "stale"
+    pipeline(cfg, until="train")
+    assert not _status(cfg.run_dir, "train")["cached"]
 
 
 def test_a_fresh_run_folder_gives_identical_parquet(synth_small, tmp_path):

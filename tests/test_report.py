@@ -35,6 +35,9 @@ SPLITS = ("train", "val", "test")
 
 def _write(cfg, stage: str, inp: pd.DataFrame, input_digest: str, res: tables.StageResult, cached: bool = False) -> dict:
     """What the lead's task layer does: write the stage with the digests stale() compares."""
+    extra = extra_digest(stage, cfg)
+    if extra is not None:
+        res = tables.StageResult(res.kept, res.quarantined, {**res.stats, "extra_digest": extra})
     stats = tables.write_stage(
         cfg.run_dir, stage, res, input_ids=inp[tables.ROW_ID].to_numpy(), input_digest=input_digest, seconds=0.25,
         config_digest=tables.json_digest(cfg.section(stage).model_dump(mode="json")), code_digest=code_digest(f"mmcore.{stage}"),
@@ -168,9 +171,9 @@ def _fake_evaluate(df: pd.DataFrame, run_dir: Path, image_root: Path) -> tables.
     return tables.StageResult(df, tables.empty_quarantine(df), stats)
 
 
-def make_run(tmp: Path, data: Path, until: str = "evaluate") -> tuple[Path, object]:
+def make_run(tmp: Path, data: Path, until: str = "evaluate", *overrides: str) -> tuple[Path, object]:
     """A run folder of the synthetic set in ``data``: real clean, realistic later stages, up to ``until``."""
-    cfg = demo_config(data / "manifest.csv", tmp / "run")
+    cfg = demo_config(data / "manifest.csv", tmp / "run", *overrides)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     tables.write_bytes(dump_config(cfg).encode(), cfg.run_dir / "config.yaml")
     extend_run(cfg, data, until)
@@ -471,12 +474,11 @@ def test_a_changed_manifest_or_rewritten_artifact_is_stale(tmp_path, synth_small
 
     # The probe's images, recorded as extra_digest: an edited image makes the probe stale.
     st = tables.read_json(run_dir / "probe" / "stats.json")
-    tables.write_json({**st, "extra_digest": extra_digest("probe", cfg)}, run_dir / "probe" / "stats.json")
-    assert stale(run_dir, cfg)[1]["status"] == "fresh"
+    assert st["extra_digest"] == extra_digest("probe", cfg)
     image = data / tables.load(run_dir, "clean")[tables.IMAGE].iloc[0]
     image.write_bytes(image.read_bytes() + b"\0")
-    assert "files it reads besides its input" in stale(run_dir, cfg)[1]["why"]
-    tables.write_json(st, run_dir / "probe" / "stats.json")
+    assert "files it reads besides its input (image files) changed" in stale(run_dir, cfg)[1]["why"]
+    tables.write_json({k: v for k, v in st.items() if k != "extra_digest"}, run_dir / "probe" / "stats.json")
 
     # The probe's input record no longer matches clean's output (clean re-ran since).
     st = tables.read_json(run_dir / "probe" / "stats.json")
@@ -493,6 +495,23 @@ def test_a_changed_manifest_or_rewritten_artifact_is_stale(tmp_path, synth_small
         f.write("images/00000.jpg,a new caption here,s0,2024-01-01T00:00:00Z,circle,flat\n")
     rows = stale(run_dir, cfg)
     assert "manifest" in rows[0]["why"] and rows[1]["status"] == "stale" and "upstream stage 'clean' is stale" in rows[1]["why"]
+
+
+def test_an_edited_synonym_table_makes_train_and_later_stages_stale(tmp_path, synth_small):
+    from mmcore.augment import DEFAULT_SYNONYMS
+
+    synonyms = tmp_path / "synonyms.yaml"
+    synonyms.write_bytes(DEFAULT_SYNONYMS.read_bytes())
+    run_dir, cfg = make_run(tmp_path, synth_small, "evaluate", f"train.synonyms={synonyms}")
+    fresh = {r["stage"]: r["status"] for r in stale(run_dir, cfg)}
+    assert fresh == {**{s: "fresh" for s in tables.STAGES[:-1]}, "report": "not run"}
+
+    with open(synonyms, "a") as f:
+        f.write("square: [box]\n")
+    by = {r["stage"]: r for r in stale(run_dir, cfg)}
+    assert all(by[s]["status"] == "fresh" for s in ("clean", "probe", "quality", "split"))
+    assert by["train"]["status"] == "stale" and "(model presets, synonyms or base model) changed" in by["train"]["why"]
+    assert by["evaluate"]["status"] == "stale" and "upstream stage 'train' is stale" in by["evaluate"]["why"]
 
 
 def test_a_code_change_is_stale(tmp_path, synth_small):

@@ -298,3 +298,6 @@ def test_relative_path_overrides_are_made_absolute_where_deploy_runs(tmp_path, m
     monkeypatch.chdir(tmp_path)
     got = _absolute_overrides(["out=runs/x", "data.manifest=/abs/m.csv", "clean.min_chars=3", "data.root=img"])
     assert got == [f"out={tmp_path / 'runs/x'}", "data.manifest=/abs/m.csv", "clean.min_chars=3", f"data.root={tmp_path / 'img'}"]
+    # Every path field of the config, nested sections too, not a hand-kept list.
+    paths = ["quality.alignment_model=clip", "train.model_path=m", "train.tokenizer_path=t.json", "train.synonyms=s.yaml"]
+    assert _absolute_overrides(paths) == [f"{k}={tmp_path / v}" for k, v in (p.split("=") for p in paths)]
