@@ -106,15 +106,24 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{loc or 'config'}: {msg}, got {got!r} ({source})" if loc else f"config: {msg} ({source})"
 
 
+def _absolute_paths(model: BaseModel) -> BaseModel:
+    """``model`` with every relative ``Path`` field, in nested sections too, made absolute."""
+    update: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            if (fixed := _absolute_paths(value)) is not value:
+                update[name] = fixed
+        elif isinstance(value, Path) and not value.is_absolute():
+            update[name] = Path(os.path.abspath(value))
+    return model.model_copy(update=update) if update else model
+
+
 def _absolute(cfg: PipelineConfig) -> PipelineConfig:
-    """Resolve relative paths against the current directory, so the saved config is self-contained."""
-    data = cfg.data.model_copy(
-        update={
-            "manifest": Path(os.path.abspath(cfg.data.manifest)),
-            "root": Path(os.path.abspath(cfg.data.root)) if cfg.data.root is not None else None,
-        }
-    )
-    return cfg.model_copy(update={"data": data, "out": Path(os.path.abspath(cfg.run_dir))})
+    """Resolve relative paths (every field in ``path_keys``) against the current directory, so the
+    saved config is self-contained and a stage's file digests do not depend on where it is read."""
+    cfg = _absolute_paths(cfg)
+    return cfg.model_copy(update={"out": Path(os.path.abspath(cfg.run_dir))})
 
 
 def build_config(tree: dict[str, Any], source: str = "<dict>") -> PipelineConfig:

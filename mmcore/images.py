@@ -180,7 +180,7 @@ def load_reduced(fp: str | os.PathLike | IO[bytes], size: int, color: bool = Fal
     """
     with Image.open(fp) as im:  # opened at its first frame; later frames are never decoded
         o = orientation(im)
-        if im.format == "JPEG":
+        if im.format in ("JPEG", "MPO"):  # an MPO opens at its first picture, a JPEG
             im.draft("RGB" if color else "L", (size, size))
         arr = _rgb_array(im) if color else _gray_array(im)
     return _reduce_upright(arr, size, o)
@@ -191,10 +191,13 @@ class DamagedJPEG(ValueError):
 
 
 # libjpeg's warnings (JWRN_HIT_MARKER, JWRN_HUFF_BAD_CODE, JWRN_MUST_RESYNC, JWRN_ARITH_BAD_CODE,
-# JWRN_JPEG_EOF) after which part of the image is not the encoded one. Others, such as
-# "extraneous bytes before marker" (padding some cameras write), leave every pixel intact.
+# JWRN_JPEG_EOF) after which part of the image is not the encoded one, and "extraneous bytes before"
+# a restart marker (0xd0-0xd7: nothing may precede one, so the decoder lost its place). The same
+# warning before the end marker (0xd9) is also what padding some cameras write leaves, so it is not
+# counted. libjpeg sees only damage that breaks the stream's structure: a few flipped bits that keep
+# it in step decode to wrong pixels without any warning, here as in every decoder.
 _DAMAGE = ("premature end of data segment", "bad huffman code", "instead of rst", "bad arithmetic code",
-           "premature end of jpeg file")
+           "premature end of jpeg file", *(f"before marker 0xd{i}" for i in range(8)))
 
 
 def _jpeg_reduced(data: bytes, size: int, color: bool, strict: bool) -> np.ndarray | None:
@@ -247,7 +250,7 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Imag
     """
     with Image.open(io.BytesIO(faults.read_bytes(path))) as im:  # at its first frame
         o = orientation(im)
-        if max_side is not None and im.format == "JPEG":
+        if max_side is not None and im.format in ("JPEG", "MPO"):
             im.draft("RGB", (max_side, max_side))
         out = Image.fromarray(_rgb_array(im))
     if o != 1:

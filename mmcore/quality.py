@@ -256,6 +256,15 @@ def _colour_recheck(data: bytes, cfg: QualityConfig, orientation: int | None) ->
     return _sharpness(chans), max(_entropy(_hist(x)) for x in chans)
 
 
+def _orientation_tag(value) -> int | None:
+    """The probe's EXIF orientation (1-8); None (read it from the file) for anything else."""
+    try:
+        tag = int(value)
+    except (TypeError, ValueError):
+        return None
+    return tag if 1 <= tag <= 8 else None
+
+
 def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
     """Scores of the images of ``rows`` (columns row_id, image_path, and the probe's EXIF
     ``orientation`` when known), one row each.
@@ -269,7 +278,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
     paths = rows[IMAGE].tolist()
     n = len(paths)
     # Known orientations spare a JPEG Pillow's header parse (see images.decode_reduced).
-    tags = [None if pd.isna(t) else int(t) for t in rows[ORIENTATION]] if ORIENTATION in rows else [None] * n
+    tags = [_orientation_tag(t) for t in rows[ORIENTATION]] if ORIENTATION in rows else [None] * n
     scorer = Scorer(n, cfg.analysis_size)
     sizes, sums, errors, details = [""] * n, [""] * n, [""] * n, [""] * n
     with images.pixel_limit(None):  # the probe refused oversized headers already
@@ -404,11 +413,11 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
     texts = table[TEXT].tolist()
     # Each distinct image is decoded and embedded once, however many captions it has: rows are
     # taken in image order, and a batch reuses the embeddings of the batch before it.
-    codes, uniq = pd.factorize(table[IMAGE].to_numpy())
+    codes, uniq = pd.factorize(table[IMAGE].to_numpy(), use_na_sentinel=False)
     order = np.argsort(codes, kind="stable")
     image_error = [""] * len(uniq)
 
-    def load(c: int):
+    def load(c: int):  # at most once per image: a failure is remembered in image_error
         try:
             return images.load_rgb(images.resolve_under(root_real, uniq[c]), max_side=448)
         except Exception as e:  # changed or broken since it was scored: its rows, never the batch
@@ -422,7 +431,8 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
     with torch.no_grad():
         for lo in range(0, n, batch_size):
             rows = order[lo : lo + batch_size]
-            todo = [(c, im) for c in dict.fromkeys(codes[rows].tolist()) if c not in previous and (im := load(c)) is not None]
+            todo = [(c, im) for c in dict.fromkeys(codes[rows].tolist())
+                    if c not in previous and not image_error[c] and (im := load(c)) is not None]
             emb = {c: previous[c] for c in codes[rows].tolist() if c in previous}
             if todo:
                 px = image_proc(images=[im for _, im in todo], return_tensors="pt")["pixel_values"]

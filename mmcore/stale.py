@@ -80,14 +80,26 @@ def _alignment_model(cfg: PipelineConfig, run_dir: Path) -> str:
     return tables.dir_digest(model) if model is not None else "none"
 
 
+def _path_digest(path: Path | None, default: str) -> str:
+    """A file's or a folder's content digest; ``default`` for no path, ``missing:...`` for a bad one."""
+    if path is None:
+        return default
+    path = Path(path)
+    if path.is_dir():
+        return tables.dir_digest(path)
+    return tables.file_digest(path) if path.is_file() else f"missing:{path}"
+
+
 def _train_files(cfg: PipelineConfig, run_dir: Path) -> str:
-    """The model presets, the synonym table and a local base model: data the training code reads."""
+    """The model presets, the synonym table, a local base model and a given tokenizer: data the
+    training code reads."""
     from mmcore.augment import DEFAULT_SYNONYMS
 
-    synonyms = Path(cfg.train.synonyms) if cfg.train.synonyms is not None else DEFAULT_SYNONYMS
-    synonyms_digest = tables.file_digest(synonyms) if synonyms.is_file() else f"missing:{synonyms}"
-    model = tables.dir_digest(cfg.train.model_path) if cfg.train.model_path is not None else "preset"
-    return tables.text_digest(tables.dir_digest(MODELS_DIR), synonyms_digest, model)
+    t = cfg.train
+    return tables.text_digest(
+        tables.dir_digest(MODELS_DIR), _path_digest(t.synonyms or DEFAULT_SYNONYMS, ""),
+        _path_digest(t.model_path, "preset"), _path_digest(t.tokenizer_path, "trained on captions"),
+    )
 
 
 def _trained_model(cfg: PipelineConfig, run_dir: Path) -> str:
@@ -107,7 +119,7 @@ class Extra:
 EXTRAS: dict[str, Extra] = {
     "probe": Extra("image files", _images),
     "quality": Extra("alignment model", _alignment_model),
-    "train": Extra("model presets, synonyms or base model", _train_files),
+    "train": Extra("model presets, synonyms, base model or tokenizer", _train_files),
     "evaluate": Extra("trained model", _trained_model),
 }
 

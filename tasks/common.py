@@ -22,7 +22,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 
-from mmcore import tables
+from mmcore import faults, tables
 from mmcore.base import StageContext
 from mmcore.config import PipelineConfig
 from mmcore.provenance import code_digest
@@ -112,6 +112,8 @@ def stage_cache(stage: str, *inputs: str, extra: Callable[[dict[str, Any]], str]
 def is_transient(task, task_run, state) -> bool:
     """Retry only I/O errors that may pass (a flaky mount); bad data or bugs fail at once."""
     exc = state.result(raise_on_failure=False)
+    if isinstance(exc, faults.ReadError):  # mmcore's reader already retried; its reason code says
+        return exc.reason == "read_error"
     return isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
 
 

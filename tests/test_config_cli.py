@@ -87,3 +87,24 @@ def test_synth_cli_is_deterministic(tmp_path):
         pa_, pb = tmp_path / "a" / rel, tmp_path / "b" / rel
         if pa_.is_file() and not pa_.is_symlink():
             assert pa_.read_bytes() == pb.read_bytes(), rel
+
+
+def test_every_path_is_made_absolute_and_a_given_tokenizer_is_part_of_trains_inputs(tmp_path, monkeypatch):
+    """Relative paths resolve where the config is read, so digests do not depend on where they are
+    computed later; editing a tokenizer file in place makes train stale (its cache key changes)."""
+    from mmcore import stale
+    from mmcore.config import path_keys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tok.json").write_text("{}")
+    cfg = load_config(None, ["data.manifest=m.csv", "train.tokenizer_path=tok.json", "train.synonyms=syn.yaml", "out=run"])
+    for key in ("data.manifest", "train.tokenizer_path", "train.synonyms", "out"):
+        assert key in path_keys()
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        assert value.is_absolute() and str(value).startswith(str(tmp_path)), key
+    before = stale.extra_digest("train", cfg)
+    monkeypatch.chdir("/")
+    assert stale.extra_digest("train", cfg) == before
+    (tmp_path / "tok.json").write_text('{"edited": 1}')
+    assert stale.extra_digest("train", cfg) != before

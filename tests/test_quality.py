@@ -334,6 +334,29 @@ def test_jpeg_fast_path_gives_pillows_pixels():
     assert np.array_equal(images.decode_reduced(cmyk.getvalue(), 16), images.load_reduced(io.BytesIO(cmyk.getvalue()), 16))
 
 
+def test_damage_before_a_restart_marker_is_caught_and_mpo_decodes_alike(tmp_path):
+    """Zeroed bytes in a JPEG with restart markers: libjpeg loses its place ('extraneous bytes before
+    marker 0xd?'), Pillow decodes it silently. And an MPO (first picture) gets the same pixels either way."""
+    buf = io.BytesIO()
+    _scene(seed=4).save(buf, "JPEG", quality=90, restart_marker_blocks=4)
+    b = bytearray(buf.getvalue())
+    sos = b.find(b"\xff\xda")
+    b[sos + 1500 : sos + 1510] = bytes(10)
+    with Image.open(io.BytesIO(bytes(b))) as im:
+        im.load()  # Pillow alone accepts it
+    with pytest.raises(images.DamagedJPEG, match="extraneous bytes before marker 0xd"):
+        images.decode_reduced(bytes(b), 96)
+    assert images.decode_reduced(bytes(b), 96, strict_jpeg=False).shape == (120, 160)  # Pillow's decode
+    mpo = tmp_path / "pair.mpo"
+    _scene(800, 600, seed=1).save(mpo, "MPO", save_all=True, append_images=[_scene(800, 600, seed=2)])
+    with Image.open(mpo) as im:
+        assert im.format == "MPO"
+    data = mpo.read_bytes()
+    for color in (False, True):
+        want = images.load_reduced(io.BytesIO(data), 96, color)
+        assert want.shape[:2] == (150, 200) and np.array_equal(images.decode_reduced(data, 96, color), want)
+
+
 def test_load_rgb_reads_through_the_retrying_reader(root, monkeypatch):
     """Shards, evaluation, the report and the CLIP score decode with load_rgb: flaky reads are retried."""
     from mmcore import faults

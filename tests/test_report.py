@@ -510,7 +510,7 @@ def test_an_edited_synonym_table_makes_train_and_later_stages_stale(tmp_path, sy
         f.write("square: [box]\n")
     by = {r["stage"]: r for r in stale(run_dir, cfg)}
     assert all(by[s]["status"] == "fresh" for s in ("clean", "probe", "quality", "split"))
-    assert by["train"]["status"] == "stale" and "(model presets, synonyms or base model) changed" in by["train"]["why"]
+    assert by["train"]["status"] == "stale" and "(model presets, synonyms, base model or tokenizer) changed" in by["train"]["why"]
     assert by["evaluate"]["status"] == "stale" and "upstream stage 'train' is stale" in by["evaluate"]["why"]
 
 
