@@ -48,30 +48,44 @@ def map_batches(
     (``min_rows_per_worker=0`` always uses the pool). The result is the same either way. On a Dask
     worker the batches go to the cluster, whose workers are already running.
     """
+    return list(imap_batches(fn, items, batch_size=batch_size, workers=workers, min_rows_per_worker=min_rows_per_worker,
+                             desc=desc, progress=progress, args=args))
+
+
+def imap_batches(
+    fn: Callable[..., R],
+    items: Sequence[Any],
+    *,
+    batch_size: int = 256,
+    workers: int = 1,
+    min_rows_per_worker: int = MIN_ROWS_PER_WORKER,
+    desc: str | None = None,
+    progress: bool = False,
+    args: tuple = (),
+) -> Iterator[R]:
+    """``map_batches`` as a generator: each batch's result in order, as soon as it is done, so a
+    caller that writes results out holds only the batches in flight, not the whole output."""
     chunks = list(batches(items, batch_size))
     if min_rows_per_worker > 0:
         workers = min(workers, len(items) // min_rows_per_worker)
-    bar = tqdm(total=len(items), desc=desc, unit="row", disable=not progress, mininterval=0.5)
-    try:
+    with tqdm(total=len(items), desc=desc, unit="row", disable=not progress, mininterval=0.5) as bar:
         if _on_dask_worker():
-            return _map_dask(fn, chunks, args, bar)
-        if workers <= 1 or len(chunks) <= 1:
-            out: list[R] = []
+            yield from _map_dask(fn, chunks, args, bar)
+        elif workers <= 1 or len(chunks) <= 1:
             for c in chunks:
-                out.append(fn(c, *args))
+                result = fn(c, *args)
                 bar.update(len(c))
-            return out
-        # forkserver: workers must not inherit threads or locks of the parent (Prefect, torch).
-        ctx = mp.get_context("forkserver")
-        # Import the heavy modules once in the fork server, not in every worker.
-        ctx.set_forkserver_preload(["numpy", "pandas", "PIL.Image", "mmcore.tables", fn.__module__])
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_mute) as pool:
-            return _windowed(lambda c: pool.submit(_capturing, fn, c, *args), chunks, 2 * workers, bar)
-    finally:
-        bar.close()
+                yield result
+        else:
+            # forkserver: workers must not inherit threads or locks of the parent (Prefect, torch).
+            ctx = mp.get_context("forkserver")
+            # Import the heavy modules once in the fork server, not in every worker.
+            ctx.set_forkserver_preload(["numpy", "pandas", "PIL.Image", "mmcore.tables", fn.__module__])
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_mute) as pool:
+                yield from _windowed(lambda c: pool.submit(_capturing, fn, c, *args), chunks, 2 * workers, bar)
 
 
-def _windowed(submit: Callable[[Sequence[Any]], Any], chunks: list, window: int, bar: tqdm) -> list:
+def _windowed(submit: Callable[[Sequence[Any]], Any], chunks: list, window: int, bar: tqdm) -> Iterator[Any]:
     """``submit(chunk).result()`` for each chunk, in order, with at most ``window`` chunks in flight.
 
     ``submit`` returns a future of ``_capturing``'s ``(result, records)``: the records are replayed
@@ -79,15 +93,13 @@ def _windowed(submit: Callable[[Sequence[Any]], Any], chunks: list, window: int,
     """
     todo = iter(chunks)
     pending = deque((submit(c), len(c)) for c in islice(todo, window))
-    out = []
     while pending:
         fut, n = pending.popleft()
         result, records = fut.result()
         _replay(records)
-        out.append(result)
         bar.update(n)
-        pending.extend((submit(c), len(c)) for c in islice(todo, 1))
-    return out
+        pending.extend((submit(c), len(c)) for c in islice(todo, 1))  # refill before handing over
+        yield result
 
 
 class _Collect(logging.Handler):
@@ -149,7 +161,7 @@ def _on_dask_worker() -> bool:
         return False
 
 
-def _map_dask(fn: Callable[..., R], chunks: list, args: tuple, bar: tqdm) -> list[R]:
+def _map_dask(fn: Callable[..., R], chunks: list, args: tuple, bar: tqdm) -> Iterator[R]:
     """Fan the batches out over the whole Dask cluster from inside a task running on one worker.
 
     ``worker_client`` secedes this task's thread while it waits, so the worker can run batches too.
@@ -158,4 +170,4 @@ def _map_dask(fn: Callable[..., R], chunks: list, args: tuple, bar: tqdm) -> lis
 
     with worker_client() as client:
         window = 2 * max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
-        return _windowed(lambda c: client.submit(_capturing, fn, c, *args, pure=False), chunks, window, bar)
+        yield from _windowed(lambda c: client.submit(_capturing, fn, c, *args, pure=False), chunks, window, bar)

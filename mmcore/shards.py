@@ -27,6 +27,7 @@ from mmcore.tables import IMAGE, ROW_ID, TEXT
 
 META_FILE = "meta.json"
 ROWS_PER_FILE = 8192
+BATCH_SIZE = 128  # images per worker batch
 JPEG_QUALITY = 92
 SPLIT = "split"
 
@@ -86,32 +87,47 @@ def build(
             return meta
     df = table.sort_values(ROW_ID, kind="stable").reset_index(drop=True)
     items = list(zip(df[ROW_ID].astype(int).tolist(), df[IMAGE].astype(str).tolist()))
-    parts = parallel.map_batches(
-        _decode_batch, items, batch_size=128, workers=workers, desc="shards", progress=progress,
+    split = df[SPLIT].astype(str) if SPLIT in df else pd.Series("train", index=df.index)
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # until the new meta is written, the folder holds no valid shards
+    for old in out.glob("part-*.parquet"):
+        old.unlink()
+    files: list[str] = []
+    failed: dict[str, str] = {}
+    ready: list[tuple[int, bytes]] = []  # (position in df, jpeg) decoded, not yet written: under a file's worth
+
+    def write(rows: list[tuple[int, bytes]]) -> None:
+        at = [i for i, _ in rows]
+        t = pa.table({
+            ROW_ID: pa.array(df[ROW_ID].iloc[at].astype("int64").to_numpy()),
+            SPLIT: pa.array(split.iloc[at].tolist(), pa.string()),
+            TEXT: pa.array(df[TEXT].iloc[at].astype(str).tolist(), pa.string()),
+            "jpeg": pa.array([b for _, b in rows], pa.binary()),
+        })
+        name = f"part-{len(files):05d}.parquet"
+        tables.write_parquet(t, out / name)
+        files.append(name)
+
+    # Batches come back in row_id order and go to disk a file at a time: memory holds one file's
+    # images and the batches in flight, however many rows there are.
+    parts = parallel.imap_batches(
+        _decode_batch, items, batch_size=BATCH_SIZE, workers=workers, desc="shards", progress=progress,
         args=(str(image_root), int(image_size)),
         # A full decode, resize and JPEG encode per row (~2 ms): a pool pays off from ~500 rows.
         min_rows_per_worker=500,
     )
-    decoded = [r for p in parts for r in p]
-    jpeg = {rid: b for rid, b, _ in decoded if b is not None}
-    failed = {str(rid): err for rid, b, err in decoded if b is None}
-    ok = df[df[ROW_ID].isin(jpeg)]
-    split = ok[SPLIT].astype(str) if SPLIT in ok else pd.Series("train", index=ok.index)
-    for old in out.glob("part-*.parquet"):
-        old.unlink()
-    files = []
-    for i in range(0, max(len(ok), 1), ROWS_PER_FILE):
-        chunk = ok.iloc[i : i + ROWS_PER_FILE]
-        t = pa.table({
-            ROW_ID: pa.array(chunk[ROW_ID].astype("int64").to_numpy()),
-            SPLIT: pa.array(split.iloc[i : i + ROWS_PER_FILE].tolist(), pa.string()),
-            TEXT: pa.array(chunk[TEXT].astype(str).tolist(), pa.string()),
-            "jpeg": pa.array([jpeg[r] for r in chunk[ROW_ID]], pa.binary()),
-        })
-        name = f"part-{i // ROWS_PER_FILE:05d}.parquet"
-        tables.write_parquet(t, out / name)
-        files.append(name)
-    meta = {"key": key, "image_size": int(image_size), "n_rows": int(len(ok)), "files": files, "failed": failed}
+    for i, (rid, b, err) in enumerate(r for part in parts for r in part):
+        if b is None:
+            failed[str(rid)] = err
+            continue
+        ready.append((i, b))
+        if len(ready) == ROWS_PER_FILE:
+            write(ready)
+            ready = []
+    if ready or not files:  # an empty build still writes one (empty) file
+        write(ready)
+    n_rows = len(df) - len(failed)
+    meta = {"key": key, "image_size": int(image_size), "n_rows": n_rows, "files": files, "failed": failed}
     tables.write_json(meta, meta_path)
     return meta
 

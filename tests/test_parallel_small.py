@@ -75,3 +75,16 @@ def test_dask_workers_log_records_are_replayed_in_the_task_that_mapped():
     assert [s for b in out for s in b] == [x * x for x in ROWS]
     # Prefect attaches a record to the task run of the thread that handles it: the task's, not a batch's.
     assert [m for m, t in seen.seen if t == task_thread] == [f"retry row {x}" for x in ROWS]
+
+
+def test_imap_batches_hands_each_result_over_before_running_later_batches():
+    """What lets a caller (shards) write results out as they come instead of holding them all."""
+    ran: list[int] = []
+
+    def record(batch):
+        ran.extend(batch)
+        return sum(batch)
+
+    it = parallel.imap_batches(record, ROWS, batch_size=5)
+    assert next(it) == sum(ROWS[:5]) and ran == ROWS[:5]
+    assert list(it) == [sum(ROWS[i : i + 5]) for i in range(5, len(ROWS), 5)] and ran == ROWS

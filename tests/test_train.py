@@ -115,6 +115,28 @@ def test_shards_are_deterministic_cached_and_quarantine_bad_images(demo, tmp_pat
     assert (tmp_path / "a" / m1["files"][0]).stat().st_mtime_ns == before
 
 
+def test_shards_stream_to_disk_a_file_at_a_time(demo, tmp_path, monkeypatch):
+    """A file is written as soon as it is full, before later images are decoded: memory holds one
+    file's images, not the dataset's; the rows, their order and the split column are as in one pass."""
+    table, data = demo
+    t = table.head(45).copy()
+    t["split"] = np.where(np.arange(len(t)) % 3 == 0, "val", "train")
+    t.loc[t.index[7], tables.IMAGE] = "images/missing.jpg"
+    monkeypatch.setattr(shards, "ROWS_PER_FILE", 10)
+    monkeypatch.setattr(shards, "BATCH_SIZE", 4)
+    decoded, written = [], []
+    decode_batch, write_parquet = shards._decode_batch, tables.write_parquet
+    monkeypatch.setattr(shards, "_decode_batch", lambda rows, *a: decoded.extend(rows) or decode_batch(rows, *a))
+    monkeypatch.setattr(tables, "write_parquet", lambda tb, path: written.append(len(decoded)) or write_parquet(tb, path))
+    meta = shards.build(t, data.image_root, tmp_path / "s", 32)
+    assert meta["files"] == [f"part-{i:05d}.parquet" for i in range(5)] and meta["n_rows"] == 44
+    assert written[0] < len(t)  # the first file went out while rows were still undecoded
+    rows = shards.read(tmp_path / "s")
+    want = t.drop(index=t.index[7]).sort_values(tables.ROW_ID)
+    assert rows[tables.ROW_ID].tolist() == want[tables.ROW_ID].tolist()
+    assert rows["split"].tolist() == want["split"].tolist() and rows[tables.TEXT].tolist() == want[tables.TEXT].tolist()
+
+
 # --------------------------------------------------------------------------- the stage
 
 
