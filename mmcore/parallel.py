@@ -30,26 +30,9 @@ def batches(items: Sequence[T], batch_size: int) -> Iterator[Sequence[T]]:
         yield items[i : i + batch_size]
 
 
-def map_batches(
-    fn: Callable[..., R],
-    items: Sequence[Any],
-    *,
-    batch_size: int = 256,
-    workers: int = 1,
-    min_rows_per_worker: int = MIN_ROWS_PER_WORKER,
-    desc: str | None = None,
-    progress: bool = False,
-    args: tuple = (),
-) -> list[R]:
-    """``[fn(batch, *args) for batch in batches(items)]``, over up to ``workers`` processes, in order.
-
-    ``fn`` must be a module-level function (it is pickled). The pool gets one process per
-    ``min_rows_per_worker`` rows, at most ``workers``; with one or none the batches run in-process
-    (``min_rows_per_worker=0`` always uses the pool). The result is the same either way. On a Dask
-    worker the batches go to the cluster, whose workers are already running.
-    """
-    return list(imap_batches(fn, items, batch_size=batch_size, workers=workers, min_rows_per_worker=min_rows_per_worker,
-                             desc=desc, progress=progress, args=args))
+def map_batches(fn: Callable[..., R], items: Sequence[Any], **options: Any) -> list[R]:
+    """Every batch's result, in order: ``list(imap_batches(fn, items, **options))``."""
+    return list(imap_batches(fn, items, **options))
 
 
 def imap_batches(
@@ -63,8 +46,15 @@ def imap_batches(
     progress: bool = False,
     args: tuple = (),
 ) -> Iterator[R]:
-    """``map_batches`` as a generator: each batch's result in order, as soon as it is done, so a
-    caller that writes results out holds only the batches in flight, not the whole output."""
+    """``fn(batch, *args) for batch in batches(items)``, over up to ``workers`` processes, in order.
+
+    Each result is handed over as soon as it and those before it are done, so a caller that writes
+    results out holds only the batches in flight (at most ``2 x workers``), not the whole output.
+    ``fn`` must be a module-level function (it is pickled). The pool gets one process per
+    ``min_rows_per_worker`` rows, at most ``workers``; with one or none the batches run in-process
+    (``min_rows_per_worker=0`` always uses the pool). The result is the same either way. On a Dask
+    worker the batches go to the cluster, whose workers are already running.
+    """
     chunks = list(batches(items, batch_size))
     if min_rows_per_worker > 0:
         workers = min(workers, len(items) // min_rows_per_worker)
