@@ -1,16 +1,21 @@
 """Images decoded once into pre-resized JPEG shards, so epochs never re-decode full-size files.
 
-``build`` writes ``part-NNNNN.parquet`` files (row_id, split, text, jpeg) of square images at the
+``build`` writes ``<split>-NNNNN.arrow`` files (row_id, split, text, jpeg) of square images at the
 training resolution (short side resized, centre crop: the eval preprocessing, so val scores
 during training match evaluation) and ``meta.json`` keyed on the input rows and resolution; a
 second call with the same key reuses them. Bytes are deterministic (fixed JPEG settings, order
 by row_id).
+
+The files are uncompressed Arrow IPC, not Parquet: ``read`` memory-maps them, so the JPEG bytes
+stay in the page cache (shared by DataLoader workers and by every rank on a machine) instead of
+being copied into each process. One split's rows are whole files, so reading a split copies nothing.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +26,17 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mmcore import parallel, tables
-from mmcore.errors import row_detail
+from mmcore.errors import InputError, row_detail
 from mmcore.images import load_rgb, resolve_path
 from mmcore.tables import IMAGE, ROW_ID, TEXT
 
 META_FILE = "meta.json"
+FORMAT = "arrow-ipc-1"  # in the key: shards of an older layout are rebuilt, not misread
 ROWS_PER_FILE = 8192
 BATCH_SIZE = 128  # images per worker batch
 JPEG_QUALITY = 92
 SPLIT = "split"
+_SCHEMA = pa.schema([(ROW_ID, pa.int64()), (SPLIT, pa.string()), (TEXT, pa.string()), ("jpeg", pa.binary())])
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -47,7 +54,7 @@ def _key(table: pd.DataFrame, image_root: Path, image_size: int) -> str:
     cols = [ROW_ID, IMAGE, TEXT] + ([SPLIT] if SPLIT in table else [])
     t = table[cols].sort_values(ROW_ID)
     return tables.text_digest(
-        str(image_size), str(JPEG_QUALITY), str(Path(image_root).resolve()),
+        FORMAT, str(image_size), str(JPEG_QUALITY), str(Path(image_root).resolve()),
         pd.util.hash_pandas_object(t, index=False).to_numpy().tobytes(),
     )
 
@@ -88,59 +95,69 @@ def build(
     df = table.sort_values(ROW_ID, kind="stable").reset_index(drop=True)
     items = list(zip(df[ROW_ID].astype(int).tolist(), df[IMAGE].astype(str).tolist()))
     split = df[SPLIT].astype(str) if SPLIT in df else pd.Series("train", index=df.index)
+    odd = sorted(v for v in split.unique() if not v.isidentifier())
+    if odd:  # split names become file names
+        raise InputError(f"shards: split values must be simple names (train, val, test), got {odd[:5]}")
     out.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # until the new meta is written, the folder holds no valid shards
-    for old in out.glob("part-*.parquet"):
+    for old in [*out.glob("*.arrow"), *out.glob("part-*.parquet")]:
         old.unlink()
-    files: list[str] = []
+    parts: dict[str, list[str]] = {}
     failed: dict[str, str] = {}
-    ready: list[tuple[int, bytes]] = []  # (position in df, jpeg) decoded, not yet written: under a file's worth
+    ready: dict[str, list[tuple[int, bytes]]] = {}  # per split: (position in df, jpeg) not yet written
 
-    def write(rows: list[tuple[int, bytes]]) -> None:
+    def write(name: str, rows: list[tuple[int, bytes]]) -> None:
         at = [i for i, _ in rows]
         t = pa.table({
             ROW_ID: pa.array(df[ROW_ID].iloc[at].astype("int64").to_numpy()),
             SPLIT: pa.array(split.iloc[at].tolist(), pa.string()),
             TEXT: pa.array(df[TEXT].iloc[at].astype(str).tolist(), pa.string()),
             "jpeg": pa.array([b for _, b in rows], pa.binary()),
-        })
-        name = f"part-{len(files):05d}.parquet"
-        tables.write_parquet(t, out / name)
-        files.append(name)
+        }, schema=_SCHEMA)
+        files = parts.setdefault(name, [])
+        files.append(f"{name}-{len(files):05d}.arrow")
+        tables.write_arrow(t, out / files[-1])
 
-    # Batches come back in row_id order and go to disk a file at a time: memory holds one file's
-    # images and the batches in flight, however many rows there are.
-    parts = parallel.imap_batches(
+    # Batches come back in row_id order and go to disk a file at a time: memory holds at most a
+    # file's images per split and the batches in flight, however many rows there are.
+    results = parallel.imap_batches(
         _decode_batch, items, batch_size=BATCH_SIZE, workers=workers, desc="shards", progress=progress,
         args=(str(image_root), int(image_size)),
         # A full decode, resize and JPEG encode per row (~2 ms): a pool pays off from ~500 rows.
         min_rows_per_worker=500,
     )
-    for i, (rid, b, err) in enumerate(r for part in parts for r in part):
+    for i, (rid, b, err) in enumerate(r for batch in results for r in batch):
         if b is None:
             failed[str(rid)] = err
             continue
-        ready.append((i, b))
-        if len(ready) == ROWS_PER_FILE:
-            write(ready)
-            ready = []
-    if ready or not files:  # an empty build still writes one (empty) file
-        write(ready)
-    n_rows = len(df) - len(failed)
-    meta = {"key": key, "image_size": int(image_size), "n_rows": n_rows, "files": files, "failed": failed}
+        name = split.iloc[i]
+        ready.setdefault(name, []).append((i, b))
+        if len(ready[name]) == ROWS_PER_FILE:
+            write(name, ready.pop(name))
+    for name, rows in sorted(ready.items()):
+        write(name, rows)
+    files = [f for name in sorted(parts) for f in parts[name]]
+    meta = {"key": key, "image_size": int(image_size), "n_rows": len(df) - len(failed), "files": files,
+            "parts": {name: parts[name] for name in sorted(parts)}, "failed": failed}
     tables.write_json(meta, meta_path)
     return meta
 
 
 def read(out_dir: str | os.PathLike, split: str | None = None) -> pd.DataFrame:
-    """The shard rows (row_id, split, text, jpeg), optionally one split only, in row_id order."""
+    """The shard rows (row_id, split, text, jpeg) in row_id order, one split or all.
+
+    The files are memory-mapped and the ``jpeg`` column stays Arrow-backed (``pd.ArrowDtype``):
+    ``df["jpeg"].array[i]`` reads one image's bytes from the mapping. One split is read without a
+    copy; all splits are sorted by row_id, which copies.
+    """
     out = Path(out_dir)
     meta = tables.read_json(out / META_FILE)
-    t = pa.concat_tables([pq.read_table(out / f) for f in meta["files"]])
-    df = t.to_pandas()
-    if split is not None:
-        df = df[df[SPLIT] == split]
-    return df.sort_values(ROW_ID, kind="stable").reset_index(drop=True)
+    names = meta["files"] if split is None else meta.get("parts", {}).get(split, [])
+    t = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(out / n))).read_all() for n in names]) if names else _SCHEMA.empty_table()
+    df = t.to_pandas(types_mapper={pa.binary(): pd.ArrowDtype(pa.binary())}.get)
+    if not df[ROW_ID].is_monotonic_increasing:
+        df = df.sort_values(ROW_ID, kind="stable").reset_index(drop=True)
+    return df
 
 
 def decode(jpeg: bytes) -> Image.Image:
@@ -148,14 +165,15 @@ def decode(jpeg: bytes) -> Image.Image:
         return im.convert("RGB")
 
 
-def mean_std(jpegs: list[bytes], max_images: int = 5000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (0..1 scale) over up to ``max_images`` evenly spaced images."""
+def mean_std(jpegs: Sequence[bytes], max_images: int = 5000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0..1 scale) over up to ``max_images`` evenly spaced images
+    (``jpegs`` indexed by position: a list, or a shard column's ``.array``)."""
     step = max(1, len(jpegs) // max_images)
     s = np.zeros(3)
     s2 = np.zeros(3)
     n = 0
-    for b in jpegs[::step]:
-        a = np.asarray(decode(b), dtype=np.float64).reshape(-1, 3) / 255.0
+    for i in range(0, len(jpegs), step):
+        a = np.asarray(decode(jpegs[i]), dtype=np.float64).reshape(-1, 3) / 255.0
         s += a.sum(0)
         s2 += (a * a).sum(0)
         n += a.shape[0]

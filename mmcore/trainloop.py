@@ -103,7 +103,9 @@ class PairDataset(Dataset):
     """Shard images and captions; item ``(epoch, i)`` is sample i augmented with seed (seed, epoch, i)."""
 
     def __init__(self, jpegs, texts, scheme, size, seed, synonyms=None):
-        self.jpegs, self.texts = list(jpegs), list(texts)
+        # jpegs by position: a list, or a shard column's Arrow array read from the memory map (not
+        # copied into this process, nor into each DataLoader worker).
+        self.jpegs, self.texts = jpegs, list(texts)
         self.scheme, self.size, self.seed = scheme, size, seed
         self.synonyms = synonyms
 
@@ -254,7 +256,7 @@ def fit(
             f"train.batch_size x grad_accum ({cfg.batch_size} x {cfg.grad_accum}) exceeds the {n} train rows; lower it"
         )
     synonyms = augment.load_synonyms(cfg.synonyms) if cfg.augment == "synonym" else None
-    ds = PairDataset(data.train["jpeg"], data.train[TEXT], cfg.augment, data.pre.image_size, seed, synonyms)
+    ds = PairDataset(data.train["jpeg"].array, data.train[TEXT], cfg.augment, data.pre.image_size, seed, synonyms)
     weights = data.train["sample_weight"].to_numpy(float) if cfg.weighted_sampler and "sample_weight" in data.train else None
 
     # Resume: model, optimizer, step, RNG and history from the last checkpoint of this same run.
@@ -426,11 +428,11 @@ def run_stage(
         dist.barrier()
         meta = tables.read_json(shard_dir / shards.META_FILE)
     failed = {int(k): v for k, v in meta["failed"].items()}
-    sh = shards.read(shard_dir)
+    train_df, val_df = shards.read(shard_dir, "train"), shards.read(shard_dir, "val")  # memory-mapped
     if "sample_weight" in table:
-        sh = sh.merge(table[[ROW_ID, "sample_weight"]], on=ROW_ID, how="left")
-    train_df = sh[sh["split"] == "train"].reset_index(drop=True)
-    val_df = sh[sh["split"] == "val"].reset_index(drop=True)
+        weight = table.set_index(ROW_ID)["sample_weight"]
+        for df in (train_df, val_df):
+            df["sample_weight"] = weight.reindex(df[ROW_ID]).to_numpy()
     if not len(train_df):
         raise InputError(f"train: no decodable rows with split == 'train' in the input ({len(table)} rows)")
 
@@ -450,7 +452,7 @@ def run_stage(
     ctx_len = clip_model.context_length(model)
     clip_model.configure_tokenizer(tok, ctx_len)
     if cfg.normalize == "dataset":
-        mean, std = shards.mean_std(train_df["jpeg"].tolist())
+        mean, std = shards.mean_std(train_df["jpeg"].array)
     else:
         mean, std = list(clip_model.IMAGENET_MEAN), list(clip_model.IMAGENET_STD)
     pre = clip_model.Preprocess(image_size=image_size, mean=tuple(mean), std=tuple(std), context_length=ctx_len)

@@ -179,9 +179,9 @@ def _run_cli(manifest: Path, out: Path, env: dict[str, str]) -> subprocess.Compl
 
 
 def _parquets(run_dir: Path) -> dict[str, bytes]:
-    """Every Parquet artifact of a run (temporary ``.*.tmp`` files are not artifacts)."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*.parquet"))
-            if not p.name.startswith(".")}
+    """Every Parquet artifact of a run and train's Arrow shards (temporary ``.*.tmp`` files are not artifacts)."""
+    files = [*run_dir.rglob("*.parquet"), *run_dir.rglob("*.arrow")]
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(files) if not p.name.startswith(".")}
 
 
 def _differences(run_dir: Path, want: dict[str, bytes]) -> list[str]:

@@ -125,16 +125,22 @@ def test_shards_stream_to_disk_a_file_at_a_time(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "ROWS_PER_FILE", 10)
     monkeypatch.setattr(shards, "BATCH_SIZE", 4)
     decoded, written = [], []
-    decode_batch, write_parquet = shards._decode_batch, tables.write_parquet
+    decode_batch, write_arrow = shards._decode_batch, tables.write_arrow
     monkeypatch.setattr(shards, "_decode_batch", lambda rows, *a: decoded.extend(rows) or decode_batch(rows, *a))
-    monkeypatch.setattr(tables, "write_parquet", lambda tb, path: written.append(len(decoded)) or write_parquet(tb, path))
+    monkeypatch.setattr(tables, "write_arrow", lambda tb, path: written.append(len(decoded)) or write_arrow(tb, path))
     meta = shards.build(t, data.image_root, tmp_path / "s", 32)
-    assert meta["files"] == [f"part-{i:05d}.parquet" for i in range(5)] and meta["n_rows"] == 44
-    assert written[0] < len(t)  # the first file went out while rows were still undecoded
-    rows = shards.read(tmp_path / "s")
+    # 29 train rows (one image is missing) and 15 val rows, 10 to a file, one split per file
+    assert meta["parts"] == {"train": [f"train-{i:05d}.arrow" for i in range(3)], "val": ["val-00000.arrow", "val-00001.arrow"]}
+    assert meta["n_rows"] == 44 and written[0] < len(t)  # the first file went out while rows were still undecoded
     want = t.drop(index=t.index[7]).sort_values(tables.ROW_ID)
-    assert rows[tables.ROW_ID].tolist() == want[tables.ROW_ID].tolist()
-    assert rows["split"].tolist() == want["split"].tolist() and rows[tables.TEXT].tolist() == want[tables.TEXT].tolist()
+    for split in ("train", "val", None):
+        rows = shards.read(tmp_path / "s", split)
+        w = want if split is None else want[want["split"] == split]
+        assert rows[tables.ROW_ID].tolist() == w[tables.ROW_ID].tolist()
+        assert rows["split"].tolist() == w["split"].tolist() and rows[tables.TEXT].tolist() == w[tables.TEXT].tolist()
+    # Read from the memory map: the split's JPEG bytes are not copied into the DataFrame.
+    train = shards.read(tmp_path / "s", "train")
+    assert isinstance(train["jpeg"].dtype, pd.ArrowDtype) and shards.decode(train["jpeg"].array[0]).size == (32, 32)
 
 
 # --------------------------------------------------------------------------- the stage
