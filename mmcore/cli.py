@@ -85,7 +85,9 @@ def _run(cfg, until: str, runner: str = "local", address: str | None = None, wor
     check_paths(cfg)  # so is a configured file or folder that does not exist
     _setup_prefect_env()
     from flows.pipeline import with_runner
+    from flows.server import start_temporary_server
 
+    start_temporary_server()  # stopped with this process, even if it is killed
     with_runner(runner, address, workers)(cfg, until=until)
     typer.echo("")
     _print_overview(cfg.run_dir)
@@ -345,7 +347,9 @@ def ablate(
     import pandas as pd
 
     from flows.pipeline import ablate as ablate_flow
+    from flows.server import start_temporary_server
 
+    start_temporary_server()
     path = ablate_flow(cfg, names, seeds)
     t = tables.read_parquet(path)
     with pd.option_context("display.width", 160, "display.max_columns", 12):

@@ -323,6 +323,26 @@ def test_sigkill_mid_stage_then_rerun_completes_from_cache_with_identical_artifa
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_sigkilled_run_does_not_leave_prefects_temporary_server_behind(tmp_path):
+    """Only the run's own process is killed (as the out-of-memory killer would): its temporary
+    server, a separate process Prefect would stop at exit, is stopped by the watchdog instead."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # no server: a temporary one
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    code = "from flows.server import start_temporary_server; import time; print(start_temporary_server(), flush=True); time.sleep(300)"
+    run = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        server = int(run.stdout.readline())
+        assert Path(f"/proc/{server}").exists()
+    finally:
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{server}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{server}").exists(), "the temporary server outlived the killed run"
+
+
 def test_ten_percent_read_faults_lose_nothing_and_retries_reach_prefect_logs(synth_small, reference, api_url, tmp_path):
     readers = _image_stages()
     if not readers:
