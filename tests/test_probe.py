@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +217,8 @@ def test_bad_bucket_edges_are_rejected():
 
 def test_same_output_whatever_batch_size_and_workers(dataset, tmp_path, monkeypatch):
     # This data is far below parallel.MIN_ROWS_PER_WORKER: force the pool, so workers=2 uses two processes.
-    monkeypatch.setattr(parallel, "map_batches", partial(parallel.map_batches, min_rows_per_worker=0))
+    map_batches = parallel.map_batches
+    monkeypatch.setattr(parallel, "map_batches", lambda *a, **kw: map_batches(*a, **{**kw, "min_rows_per_worker": 0}))
     _, a = _run(dataset, tmp_path)
     _, b = _run(dataset, tmp_path, cfg=probe.ProbeConfig(batch_size=3), workers=2)
     pd.testing.assert_frame_equal(a.kept.reset_index(drop=True), b.kept.reset_index(drop=True))

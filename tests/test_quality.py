@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +167,8 @@ def test_same_output_whatever_batch_size_and_workers(root, tmp_path, monkeypatch
         _scene(seed=10 + k, textured=k % 2 == 0).save(root / "images" / f"s{k}.png")
         paths.append(f"images/s{k}.png")
     # This data is far below parallel.MIN_ROWS_PER_WORKER: force the pool, so workers=2 uses two processes.
-    monkeypatch.setattr(parallel, "map_batches", partial(parallel.map_batches, min_rows_per_worker=0))
+    map_batches = parallel.map_batches
+    monkeypatch.setattr(parallel, "map_batches", lambda *a, **kw: map_batches(*a, **{**kw, "min_rows_per_worker": 0}))
     a = _probe_then_quality(root, paths, tmp_path)
     b = _probe_then_quality(root, paths, tmp_path, cfg=quality.QualityConfig(batch_size=2), workers=2)
     pd.testing.assert_frame_equal(a.kept.reset_index(drop=True), b.kept.reset_index(drop=True))
