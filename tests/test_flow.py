@@ -81,6 +81,26 @@ def test_extra_digests_are_computed_once_by_the_cache_key_and_recorded(synth_sma
     assert not _status(cfg.run_dir, "train")["cached"]
 
 
+def test_touching_one_image_reruns_probe_and_quality_not_clean(synth_small, tmp_path):
+    """Unchanged inputs come from cache; one image's bytes changed re-runs the stages that read images."""
+    from flows.pipeline import pipeline
+
+    data = shutil.copytree(synth_small, tmp_path / "data")  # an image is edited below
+    cfg = demo_config(data / "manifest.csv", tmp_path / "run")
+    pipeline(cfg, until="quality")
+    pipeline(cfg, until="quality")
+    assert all(_status(cfg.run_dir, s)["cached"] for s in ("clean", "probe", "quality"))
+    probed = tables.load(cfg.run_dir, "probe")
+    image = data / probed[tables.IMAGE].iloc[0]
+    image.write_bytes(image.read_bytes() + b"\0")  # still a whole JPEG: only its digest changes
+    pipeline(cfg, until="quality")
+    assert _status(cfg.run_dir, "clean")["cached"]
+    assert not _status(cfg.run_dir, "probe")["cached"] and not _status(cfg.run_dir, "quality")["cached"]
+    after = tables.load(cfg.run_dir, "probe")
+    assert after["content_digest"].iloc[0] != probed["content_digest"].iloc[0]
+    assert after["content_digest"].iloc[1:].tolist() == probed["content_digest"].iloc[1:].tolist()
+
+
 def test_a_fresh_run_folder_gives_identical_parquet(synth_small, tmp_path):
     from flows.pipeline import PIPELINE, pipeline
 
