@@ -3,28 +3,35 @@
 Without ``PREFECT_API_URL`` Prefect starts a temporary server in a child process and stops it at
 exit (``atexit``). A run killed outright (SIGKILL, the kernel's out-of-memory killer) never gets
 there: the server is orphaned, keeps its port and its memory, and the next run starts another one.
-``start_temporary_server`` starts the server before the flow and hands its pid to a small watchdog
-process, which stops the server once the run's process is gone, however it ended.
+``temporary_server`` starts the server before the flow, hands its pid to a small watchdog process,
+which stops the server once the run's process is gone, however it ended, and points the run's
+settings at it, so that Dask workers report to this one server instead of each starting its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 # Runs in its own process: polls its parent once a second; when the parent has gone (the watchdog
 # is re-parented, so getppid() changes; a dead parent's pid may be reused, its ppid link may not),
-# it terminates the server if that pid is still Prefect's uvicorn, then kills it after 5 s.
+# it terminates the server, then kills it after 5 s. The server is known by its pid and its start
+# time (a reused pid, even another run's Prefect server, has a later one).
 _WATCHDOG = r"""
 import os, signal, sys, time
 parent, server = int(sys.argv[1]), int(sys.argv[2])
-def alive_server():
+def started():
     try:
-        with open(f"/proc/{server}/cmdline", "rb") as f:
-            return b"prefect.server.api.server" in f.read()
-    except OSError:
-        return False
+        with open(f"/proc/{server}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19]  # field 22: start time in clock ticks
+    except (OSError, IndexError):
+        return None
+birth = started()
+def alive_server():
+    return birth is not None and started() == birth
 while os.getppid() == parent:
     if not alive_server():
         sys.exit(0)
@@ -37,6 +44,22 @@ for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
     while alive_server() and time.monotonic() - t < wait:
         time.sleep(0.1)
 """
+
+
+@contextlib.contextmanager
+def temporary_server() -> Iterator[None]:
+    """Inside: Prefect's temporary server (if this process uses one) is running, watched, and the
+    API URL of every flow and task run, Dask workers' included."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if start_temporary_server() is None:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    url = next(s.api_url for s in SubprocessASGIServer._instances.values() if s.server_process is not None)
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
 
 
 def start_temporary_server() -> int | None:

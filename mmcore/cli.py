@@ -85,10 +85,10 @@ def _run(cfg, until: str, runner: str = "local", address: str | None = None, wor
     check_paths(cfg)  # so is a configured file or folder that does not exist
     _setup_prefect_env()
     from flows.pipeline import with_runner
-    from flows.server import start_temporary_server
+    from flows.server import temporary_server
 
-    start_temporary_server()  # stopped with this process, even if it is killed
-    with_runner(runner, address, workers)(cfg, until=until)
+    with temporary_server():  # stopped with this process, even if it is killed
+        with_runner(runner, address, workers)(cfg, until=until)
     typer.echo("")
     _print_overview(cfg.run_dir)
     typer.echo(f"\nartifacts: {cfg.run_dir}")
@@ -347,10 +347,10 @@ def ablate(
     import pandas as pd
 
     from flows.pipeline import ablate as ablate_flow
-    from flows.server import start_temporary_server
+    from flows.server import temporary_server
 
-    start_temporary_server()
-    path = ablate_flow(cfg, names, seeds)
+    with temporary_server():
+        path = ablate_flow(cfg, names, seeds)
     t = tables.read_parquet(path)
     with pd.option_context("display.width", 160, "display.max_columns", 12):
         typer.echo(t.round(4).to_string(index=False))

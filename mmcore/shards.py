@@ -13,6 +13,7 @@ being copied into each process. One split's rows are whole files, so reading a s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Sequence
@@ -94,7 +95,7 @@ def build(
     df = table.sort_values(ROW_ID, kind="stable").reset_index(drop=True)
     items = list(zip(df[ROW_ID].astype(int).tolist(), df[IMAGE].astype(str).tolist()))
     split = df[SPLIT].astype(str) if SPLIT in df else pd.Series("train", index=df.index)
-    odd = sorted(v for v in split.unique() if not v.isidentifier())
+    odd = sorted({str(v) for v in split.unique() if not (isinstance(v, str) and v.isidentifier())})
     if odd:  # split names become file names
         raise InputError(f"shards: split values must be simple names (train, val, test), got {odd[:5]}")
     out.mkdir(parents=True, exist_ok=True)
@@ -125,14 +126,15 @@ def build(
         # A full decode, resize and JPEG encode per row (~2 ms): a pool pays off from ~500 rows.
         min_rows_per_worker=500,
     )
-    for i, (rid, b, err) in enumerate(r for batch in results for r in batch):
-        if b is None:
-            failed[str(rid)] = err
-            continue
-        name = split.iloc[i]
-        ready.setdefault(name, []).append((i, b))
-        if len(ready[name]) == ROWS_PER_FILE:
-            write(name, ready.pop(name))
+    with contextlib.closing(results):  # a failed write stops the pool now, not when the traceback is freed
+        for i, (rid, b, err) in enumerate(r for batch in results for r in batch):
+            if b is None:
+                failed[str(rid)] = err
+                continue
+            name = split.iloc[i]
+            ready.setdefault(name, []).append((i, b))
+            if len(ready[name]) == ROWS_PER_FILE:
+                write(name, ready.pop(name))
     for name, rows in sorted(ready.items()):
         write(name, rows)
     files = [f for name in sorted(parts) for f in parts[name]]

@@ -225,18 +225,16 @@ def write_parquet(df: pd.DataFrame | pa.Table, path: str | os.PathLike) -> str:
     return digest
 
 
-def write_arrow(table: pa.Table, path: str | os.PathLike) -> str:
-    """Write an Arrow IPC file (uncompressed, so readers can memory-map it) atomically; returns its digest."""
+def write_arrow(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write an Arrow IPC file (uncompressed, so readers can memory-map it) atomically."""
     path = Path(path)
     tmp = _atomic_target(path)
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
-        digest = file_digest(tmp)
         _commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return digest
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pd.DataFrame:

@@ -104,7 +104,8 @@ class PairDataset(Dataset):
 
     def __init__(self, jpegs, texts, scheme, size, seed, synonyms=None):
         # jpegs by position: a list, or a shard column's Arrow array read from the memory map (not
-        # copied into this process, nor into each DataLoader worker).
+        # copied into this process, nor into DataLoader workers started by fork, Linux's default;
+        # a spawned worker gets a pickled copy).
         self.jpegs, self.texts = jpegs, list(texts)
         self.scheme, self.size, self.seed = scheme, size, seed
         self.synonyms = synonyms

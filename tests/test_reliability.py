@@ -323,7 +323,7 @@ def test_sigkill_mid_stage_then_rerun_completes_from_cache_with_identical_artifa
 
 
 @pytest.mark.slow
-@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="the watchdog needs /proc (Linux)")
 def test_a_sigkilled_run_does_not_leave_prefects_temporary_server_behind(tmp_path):
     """Only the run's own process is killed (as the out-of-memory killer would): its temporary
     server, a separate process Prefect would stop at exit, is stopped by the watchdog instead."""
@@ -343,6 +343,7 @@ def test_a_sigkilled_run_does_not_leave_prefects_temporary_server_behind(tmp_pat
     assert not Path(f"/proc/{server}").exists(), "the temporary server outlived the killed run"
 
 
+@pytest.mark.slow
 def test_ten_percent_read_faults_lose_nothing_and_retries_reach_prefect_logs(synth_small, reference, api_url, tmp_path):
     readers = _image_stages()
     if not readers:
