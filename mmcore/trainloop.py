@@ -423,8 +423,10 @@ def run_stage(
     image_size = cfg.image_size or _model_image_size(source)
 
     shard_dir = out / "shards"
+    # Only train and val images are decoded here; test rows pass through (evaluate decodes them).
+    fit_rows = table[table["split"].isin(["train", "val"])]
     if rank == 0:
-        meta = shards.build(table, ctx.data.image_root, shard_dir, image_size, workers=ctx.workers, progress=ctx.progress)
+        meta = shards.build(fit_rows, ctx.data.image_root, shard_dir, image_size, workers=ctx.workers, progress=ctx.progress)
     if world > 1:
         dist.barrier()
         meta = tables.read_json(shard_dir / shards.META_FILE)

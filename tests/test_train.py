@@ -163,9 +163,15 @@ def test_batch_plan_is_resumable_and_splits_global_batches_across_ranks():
 
 def test_train_run_saves_a_model_that_reloads_with_same_embeddings(demo, tmp_path):
     table, data = demo
+    table = table.copy()
+    broken = [table.index[table["split"] == s][-1] for s in ("train", "test")]
+    table.loc[broken, tables.IMAGE] = "images/gone.jpg"
     res = train.run(table, TrainConfig(**FAST, augment="aligned", normalize="dataset"), _ctx(data, tmp_path))
-    assert set(res.kept[tables.ROW_ID]) == set(table[tables.ROW_ID]) and len(res.quarantined) == 0
-    assert set(REASONS) == {"decode_failed"}
+    # The train row is quarantined; test rows are not decoded here (evaluate decodes them), so they pass.
+    assert res.quarantined[tables.ROW_ID].tolist() == [table.loc[broken[0], tables.ROW_ID]]
+    assert res.quarantined[tables.REASON].tolist() == ["decode_failed"] and set(REASONS) == {"decode_failed"}
+    assert set(res.kept[tables.ROW_ID]) == set(table[tables.ROW_ID]) - {table.loc[broken[0], tables.ROW_ID]}
+    assert set(tables.read_json(tmp_path / "train" / "shards" / "meta.json")["parts"]) == {"train", "val"}
     s = res.stats
     assert s["steps"] == 4 and s["device"] == "cpu" and s["cpu_only"] and s["preset"] == "micro"
     assert s["samples_seen"] == 64 and s["n_params"] > 0 and 0 < s["chance_r5"] <= 1
