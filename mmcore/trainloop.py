@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mmcore import augment, clip_model, shards, tables
 from mmcore.base import StageContext
-from mmcore.errors import ConfigError, InputError
+from mmcore.errors import ConfigError, InputError, row_detail
 from mmcore.tables import ROW_ID, TEXT, StageResult
 from mmcore.train import STAGE, TrainConfig
 
@@ -426,9 +426,17 @@ def run_stage(
     # Only train and val images are decoded here; test rows pass through (evaluate decodes them).
     fit_rows = table[table["split"].isin(["train", "val"])]
     if rank == 0:
-        meta = shards.build(fit_rows, ctx.data.image_root, shard_dir, image_size, workers=ctx.workers, progress=ctx.progress)
-    if world > 1:
-        dist.barrier()
+        try:
+            meta = shards.build(fit_rows, ctx.data.image_root, shard_dir, image_size, workers=ctx.workers,
+                                progress=ctx.progress)
+        except BaseException as e:
+            _from_rank0(world, row_detail(e))  # the other ranks stop waiting for shards that will not come
+            raise
+        _from_rank0(world, "")
+    else:
+        failure = _from_rank0(world, "")
+        if failure:
+            raise InputError(f"train: rank 0 could not build the shards: {failure}")
         meta = tables.read_json(shard_dir / shards.META_FILE)
     failed = {int(k): v for k, v in meta["failed"].items()}
     train_df, val_df = shards.read(shard_dir, "train"), shards.read(shard_dir, "val")  # memory-mapped
@@ -487,6 +495,15 @@ def run_stage(
         model_dir=str(model_dir),
     )
     return StageResult(res.kept, res.quarantined, stats)
+
+
+def _from_rank0(world: int, message: str) -> str:
+    """Rank 0's ``message`` on every rank ('' for success); the other ranks wait here for it."""
+    if world <= 1:
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _model_image_size(source) -> int:

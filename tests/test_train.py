@@ -240,6 +240,22 @@ def test_ddp_two_gloo_processes_match_single_process(demo, tmp_path):
     assert worst < 1e-4, worst
 
 
+@pytest.mark.slow
+def test_ddp_rank0_failing_to_build_shards_stops_every_rank_at_once(demo, tmp_path):
+    """Every rank stops with rank 0's reason. Before, rank 1 waited at a barrier for shards that
+    would never come: torchrun tears such a group down, other launchers waited for the timeout."""
+    table, data = demo
+    _write_run(tmp_path / "ddp", table, data, {**FAST, "steps": 3})
+    (tmp_path / "ddp" / "train").mkdir(parents=True)
+    (tmp_path / "ddp" / "train" / "shards").write_text("a file where the shard folder goes")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "mmcore.train", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "train: rank 0 could not build the shards: FileExistsError" in r.stderr, r.stderr[-2000:]
+
+
 def _with_and_without(demo, tmp_path, **update):
     """Train 3 steps plainly (``tmp_path/plain``) and with ``update`` (``tmp_path/changed``)."""
     table, data = demo
