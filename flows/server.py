@@ -15,6 +15,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prefect.server.api.server import SubprocessASGIServer
 
 # Runs in its own process: polls its parent once a second; when the parent has gone (the watchdog
 # is re-parented, so getppid() changes; a dead parent's pid may be reused, its ppid link may not),
@@ -52,18 +56,16 @@ def temporary_server() -> Iterator[None]:
     API URL of every flow and task run, Dask workers' included."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if start_temporary_server() is None:
+    server = start_temporary_server()
+    if server is None:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    url = next(s.api_url for s in SubprocessASGIServer._instances.values() if s.server_process is not None)
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield
 
 
-def start_temporary_server() -> int | None:
-    """Start Prefect's temporary server now (if this process uses one) and watch it; its pid, or None.
+def start_temporary_server() -> SubprocessASGIServer | None:
+    """Start Prefect's temporary server now (if this process uses one) and watch it; the server, or None.
 
     Does nothing with a configured ``PREFECT_API_URL`` (a real server is not ours to stop) or where
     ``/proc`` is missing (the watchdog needs it to tell the server from a reused pid).
@@ -76,11 +78,11 @@ def start_temporary_server() -> int | None:
         return None
     with get_client(sync_client=True) as client:  # the first client starts the temporary server
         client.api_healthcheck()
-    servers = [s.server_process for s in SubprocessASGIServer._instances.values() if s.server_process is not None]
-    for proc in servers:
+    server = next((s for s in SubprocessASGIServer._instances.values() if s.server_process is not None), None)
+    if server is not None:
         subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(proc.pid)],
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(server.server_process.pid)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C to the run's terminal does not stop the watchdog first
         )
-    return servers[0].pid if servers else None
+    return server

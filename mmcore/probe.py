@@ -43,9 +43,9 @@ REASONS = {
     "corrupt_image": "truncated or corrupt: the header or the data does not decode, or the end marker is missing",
 }
 
-# Columns probe adds, in order.
-COLUMNS = ("width", "height", "orientation", "format", "mode", "n_frames", "file_size", "content_digest", "res_bucket",
-           "aspect_bucket")
+# Columns probe adds, in order: what it measures per file, then the strata buckets made from them.
+MEASURED = ("width", "height", "orientation", "format", "mode", "n_frames", "file_size", "content_digest")
+COLUMNS = (*MEASURED, "res_bucket", "aspect_bucket")
 _INT_COLUMNS = ("width", "height", "orientation", "n_frames", "file_size")
 _STR_COLUMNS = ("format", "mode", "content_digest")
 ERROR, DETAIL = "probe_error", "probe_detail"
@@ -259,7 +259,7 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: ProbeConfig) ->
     """Add the probe columns to ``table`` and quarantine rows whose file failed a check."""
     m = broadcast(table, measurements)
     df = table.copy()
-    for c in ("width", "height", "orientation", "format", "mode", "n_frames", "file_size", "content_digest"):
+    for c in MEASURED:
         df[c] = m[c]
     short = np.minimum(df["width"].astype("Float64"), df["height"].astype("Float64")).fillna(0)
     df["res_bucket"] = res_bucket(short, cfg.res_bucket_edges).where(df["width"].notna(), "")
@@ -282,10 +282,11 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: ProbeConfig) ->
     return StageResult(kept, res.quarantined, stats)
 
 
-def distinct_paths(table: pd.DataFrame) -> pd.DataFrame:
-    """The first row (lowest row_id) of each distinct image path: what gets measured."""
+def distinct_paths(table: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The first row (lowest row_id) of each distinct image path: what gets measured (row_id,
+    image_path and those of the ``extra`` columns ``table`` has)."""
     first = table.sort_values(ROW_ID, kind="stable").drop_duplicates(IMAGE)
-    return first[[ROW_ID, IMAGE]].reset_index(drop=True)
+    return first[[ROW_ID, IMAGE, *(c for c in extra if c in table)]].reset_index(drop=True)
 
 
 def run(table: pd.DataFrame, cfg: ProbeConfig, ctx: StageContext) -> StageResult:

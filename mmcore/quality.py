@@ -23,7 +23,6 @@ quarantined as ``duplicate_image``. An optional CLIP-score check (``low_alignmen
 
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
 
@@ -407,7 +406,7 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
             size = model.config.vision_config.image_size
             image_proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     max_len = model.config.text_config.max_position_embeddings
-    root_real = os.path.realpath(root)
+    resolve = images.Resolver(root)
     n = len(table)
     out = np.full(n, np.nan)
     texts = table[TEXT].tolist()
@@ -419,7 +418,7 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
 
     def load(c: int):  # at most once per image: a failure is remembered in image_error
         try:
-            return images.load_rgb(images.resolve_under(root_real, uniq[c]), max_side=448)
+            return images.load_rgb(resolve(uniq[c]), max_side=448)
         except Exception as e:  # changed or broken since it was scored: its rows, never the batch
             image_error[c] = row_detail(e, "alignment decode: ")
             return None
@@ -517,10 +516,7 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: QualityConfig) 
 
 def distinct_images(table: pd.DataFrame) -> pd.DataFrame:
     """``measure``'s input: the first row of each distinct path, with the probe's orientation if any."""
-    todo = distinct_paths(table)
-    if ORIENTATION in table:
-        todo[ORIENTATION] = table.set_index(ROW_ID)[ORIENTATION].reindex(todo[ROW_ID]).to_numpy()
-    return todo
+    return distinct_paths(table, extra=(ORIENTATION,))
 
 
 def run(table: pd.DataFrame, cfg: QualityConfig, ctx: StageContext) -> StageResult:

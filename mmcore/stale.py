@@ -75,11 +75,6 @@ def _images(cfg: PipelineConfig, run_dir: Path) -> str | None:
     return tables.files_fingerprint(cfg.data.image_root, paths)
 
 
-def _alignment_model(cfg: PipelineConfig, run_dir: Path) -> str:
-    model = cfg.quality.alignment_model
-    return tables.dir_digest(model) if model is not None else "none"
-
-
 def _path_digest(path: Path | None, default: str) -> str:
     """A file's or a folder's content digest; ``default`` for no path, ``missing:...`` for a bad one."""
     if path is None:
@@ -88,6 +83,10 @@ def _path_digest(path: Path | None, default: str) -> str:
     if path.is_dir():
         return tables.dir_digest(path)
     return tables.file_digest(path) if path.is_file() else f"missing:{path}"
+
+
+def _alignment_model(cfg: PipelineConfig, run_dir: Path) -> str:
+    return _path_digest(cfg.quality.alignment_model, "none")
 
 
 def _train_files(cfg: PipelineConfig, run_dir: Path) -> str:

@@ -329,7 +329,8 @@ def test_a_sigkilled_run_does_not_leave_prefects_temporary_server_behind(tmp_pat
     server, a separate process Prefect would stop at exit, is stopped by the watchdog instead."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # no server: a temporary one
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    code = "from flows.server import start_temporary_server; import time; print(start_temporary_server(), flush=True); time.sleep(300)"
+    code = ("from flows.server import start_temporary_server; import time; "
+            "print(start_temporary_server().server_process.pid, flush=True); time.sleep(300)")
     run = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
         server = int(run.stdout.readline())
