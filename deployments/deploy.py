@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from mmcore.config import load_config, parse_override, path_keys
 from mmcore.errors import ConfigError
-from mmcore.tables import STAGES
+from mmcore.graph import ORDER as STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/pipeline.py:from_config"

@@ -1,4 +1,4 @@
-"""The mmpipe flow: clean -> probe -> quality -> split -> train -> evaluate -> report."""
+"""The mmpipe flows: the stage graph run in order, an ablation over it, and an external evaluation."""
 
 from __future__ import annotations
 
@@ -6,35 +6,21 @@ from pathlib import Path
 
 from prefect import flow
 
+from mmcore import graph
 from mmcore.config import PipelineConfig, load_config
-from mmcore.tables import STAGES
+from mmcore.layout import RunLayout
 from tasks import stages
 from tasks.common import StageOutput, run_cached
-
-# Stages this flow runs, in order.
-PIPELINE = ("clean", "probe", "quality", "split", "train", "evaluate", "report")
+from tasks.external import external_evaluate
 
 
 @flow(name="mmpipe", flow_run_name="mmpipe-{cfg.run_name}", log_prints=True, validate_parameters=False)
 def pipeline(cfg: PipelineConfig, until: str = "report") -> dict[str, StageOutput]:
-    """Run every stage up to and including ``until``; unchanged stages come from cache."""
-    wanted = set(STAGES[: STAGES.index(until) + 1])
+    """Run every stage of the graph up to ``until`` (the report always last); unchanged ones come from cache."""
     stages.save_config(cfg)
     out: dict[str, StageOutput] = {}
-    out["clean"] = run_cached(stages.clean, cfg)
-    if "probe" in wanted:
-        out["probe"] = run_cached(stages.probe, out["clean"], cfg)
-    if "quality" in wanted:
-        out["quality"] = run_cached(stages.quality, out["probe"], cfg)
-    if "split" in wanted:
-        out["split"] = run_cached(stages.split, out["quality"], cfg)
-    if "train" in wanted:
-        out["train"] = run_cached(stages.train, out["split"], cfg)
-    if "evaluate" in wanted:
-        out["evaluate"] = run_cached(stages.evaluate, out["split"], out["train"], cfg)
-    # The report always runs last: stages after `until` show as "not run" in it.
-    last = list(out.values())[-1]
-    out["report"] = run_cached(stages.report, last, cfg)
+    for s in graph.plan(until):
+        out[s.name] = run_cached(stages.STAGE_TASKS[s.name], cfg, {r: out[r] for r in s.reads if r in out})
     return out
 
 
@@ -42,19 +28,31 @@ def pipeline(cfg: PipelineConfig, until: str = "report") -> dict[str, StageOutpu
 def ablate(cfg: PipelineConfig, schemes: list[str], seeds: int = 1) -> Path:
     """Train and evaluate each augmentation scheme (x seeds) on the same cached split; one table."""
     split = pipeline(cfg, until="split")["split"]
+    train, evaluate = stages.STAGE_TASKS["train"], stages.STAGE_TASKS["evaluate"]
     variants: dict[str, list[str]] = {}
     for scheme in schemes:
         for seed in range(seeds):
-            run_dir = cfg.run_dir / "ablate" / f"{scheme}-s{seed}"
+            run_dir = RunLayout(cfg.run_dir).variant(scheme, seed)
             train_cfg = cfg.train.model_copy(update={"augment": scheme})
             v = cfg.model_copy(update={"seed": cfg.seed + seed, "out": run_dir, "train": train_cfg})
             stages.save_config(v)
-            model = run_cached(stages.train, split, v)
-            run_cached(stages.evaluate, split, model, v)
+            model = run_cached(train, v, {"split": split})
+            run_cached(evaluate, v, {"split": split, "train": model})
             variants.setdefault(scheme, []).append(str(run_dir))
     path = stages.ablation(cfg, variants)
-    run_cached(stages.report, split, cfg)
+    run_cached(stages.STAGE_TASKS["report"], cfg, {"split": split})
     return path
+
+
+@flow(name="mmpipe-evaluate-external", flow_run_name="mmpipe-evaluate-{name}", log_prints=True,
+      validate_parameters=False)
+def evaluate_external(run_dir: Path, other: PipelineConfig, name: str) -> Path:
+    """Evaluate a run's model on another dataset, curated with the run's own clean, probe and quality
+    settings (cached like any run); writes ``RUN_DIR/evaluate/external/NAME/metrics.json``."""
+    own = load_config(RunLayout(run_dir).config)
+    curated = own.model_copy(update={"data": other.data, "out": RunLayout(run_dir).curation(name).resolve()})
+    quality = pipeline(curated, until="quality")["quality"]
+    return external_evaluate(own, other.data, quality, name)
 
 
 @flow(name="mmpipe-from-config", flow_run_name="mmpipe-from-config", log_prints=True)

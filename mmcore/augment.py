@@ -14,9 +14,9 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from mmcore.errors import ConfigError
+from mmcore.resources import DEFAULT_SYNONYMS
 
 SCHEMES = ("none", "light", "aligned", "cross_modal", "synonym")
-DEFAULT_SYNONYMS = Path(__file__).resolve().parent.parent / "configs" / "synonyms.yaml"
 # A horizontal flip turns left into right: these words swap so the caption stays true.
 FLIP_WORDS = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
 _WORD = re.compile(r"[A-Za-z]+")

@@ -10,9 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmcore import tables
 
-# The model presets (JSON configs) ``clip_model`` builds from; here so reading their digest needs no torch.
-MODELS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
-
 
 class StrictModel(BaseModel):
     """Frozen, and unknown keys are errors: a YAML typo must not be silently ignored."""

@@ -105,6 +105,10 @@ def read_manifest(data: DataConfig) -> pd.DataFrame:
     return df
 
 
+# The graph's hook for the stage that starts from the manifest (``execute.read_source``).
+read_input = read_manifest
+
+
 def manifest_columns(data: DataConfig) -> list[str]:
     """The manifest's column names, read from its header only (for checks before a run)."""
     path, suffix = _manifest_file(data)

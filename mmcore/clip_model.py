@@ -1,6 +1,6 @@
 """The CLIP dual encoder: model presets, the caption tokenizer, preprocessing and ``Encoder``.
 
-Presets are ``configs/models/<name>.json`` (``CLIPConfig`` keyword arguments), registered by file
+Presets are ``mmcore/model_configs/<name>.json`` (``CLIPConfig`` keyword arguments), registered by file
 stem like open_clip's ``model_configs``. A trained model folder holds what ``save_pretrained``
 writes, ``tokenizer.json`` and ``preprocess.json``, so ``CLIPModel.from_pretrained`` loads it and
 ``Encoder.load`` embeds images and captions exactly as training saw them. Nothing is downloaded.
@@ -21,7 +21,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import CLIPConfig, CLIPModel
 
-from mmcore.base import MODELS_DIR
+from mmcore.resources import MODEL_CONFIGS
 from mmcore.errors import ConfigError, InputError
 from mmcore.shards import resize_center_crop  # noqa: F401  (re-exported: the eval preprocessing)
 
@@ -48,13 +48,13 @@ def quiet_transformers() -> None:
 
 
 def list_presets() -> list[str]:
-    """Names of the model presets (stems of ``configs/models/*.json``)."""
-    return sorted(p.stem for p in MODELS_DIR.glob("*.json"))
+    """Names of the model presets (stems of ``mmcore/model_configs/*.json``)."""
+    return sorted(p.stem for p in MODEL_CONFIGS.glob("*.json"))
 
 
 def preset_config(name: str) -> dict:
     """A preset's ``CLIPConfig`` keyword arguments; an unknown name is a one-line ``ConfigError``."""
-    path = MODELS_DIR / f"{name}.json"
+    path = MODEL_CONFIGS / f"{name}.json"
     if not path.is_file():
         raise ConfigError(f"train.preset: unknown model preset {name!r}; expected one of {', '.join(list_presets())}")
     cfg = json.loads(path.read_text())

@@ -7,12 +7,14 @@ line: what, where, got, expected.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from mmcore import graph
 from mmcore.base import DataConfig, StrictModel, default_workers
 from mmcore.clean import CleanConfig
 from mmcore.errors import ConfigError
@@ -49,7 +51,23 @@ class PipelineConfig(StrictModel):
         return self.workers or default_workers()
 
     def section(self, stage: str) -> StrictModel:
-        return getattr(self, stage)
+        """The config section of a stage of the graph."""
+        return getattr(self, graph.stage(stage).section)
+
+
+def _check_sections() -> None:
+    """The sections above are the graph's stages, each typed with the config model its record names
+    (typed fields, so editors and Prefect's deployment form see them; checked here against the graph)."""
+    stage_fields = [n for n, f in PipelineConfig.model_fields.items() if n in graph.STAGES or n not in _RUN_FIELDS]
+    assert stage_fields == [s.section for s in graph.STAGES.values()], (stage_fields, graph.ORDER)
+    for s in graph.STAGES.values():
+        want = getattr(sys.modules[s.module], s.config)
+        got = PipelineConfig.model_fields[s.section].annotation
+        assert got is want, f"PipelineConfig.{s.section} is {got}, the graph says {s.module}.{s.config}"
+
+
+_RUN_FIELDS = ("run_name", "out", "seed", "workers", "data")
+_check_sections()
 
 
 def path_keys(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> tuple[str, ...]:

@@ -32,6 +32,7 @@ from mmcore.robustness import DEFAULT_SEVERITIES, check as check_degradations, d
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import InputError, row_detail
 from mmcore.images import load_rgb, resolve_path
+from mmcore.layout import EMBEDDINGS_FILE, METRICS_FILE, PER_QUERY_FILE, ROBUSTNESS_FILE, SPOTCHECK_CSV, SPOTCHECK_HTML, RunLayout
 from mmcore.tables import DOMAIN, IMAGE, LABEL, ROW_ID, TEXT, StageResult
 
 STAGE = "evaluate"
@@ -44,10 +45,6 @@ DEFAULT_TEMPLATES = ["a photo of a {}.", "a {}.", "an image of a {}.", "a pictur
 # Lower is better for these; every other metric is higher-is-better.
 LOWER_IS_BETTER = ("mean_rank", "median_rank")
 
-METRICS_FILE = "metrics.json"
-EMBEDDINGS_FILE = "embeddings.parquet"
-PER_QUERY_FILE = "per_query.parquet"
-ROBUSTNESS_FILE = "robustness.parquet"
 
 
 class EvaluateConfig(StrictModel):
@@ -335,8 +332,8 @@ def per_query(
 
     Queries come in row_id order, so two runs on the same split line up query by query.
     """
-    d = Path(run_dir) / STAGE
-    path = (d / "external" / external if external else d) / PER_QUERY_FILE
+    run = RunLayout.of(run_dir)
+    path = run.external(external) / PER_QUERY_FILE if external else run.per_query
     df = tables.read_parquet(path)
     if not (df[SPLIT] == split).any():
         raise InputError(f"per_query: no queries for split {split!r} in {path}; got splits {sorted(set(df[SPLIT]))}")
@@ -397,7 +394,7 @@ def summary_markdown(m: dict[str, Any], robustness_table: pd.DataFrame | None = 
 def _load_encoder(ctx: StageContext, device: str):
     from mmcore.clip_model import Encoder  # torch-heavy; imported only when evaluating a real model
 
-    model_dir = ctx.stage_dir("train") / "model"
+    model_dir = RunLayout(ctx.run_dir).model
     if not model_dir.is_dir():
         raise InputError(f"evaluate: no trained model at {model_dir}; run the train stage first")
     return Encoder.load(model_dir, device=device)
@@ -513,9 +510,9 @@ def run(table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, encoder: An
             emb.img_emb[imgs], emb.txt_emb[rows.index.to_numpy()], im[IMAGE].tolist(), im[ROW_ID].tolist(),
             rows[TEXT].astype(str).tolist(), rows[ROW_ID].tolist(), cfg.spotcheck_n, seed=ctx.seed,
         )
-        tables.write_bytes(sheet.to_csv(index=False).encode(), out_dir / "spotcheck.csv")
+        tables.write_bytes(sheet.to_csv(index=False).encode(), out_dir / SPOTCHECK_CSV)
         page = spotcheck.to_html(sheet, lambda p: _load(ctx.data.image_root, p, 224), f"mmpipe spot-check ({sheet_split} split)")
-        tables.write_bytes(page.encode(), out_dir / "spotcheck.html")
+        tables.write_bytes(page.encode(), out_dir / SPOTCHECK_HTML)
 
     bad = table[ROW_ID].isin(set(emb.failed[ROW_ID]))
     detail = table[ROW_ID].map(emb.failed.set_index(ROW_ID)["detail"]).fillna("").astype(str)
@@ -526,20 +523,26 @@ def run(table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, encoder: An
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def check_name(name: str) -> str:
+    """An external dataset's name: one safe path component (it names a folder under evaluate/external)."""
+    if not _NAME.match(name):
+        raise InputError(f"evaluate --data: dataset name must match {_NAME.pattern}, got {name!r}")
+    return name
+
+
 def run_external(table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, name: str, encoder: Any = None) -> dict[str, Any]:
     """Evaluate the run's model on another dataset's (clean, probed, quality-checked) table.
 
     Without a ``split`` column every row is a test query. Writes
     ``RUN_DIR/evaluate/external/<name>/metrics.json`` (and per_query.parquet); returns the metrics.
     """
-    if not _NAME.match(name):
-        raise InputError(f"evaluate --data: dataset name must match {_NAME.pattern}, got {name!r}")
+    check_name(name)
     if SPLIT not in table.columns:
         table = table.assign(**{SPLIT: "test"})
     splits = _check(table, cfg, f"evaluate external {name!r}")
     if encoder is None:
         encoder = _load_encoder(ctx, _resolve_device(cfg.device))
-    out_dir = ctx.stage_dir(STAGE) / "external" / name
+    out_dir = RunLayout(ctx.run_dir).external(name)
     result, emb, _, _ = _evaluate(table, cfg, ctx, encoder, splits, robust=False, out_dir=out_dir)
     result["n_decode_failed"] = int(len(emb.failed))
     tables.write_json(_finite(result), out_dir / METRICS_FILE)
@@ -549,7 +552,7 @@ def run_external(table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, na
 def verdicts(run_dir: str | Path, filled_csv: str | Path, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Human-judged precision@1/@5 with CIs from a filled spot-check sheet; also saved as verdicts.json."""
     out = spotcheck.read_verdicts(filled_csv, n_boot=n_boot, seed=seed)
-    tables.write_json(out, Path(run_dir) / STAGE / "verdicts.json")
+    tables.write_json(out, RunLayout.of(run_dir).verdicts)
     return out
 
 
@@ -577,3 +580,14 @@ def ablation_table(
                 row["significant"] = bool(scheme != baseline and (d["low"] > 0 or d["high"] < 0))
             out.append(row)
     return pd.DataFrame(out)
+
+
+def ablation_from_runs(variants: dict[str, list[str]], cfg: EvaluateConfig, seed: int = 0) -> pd.DataFrame:
+    """``ablation_table`` of finished runs: scheme -> the run folders of its seeds; baseline ``none``
+    when present, else the first scheme."""
+    results = {}
+    for scheme, run_dirs in variants.items():
+        per_seed = [per_query(d, ks=cfg.ks) for d in run_dirs]
+        results[scheme] = {m: np.stack([q[m] for q in per_seed]) for m in per_seed[0]}
+    baseline = "none" if "none" in results else next(iter(results))
+    return ablation_table(results, baseline=baseline, n_boot=cfg.bootstrap, seed=seed, ci=cfg.ci)

@@ -32,7 +32,8 @@ from mmcore import faults, plots, tables
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import InputError
 from mmcore.images import load_rgb, pixel_limit, resolve_path
-from mmcore.tables import DETAIL, IMAGE, REASON, ROW_ID, STAGES, TEXT, TEXT_RAW, StagePaths, StageResult
+from mmcore.graph import ORDER as STAGES
+from mmcore.tables import DETAIL, IMAGE, REASON, ROW_ID, TEXT, TEXT_RAW, StagePaths, StageResult
 
 STAGE = "report"
 REASONS: dict[str, str] = {}  # the report quarantines nothing

@@ -28,9 +28,10 @@ from PIL import Image
 from mmcore import parallel, tables
 from mmcore.errors import InputError, row_detail
 from mmcore.images import load_rgb, resolve_path
+from mmcore.layout import SHARDS_META
 from mmcore.tables import IMAGE, ROW_ID, TEXT
 
-META_FILE = "meta.json"
+META_FILE = SHARDS_META
 FORMAT = "arrow-ipc-1"  # in the key: shards of an older layout are rebuilt, not misread
 ROWS_PER_FILE = 8192
 BATCH_SIZE = 128  # images per worker batch

@@ -28,7 +28,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmcore.digests import dir_digest, file_digest, files_fingerprint, json_digest, text_digest  # noqa: F401 (re-exported)
 from mmcore.errors import AccountingError, InputError
+from mmcore.layout import KEPT_FILE, QUARANTINE_FILE, STATS_FILE, StagePaths  # noqa: F401 (re-exported)
 
 # Canonical column names. Clean maps the user's configured columns onto these, so every later
 # stage reads one name whatever the manifest called it.
@@ -47,12 +49,6 @@ REASON = "reason"
 DETAIL = "detail"
 QUARANTINE_COLUMNS = (STAGE, REASON, DETAIL)
 
-STAGES = ("clean", "probe", "quality", "split", "train", "evaluate", "report")
-
-KEPT_FILE = "kept.parquet"
-QUARANTINE_FILE = "quarantine.parquet"
-STATS_FILE = "stats.json"
-
 # Parquet is written with fixed options so that equal tables give equal bytes.
 _PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, write_statistics=True, use_dictionary=True)
 
@@ -68,87 +64,6 @@ class StageResult:
     kept: pd.DataFrame
     quarantined: pd.DataFrame
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StagePaths:
-    """Where a stage's artifacts live in a run folder."""
-
-    dir: Path
-
-    @classmethod
-    def of(cls, run_dir: str | os.PathLike, stage: str) -> StagePaths:
-        if stage not in STAGES:
-            raise InputError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-        return cls(Path(run_dir) / stage)
-
-    @property
-    def kept(self) -> Path:
-        return self.dir / KEPT_FILE
-
-    @property
-    def quarantine(self) -> Path:
-        return self.dir / QUARANTINE_FILE
-
-    @property
-    def stats(self) -> Path:
-        return self.dir / STATS_FILE
-
-
-# --------------------------------------------------------------------------- digests
-
-
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, as ``sha256:<hex>``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def text_digest(*parts: str | bytes) -> str:
-    """sha256 over several strings or byte strings (length-prefixed so parts cannot run together)."""
-    h = hashlib.sha256()
-    for p in parts:
-        b = p.encode() if isinstance(p, str) else p
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return "sha256:" + h.hexdigest()
-
-
-def dir_digest(path: str | os.PathLike) -> str:
-    """Digest of every file under a folder (relative names and bytes), e.g. a saved model."""
-    root = Path(path)
-    if not root.is_dir():
-        return f"missing:{root}"
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return text_digest(*(f"{p.relative_to(root).as_posix()}={file_digest(p)}" for p in files))
-
-
-def files_fingerprint(root: str | os.PathLike, rel_paths: Iterable[str]) -> str:
-    """Cheap fingerprint of many files: (path, size, mtime_ns) from ``lstat``, without reading them.
-
-    Editing a file's bytes changes its size or mtime, so a changed image changes the fingerprint
-    (the same quick check rsync and make rely on); the probe then records each file's content digest.
-    """
-    root = Path(root)
-    h = hashlib.sha256()
-    for rel in sorted(set(rel_paths)):
-        if os.path.isabs(rel) or ".." in Path(rel).parts:
-            h.update(f"{rel}\0unsafe\n".encode())  # never touched: probe quarantines it
-            continue
-        try:
-            st = os.lstat(root / rel)
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except (OSError, ValueError):
-            h.update(f"{rel}\0missing\n".encode())
-    return "sha256:" + h.hexdigest()
-
-
-def json_digest(obj: Any) -> str:
-    """Digest of a JSON-serialisable object, independent of key order."""
-    return text_digest(json.dumps(obj, sort_keys=True, default=str))
 
 
 # --------------------------------------------------------------------------- atomic writes

@@ -2,13 +2,12 @@
 
 This module holds the config and the stage's ``run``; torch lives in the friend modules
 (``clip_model``, ``shards``, ``augment``, ``trainloop``) so that loading a config stays light.
-``python -m mmcore.train RUN_DIR`` (also under ``torchrun``) trains from ``RUN_DIR/config.yaml``
-and ``RUN_DIR/split/kept.parquet``.
+``mmpipe train RUN_DIR`` (also under ``torchrun ... -m mmpipe train``) trains from the run's
+config and its split stage's kept table.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +27,7 @@ REASONS = {
 class TrainConfig(StrictModel):
     """Model, data, augmentation and loop settings; defaults train the tiny preset in ~2 min on 2 CPU cores."""
 
-    preset: str = Field("tiny", min_length=1, description="Model preset: a stem of configs/models/*.json.")
+    preset: str = Field("tiny", min_length=1, description="Model preset: a stem of mmcore/model_configs/*.json.")
     model_path: Path | None = Field(None, description="A local save_pretrained CLIPModel folder instead of a preset.")
     tokenizer_path: Path | None = Field(None, description="A tokenizer.json (or its folder); default: trained on captions.")
     vocab_size: int = Field(2048, ge=300, description="BPE vocabulary size of a tokenizer trained on the captions.")
@@ -45,7 +44,7 @@ class TrainConfig(StrictModel):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (each is a batch_size contrast).")
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null = no clipping.")
     augment: Literal["none", "light", "aligned", "cross_modal", "synonym"] = "light"
-    synonyms: Path | None = Field(None, description="YAML word -> [synonyms] for augment=synonym; default configs/synonyms.yaml.")
+    synonyms: Path | None = Field(None, description="YAML word -> [synonyms] for augment=synonym; default mmcore/data/synonyms.yaml.")
     normalize: Literal["imagenet", "dataset"] = Field("imagenet", description="Mean/std: ImageNet or the train split's.")
     weighted_sampler: bool = Field(False, description="Sample train rows by split's sample_weight (with replacement).")
     checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between atomic checkpoints.")
@@ -78,14 +77,3 @@ def run(table: pd.DataFrame, cfg: TrainConfig, ctx: StageContext) -> StageResult
     from mmcore import trainloop
 
     return trainloop.run_stage(table, cfg, ctx)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mmcore.train RUN_DIR [key=value ...]``, also under ``torchrun`` (DDP)."""
-    from mmcore import trainloop
-
-    return trainloop.main(sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -29,13 +29,13 @@ from tqdm.auto import tqdm
 from mmcore import augment, clip_model, shards, tables
 from mmcore.base import StageContext
 from mmcore.errors import ConfigError, InputError, row_detail
+from mmcore.layout import CHECKPOINT_DIR, HISTORY_FILE, LAST_CHECKPOINT, MODEL_DIR, SHARDS_DIR, TIMING_FILE, TRAIN_CONFIG_FILE
 from mmcore.tables import ROW_ID, TEXT, StageResult
 from mmcore.train import STAGE, TrainConfig
 
-CKPT = "last.pt"
-# history.parquet: the training curves, byte-identical across runs of the same inputs and config.
+# history.parquet: the training curves, byte-identical across runs of the same inputs and config;
+# timing.json: wall-clock samples/s per step (differs run to run).
 HISTORY_COLUMNS = ("step", "epoch", "loss", "lr", "logit_scale", "val_i2t_r5")
-TIMING_FILE = "timing.json"  # wall-clock samples/s per step (differs run to run)
 
 
 # --------------------------------------------------------------------------- loss
@@ -261,7 +261,7 @@ def fit(
     weights = data.train["sample_weight"].to_numpy(float) if cfg.weighted_sampler and "sample_weight" in data.train else None
 
     # Resume: model, optimizer, step, RNG and history from the last checkpoint of this same run.
-    ckpt_path = out / "checkpoints" / CKPT
+    ckpt_path = out / CHECKPOINT_DIR / LAST_CHECKPOINT
     opt = torch.optim.AdamW(param_groups(unwrap(model), cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6)
     step, seconds, history = 0, 0.0, []
     if cfg.resume and ckpt_path.is_file():
@@ -356,7 +356,7 @@ def fit(
     h = pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "samples_per_s"])
     if rank == 0:
         # The curves are deterministic Parquet; the wall-clock throughput per step goes to JSON.
-        tables.write_parquet(h[list(HISTORY_COLUMNS)], out / "history.parquet")
+        tables.write_parquet(h[list(HISTORY_COLUMNS)], out / HISTORY_FILE)
         tables.write_json({"step": h["step"].tolist(), "samples_per_s": [round(float(x), 3) for x in h["samples_per_s"]]},
                           out / TIMING_FILE)
     train_time = float(sum(cfg.batch_size * cfg.grad_accum / r for r in h["samples_per_s"])) if len(h) else 0.0
@@ -422,7 +422,7 @@ def run_stage(
         clip_model.preset_config(cfg.preset)  # a bad name fails before any image is decoded
     image_size = cfg.image_size or _model_image_size(source)
 
-    shard_dir = out / "shards"
+    shard_dir = out / SHARDS_DIR
     # Only train and val images are decoded here; test rows pass through (evaluate decodes them).
     fit_rows = table[table["split"].isin(["train", "val"])]
     if rank == 0:
@@ -470,7 +470,7 @@ def run_stage(
     data = FitData(train_df, val_df, pre, _fingerprint(cfg, meta["key"], ctx.seed, world))
     stats = fit(model, tok, data, cfg, out, seed=ctx.seed, device=device, progress=ctx.progress, interrupt_at=interrupt_at)
 
-    model_dir = out / "model"
+    model_dir = out / MODEL_DIR
     if rank == 0:
         m = unwrap(model)
         if cfg.grad_checkpointing:
@@ -478,7 +478,7 @@ def run_stage(
         m.to("cpu").save_pretrained(model_dir)
         clip_model.save_tokenizer(tok, model_dir, ctx_len)
         pre.save(model_dir)
-        tables.write_json(cfg.model_dump(mode="json"), out / "config.json")
+        tables.write_json(cfg.model_dump(mode="json"), out / TRAIN_CONFIG_FILE)
     bad = table[ROW_ID].isin(list(failed))
     detail = table.loc[bad, ROW_ID].map(lambda r: failed.get(int(r), "")).astype(str)
     res = tables.partition(table, [("decode_failed", bad, detail)])
@@ -511,43 +511,3 @@ def _model_image_size(source) -> int:
     if p.is_dir():
         return int(json.loads((p / "config.json").read_text())["vision_config"]["image_size"])
     return int(clip_model.preset_config(str(source))["vision_config"]["image_size"])
-
-
-def main(argv: list[str]) -> int:
-    """``RUN_DIR [key=value ...]``: train from ``RUN_DIR/config.yaml`` and ``split/kept.parquet``."""
-    import sys
-
-    from mmcore.config import load_config
-    from mmcore.errors import MMPipeError
-
-    if not argv:
-        print("usage: python -m mmcore.train RUN_DIR [train.key=value ...]", file=sys.stderr)
-        return 2
-    run_dir, overrides = Path(argv[0]), argv[1:]
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    try:
-        cfg = load_config(run_dir / "config.yaml", overrides)
-        if distributed:
-            cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-            if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if cuda else "gloo")
-        src = tables.StagePaths.of(run_dir, "split").kept
-        table = tables.read_parquet(src)
-        ctx = StageContext(cfg.data, run_dir, cfg.seed, cfg.n_workers, progress=sys.stderr.isatty())
-        t0 = time.perf_counter()
-        res = run_stage(table, cfg.train, ctx)
-        if _dist()[0] == 0:
-            stats = tables.write_stage(
-                run_dir, STAGE, res, input_ids=table[ROW_ID].to_numpy(), input_digest=tables.file_digest(src),
-                seconds=time.perf_counter() - t0, config_digest=tables.json_digest(cfg.train.model_dump(mode="json")),
-            )
-            print(f"train: {stats['steps']} steps on {stats['device']}, final loss {stats['final_loss']}, "
-                  f"val i2t R@5 {stats['val_i2t_r5']} (chance {stats['chance_r5']}) -> {stats['model_dir']}")
-        return 0
-    except MMPipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()

@@ -3,8 +3,8 @@
 Prefect's ``INPUTS`` policy would hash a path as a string, not the file's bytes, and
 ``TASK_SOURCE`` sees only the task body, not the mmcore code it calls. So a stage's cache key is
 built here from content digests of its inputs, its config section, the data section, the seed,
-the run folder, ``provenance.code_digest`` of its mmcore module and, for the stages in
-``mmcore.stale.EXTRAS``, the digest of what the stage reads besides its input table.
+the run folder, ``provenance.code_digest`` of its mmcore module and, for the stages with an
+``extra`` in ``mmcore.graph``, the digest of what the stage reads besides its input table.
 """
 
 from __future__ import annotations
@@ -17,17 +17,15 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 
-from mmcore import faults, tables
-from mmcore.base import StageContext
+from mmcore import faults, graph, tables
 from mmcore.config import PipelineConfig
+from mmcore.layout import RunLayout, StagePaths
 from mmcore.provenance import code_digest
-from mmcore.stale import EXTRAS, extra_digest
-from mmcore.tables import StagePaths
+from mmcore.stale import extra_digest
 
 # Bump to invalidate every cached stage at once (e.g. after a change to this caching scheme).
 CACHE_SCHEME = "1"
@@ -68,10 +66,6 @@ class StageOutput:
         )
 
 
-def context(cfg: PipelineConfig, progress: bool = True) -> StageContext:
-    return StageContext(data=cfg.data, run_dir=cfg.run_dir, seed=cfg.seed, workers=cfg.n_workers, progress=progress)
-
-
 def digest_of(value: Any) -> str:
     """Content digest of a task input: a stage output's kept table, a file, or a plain value."""
     if isinstance(value, StageOutput):
@@ -81,28 +75,28 @@ def digest_of(value: Any) -> str:
     return tables.json_digest(value)
 
 
-def stage_cache(stage: str, *inputs: str, extra: Callable[[dict[str, Any]], str] | None = None) -> CachePolicy:
-    """Cache policy keyed on the content of ``inputs`` (parameter names) + config + code + ``EXTRAS``.
-
-    Args:
-        extra: returns a further digest from the parameters (e.g. the manifest's), not recorded.
-    """
+def stage_cache(stage: str) -> CachePolicy:
+    """Cache policy of a stage task: the content of what it reads (the manifest, or each upstream
+    stage's kept table) + its config section, the data section, the seed and the run folder + its
+    code + the digest of its graph ``extra``."""
+    s = graph.stage(stage)
 
     def key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
         cfg: PipelineConfig = params["cfg"]
+        upstream: dict[str, StageOutput] = params["upstream"]
         parts = [
             CACHE_SCHEME,
             stage,
-            code_digest(f"mmcore.{stage}"),
+            code_digest(s.module),
             cfg.section(stage).model_dump_json(),
             cfg.data.model_dump_json(),
             str(cfg.seed),
             str(cfg.run_dir),
-            *(digest_of(params[name]) for name in inputs),
+            *(f"{name}={digest_of(out)}" for name, out in sorted(upstream.items())),
         ]
-        if extra is not None:
-            parts.append(extra(params))
-        if stage in EXTRAS:
+        if s.input is None:
+            parts.append(tables.file_digest(cfg.data.manifest))
+        if s.extra is not None:
             parts.append(_key_extra(ctx, stage, cfg))
         return tables.text_digest(*parts)
 
@@ -118,7 +112,7 @@ def is_transient(task, task_run, state) -> bool:
 
 
 def _key_extra(ctx: TaskRunContext, stage: str, cfg: PipelineConfig) -> str:
-    """The stage's ``EXTRAS`` digest for its cache key, kept for the task body (``_keyed_extra``).
+    """The stage's ``extra`` digest for its cache key, kept for the task body (``keyed_extra``).
 
     Module-level, not inside the key closure: Dask pickles the closure by value, and a ContextVar
     does not pickle.
@@ -128,40 +122,16 @@ def _key_extra(ctx: TaskRunContext, stage: str, cfg: PipelineConfig) -> str:
     return digest or "none"
 
 
-def _keyed_extra(stage: str, cfg: PipelineConfig) -> str | None:
-    """The ``EXTRAS`` digest this task run's cache key was built from (computed now outside one)."""
+def keyed_extra(stage: str, cfg: PipelineConfig) -> str | None:
+    """The ``extra`` digest this task run's cache key was built from (computed now outside one)."""
     ctx, keyed = TaskRunContext.get(), _KEYED_EXTRA.get()
     if ctx is not None and keyed is not None and keyed[0] == ctx.task_run.id:
         return keyed[1]
     return extra_digest(stage, cfg)
 
 
-def execute(
-    stage: str,
-    cfg: PipelineConfig,
-    table: pd.DataFrame,
-    input_digest: str,
-    run: Callable[..., tables.StageResult],
-) -> StageOutput:
-    """Run one mmcore stage on a table and write its artifacts (accounting checked on write).
-
-    The stats record the stage's ``EXTRAS`` digest as ``extra_digest``, for ``mmpipe inspect --stale``.
-    """
-    extra = _keyed_extra(stage, cfg)  # before the stage runs, as the cache key saw its inputs
-    t0 = time.perf_counter()
-    result = run(table, cfg.section(stage), context(cfg))
-    if extra is not None:
-        result = tables.StageResult(result.kept, result.quarantined, {**result.stats, "extra_digest": extra})
-    stats = tables.write_stage(
-        cfg.run_dir,
-        stage,
-        result,
-        input_ids=table[tables.ROW_ID].to_numpy(),
-        input_digest=input_digest,
-        seconds=time.perf_counter() - t0,
-        config_digest=tables.json_digest(cfg.section(stage).model_dump(mode="json")),
-        code_digest=code_digest(f"mmcore.{stage}"),
-    )
+def output_of(stage: str, cfg: PipelineConfig, stats: dict[str, Any]) -> StageOutput:
+    """What a stage task returns, from the stats ``execute.run_stage`` wrote."""
     return StageOutput(
         stage=stage,
         run_dir=str(cfg.run_dir),
@@ -170,11 +140,6 @@ def execute(
         n_kept=stats["n_kept"],
         n_quarantined=stats["n_quarantined"],
     )
-
-
-def read_input(src: StageOutput) -> tuple[pd.DataFrame, str]:
-    """The previous stage's kept table and its digest."""
-    return tables.read_parquet(src.paths.kept), src.kept_digest
 
 
 def summary_rows(stats: dict[str, Any], cached: bool) -> list[dict[str, Any]]:
@@ -202,7 +167,7 @@ def publish(task, task_run, state) -> None:
     tables.write_json(
         {"cached": cached, "task_run_id": str(task_run.id), "flow_run_id": str(task_run.flow_run_id),
          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        out.paths.dir / "status.json",
+        out.paths.status,
     )
     create_table_artifact(
         key=f"{out.stage}-summary",
@@ -227,7 +192,7 @@ def publish_metrics(task, task_run, state) -> None:
     from mmcore import evaluate
 
     out = state.result(raise_on_failure=False)
-    metrics = Path(out.run_dir) / "evaluate" / "metrics.json" if isinstance(out, StageOutput) else None
+    metrics = RunLayout(out.run_dir).metrics if isinstance(out, StageOutput) else None
     if metrics is None or not metrics.is_file():
         return
     table = evaluate.metrics_table(tables.read_json(metrics))
@@ -247,7 +212,7 @@ def publish_run(task, task_run, state) -> None:
         return
     create_markdown_artifact(key="mmpipe-run-summary", markdown=report.summary_markdown(out.run_dir),
                              description="mmpipe run: funnel and headline metrics")
-    html = Path(out.run_dir) / "report" / "report.html"
+    html = RunLayout(out.run_dir).report
     create_link_artifact(key="mmpipe-report", link=html.resolve().as_uri(), link_text=str(html),
                          description="the run's self-contained HTML report")
 

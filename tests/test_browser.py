@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmcore import report, tables
+from mmcore import graph, report, tables
 from tests.conftest import demo_config
 from tests.test_report import extend_run
 
@@ -55,11 +55,11 @@ def _browse(exe: str, page: Path, tmp: Path, *action: str) -> str:
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory, synth_small, prefect_harness):
     """The real flow as far as it goes without training (minutes on CPU), the rest as artifacts."""
-    from flows.pipeline import PIPELINE, pipeline
+    from flows.pipeline import pipeline
 
     tmp = tmp_path_factory.mktemp("browser")
     cfg = demo_config(synth_small / "manifest.csv", tmp / "run")
-    real = [s for s in PIPELINE if tables.STAGES.index(s) <= tables.STAGES.index("split")]
+    real = [s for s in graph.ORDER if graph.ORDER.index(s) <= graph.ORDER.index("split")]
     pipeline(cfg, until=real[-1])
     extend_run(cfg, synth_small, "evaluate")
     return cfg, report.build(cfg.run_dir), real

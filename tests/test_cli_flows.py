@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def _cli(*args, cwd, env_home):
     env = {**__import__("os").environ, "PREFECT_HOME": str(env_home)}
-    return subprocess.run([sys.executable, "-m", "mmcore.cli", *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mmpipe", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=900, env=env)
 
 

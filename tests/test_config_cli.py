@@ -43,7 +43,7 @@ def test_overrides_are_typed_and_validated(tmp_path):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "mmcore.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "mmpipe", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -68,11 +68,11 @@ def test_cli_errors_are_one_line_nonzero_and_write_nothing(tmp_path, args, match
 
 
 def test_help_explains_every_command():
-    r = subprocess.run([sys.executable, "-m", "mmcore.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run([sys.executable, "-m", "mmpipe", "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0
     for cmd in ("synth", "run", "demo", "inspect"):
         assert cmd in r.stdout
-        sub = subprocess.run([sys.executable, "-m", "mmcore.cli", cmd, "--help"], capture_output=True, text=True, cwd=REPO)
+        sub = subprocess.run([sys.executable, "-m", "mmpipe", cmd, "--help"], capture_output=True, text=True, cwd=REPO)
         assert sub.returncode == 0 and len(sub.stdout) > 200
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from mmcore import tables
+from mmcore import graph, tables
 from tests.conftest import demo_config
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
 
 def test_dask_localcluster_artifacts_equal_local_runner(synth_small, tmp_path):
-    from flows.pipeline import PIPELINE, pipeline, with_runner
+    from flows.pipeline import pipeline, with_runner
 
-    stages = [s for s in ("clean", "probe", "quality") if s in PIPELINE]
+    stages = [s for s in ("clean", "probe", "quality") if s in graph.ORDER]
     until = stages[-1]
     local, dask = tmp_path / "local", tmp_path / "dask"
     pipeline(demo_config(synth_small / "manifest.csv", local), until=until)

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from mmcore import tables
+from mmcore import graph, tables
 from tests.conftest import demo_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -23,18 +23,18 @@ def _bytes(run_dir, stage):
 
 
 def test_rerun_is_cached_and_byte_identical_and_config_change_reruns(synth_small, tmp_path):
-    from flows.pipeline import PIPELINE, pipeline
+    from flows.pipeline import pipeline
 
     run_dir = tmp_path / "run"
     cfg = demo_config(synth_small / "manifest.csv", run_dir)
     pipeline(cfg)
-    first = {s: _bytes(run_dir, s) for s in PIPELINE}
-    assert not any(_status(run_dir, s)["cached"] for s in PIPELINE)
+    first = {s: _bytes(run_dir, s) for s in graph.ORDER}
+    assert not any(_status(run_dir, s)["cached"] for s in graph.ORDER)
     assert (run_dir / "config.yaml").is_file()
 
     pipeline(cfg)
-    assert all(_status(run_dir, s)["cached"] for s in PIPELINE)
-    assert {s: _bytes(run_dir, s) for s in PIPELINE} == first
+    assert all(_status(run_dir, s)["cached"] for s in graph.ORDER)
+    assert {s: _bytes(run_dir, s) for s in graph.ORDER} == first
 
     # A clean threshold changes: clean (and everything after it) runs again.
     pipeline(demo_config(synth_small / "manifest.csv", run_dir, "clean.min_chars=35"))
@@ -102,12 +102,12 @@ def test_touching_one_image_reruns_probe_and_quality_not_clean(synth_small, tmp_
 
 
 def test_a_fresh_run_folder_gives_identical_parquet(synth_small, tmp_path):
-    from flows.pipeline import PIPELINE, pipeline
+    from flows.pipeline import pipeline
 
     a, b = tmp_path / "a", tmp_path / "b"
     pipeline(demo_config(synth_small / "manifest.csv", a))
     pipeline(demo_config(synth_small / "manifest.csv", b))
-    for s in PIPELINE:
+    for s in graph.ORDER:
         assert _bytes(a, s) == _bytes(b, s), s
 
 

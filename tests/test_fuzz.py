@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmcore import clean, tables
+from mmcore import clean, graph, tables
 from mmcore.base import StageContext
 from mmcore.errors import AccountingError, MMPipeError
 from tests.conftest import REPO
@@ -135,7 +135,6 @@ def _one_line(e: BaseException) -> None:
 
 def _run_in_process(manifest: Path, run_dir: Path) -> str:
     """Run the stages in process; returns the outcome ('completed' or 'error:<stage>')."""
-    from flows.pipeline import PIPELINE
     from mmcore.config import build_config
 
     cfg = build_config({"data": {"manifest": str(manifest)}, "out": str(run_dir), "workers": 1})
@@ -147,7 +146,7 @@ def _run_in_process(manifest: Path, run_dir: Path) -> str:
         _one_line(e)
         return "error:schema"
     n_manifest = len(table)
-    for stage in (s for s in PIPELINE if s in IN_PROCESS_STAGES):
+    for stage in (s for s in graph.ORDER if s in IN_PROCESS_STAGES):
         mod = importlib.import_module(f"mmcore.{stage}")
         try:
             res = mod.run(table, cfg.section(stage), ctx)
@@ -197,14 +196,14 @@ def test_damaged_manifests_through_the_cli_never_print_a_traceback(tmp_path_fact
     manifest = _write(tmp, example)
     env = {**os.environ, "PREFECT_API_URL": api_url}
     r = subprocess.run(
-        [sys.executable, "-m", "mmcore.cli", "run", str(REPO / "configs" / "demo.yaml"), "--until", "quality",
+        [sys.executable, "-m", "mmpipe", "run", str(REPO / "configs" / "demo.yaml"), "--until", "quality",
          "--out", str(tmp / "run"), "--set", f"data.manifest={manifest}", *(
              a for c in ("group", "time", "label", "domain") for a in ("--set", f"data.{c}_column=null"))],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=300,
     )
     assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
     if r.returncode == 0:
-        for stage in (s for s in tables.STAGES if tables.StagePaths.of(tmp / "run", s).stats.is_file()):
+        for stage in (s for s in graph.ORDER if tables.StagePaths.of(tmp / "run", s).stats.is_file()):
             stats = tables.read_json(tables.StagePaths.of(tmp / "run", stage).stats)
             assert stats["n_kept"] + stats["n_quarantined"] == stats["n_rows"], stage
         outcome = "completed"

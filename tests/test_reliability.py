@@ -1,6 +1,6 @@
 """Breaking things on purpose: kills mid-run, injected read faults, bad configs, untrusted files.
 
-Every test runs whatever stages ``flows.pipeline.PIPELINE`` runs today, so each grows stronger as
+Every test runs whatever stages ``flows.pipeline.graph.ORDER`` runs today, so each grows stronger as
 stages land. Subprocess runs talk to the session's Prefect test server (``PREFECT_API_URL``), so a
 CLI run does not pay for starting its own server and a kill leaves no server behind; their cache
 records go to the session's ``PREFECT_LOCAL_STORAGE_PATH`` like the in-process runs'.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from mmcore import faults, tables
+from mmcore import faults, graph, tables
 from tests.conftest import REPO, demo_config
 
 CLI_TIMEOUT = 300  # seconds for one CLI run; a busy 2-core CI box needs headroom
@@ -55,9 +55,8 @@ def _record(kind: str, **fields) -> None:
 
 
 def _pipeline() -> tuple[str, ...]:
-    from flows.pipeline import PIPELINE
 
-    return tuple(PIPELINE)
+    return tuple(graph.ORDER)
 
 
 def _fast_overrides() -> list[str]:
@@ -167,7 +166,7 @@ def _cmd(manifest: Path, out: Path) -> list[str]:
     from tests import conftest
 
     sets = [f"data.manifest={manifest}", *getattr(conftest, "FAST", ()), *_fast_overrides()]
-    return [sys.executable, "-m", "mmcore.cli", "run", str(REPO / "configs" / "demo.yaml"),
+    return [sys.executable, "-m", "mmpipe", "run", str(REPO / "configs" / "demo.yaml"),
             *(a for s in sets for a in ("--set", s)), "--out", str(out)]
 
 
@@ -348,7 +347,7 @@ def test_a_sigkilled_run_does_not_leave_prefects_temporary_server_behind(tmp_pat
 def test_ten_percent_read_faults_lose_nothing_and_retries_reach_prefect_logs(synth_small, reference, api_url, tmp_path):
     readers = _image_stages()
     if not readers:
-        pytest.skip(f"no stage in PIPELINE {_pipeline()} reads images through mmcore.faults yet")
+        pytest.skip(f"no stage in graph.ORDER {_pipeline()} reads images through mmcore.faults yet")
     out = tmp_path / "run"
     r = _run_cli(synth_small / "manifest.csv", out,
                  _env(api_url, **{faults.RATE_ENV: str(FAULT_RATE), faults.SEED_ENV: "1"}))
@@ -370,7 +369,7 @@ def test_a_permanently_unreadable_file_quarantines_its_row_not_the_run(synth_sma
                                                                        monkeypatch):
     readers = _image_stages()
     if not readers:
-        pytest.skip(f"no stage in PIPELINE {_pipeline()} reads images through mmcore.faults yet")
+        pytest.skip(f"no stage in graph.ORDER {_pipeline()} reads images through mmcore.faults yet")
     from flows.pipeline import pipeline
 
     kept = tables.read_parquet(tables.StagePaths.of(
@@ -450,7 +449,7 @@ def _snapshot(root: Path) -> dict[str, float]:
 def test_broken_config_is_one_line_nonzero_and_writes_nothing(tmp_path, monkeypatch, prefect_harness, text, sets, match):
     from typer.testing import CliRunner
 
-    from mmcore.cli import app
+    from mmpipe.cli import app
 
     (tmp_path / "images").mkdir()
     (tmp_path / "m.csv").write_text("image_path,text\nimages/a.png,a red circle on the left\n")

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mmcore import clean, report, spotcheck, tables
+from mmcore import clean, graph, report, spotcheck, tables
 from mmcore.base import StageContext
 from mmcore.config import dump_config
 from mmcore.images import resolve_path
@@ -192,7 +192,7 @@ def extend_run(cfg, data: Path, until: str = "evaluate") -> None:
         "evaluate": lambda df: _fake_evaluate(df, cfg.run_dir, cfg.data.image_root),
     }
     table, digest = clean.read_manifest(cfg.data), tables.file_digest(cfg.data.manifest)
-    for stage in tables.STAGES[: tables.STAGES.index(until) + 1]:
+    for stage in graph.ORDER[: graph.ORDER.index(until) + 1]:
         paths = tables.StagePaths.of(cfg.run_dir, stage)
         if paths.stats.is_file():
             stats = tables.read_json(paths.stats)
@@ -443,8 +443,8 @@ def test_summary_markdown_has_funnel_and_headline_metrics(full_run):
 def test_a_just_written_run_is_fresh(full_run):
     run_dir, cfg, _, _ = full_run
     rows = stale(run_dir, cfg)
-    assert [r["stage"] for r in rows] == list(tables.STAGES)
-    assert {r["stage"]: r["status"] for r in rows} == {**{s: "fresh" for s in tables.STAGES[:-1]}, "report": "not run"}
+    assert [r["stage"] for r in rows] == list(graph.ORDER)
+    assert {r["stage"]: r["status"] for r in rows} == {**{s: "fresh" for s in graph.ORDER[:-1]}, "report": "not run"}
     text = format_stale(rows).splitlines()
     assert text[0].split() == ["clean", "fresh"] and text[-1].split()[:3] == ["report", "not", "run"]
 
@@ -458,10 +458,10 @@ def test_a_config_change_makes_that_stage_and_all_later_ones_stale(full_run):
     else:
         first = "split"
     by = {r["stage"]: r for r in stale(run_dir, changed)}
-    i = tables.STAGES.index(first)
-    assert all(by[s]["status"] == "fresh" for s in tables.STAGES[:i])
+    i = graph.ORDER.index(first)
+    assert all(by[s]["status"] == "fresh" for s in graph.ORDER[:i])
     assert by[first]["status"] == "stale" and f"config section '{first}' changed" in by[first]["why"]
-    assert all(by[s]["status"] == "stale" and f"upstream stage '{first}' is stale" in by[s]["why"] for s in tables.STAGES[i + 1 : -1])
+    assert all(by[s]["status"] == "stale" and f"upstream stage '{first}' is stale" in by[s]["why"] for s in graph.ORDER[i + 1 : -1])
 
 
 def test_a_changed_manifest_or_rewritten_artifact_is_stale(tmp_path, synth_small):
@@ -504,7 +504,7 @@ def test_an_edited_synonym_table_makes_train_and_later_stages_stale(tmp_path, sy
     synonyms.write_bytes(DEFAULT_SYNONYMS.read_bytes())
     run_dir, cfg = make_run(tmp_path, synth_small, "evaluate", f"train.synonyms={synonyms}")
     fresh = {r["stage"]: r["status"] for r in stale(run_dir, cfg)}
-    assert fresh == {**{s: "fresh" for s in tables.STAGES[:-1]}, "report": "not run"}
+    assert fresh == {**{s: "fresh" for s in graph.ORDER[:-1]}, "report": "not run"}
 
     with open(synonyms, "a") as f:
         f.write("square: [box]\n")

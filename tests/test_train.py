@@ -229,7 +229,7 @@ def test_ddp_two_gloo_processes_match_single_process(demo, tmp_path):
     assert trainloop.main([str(tmp_path / "single")]) == 0
     _write_run(tmp_path / "ddp", table, data, train)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "mmcore.train", str(tmp_path / "ddp")]
+           "-m", "mmpipe", "train", str(tmp_path / "ddp")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     stats = tables.read_json(tmp_path / "ddp" / "train" / "stats.json")
@@ -250,7 +250,7 @@ def test_ddp_rank0_failing_to_build_shards_stops_every_rank_at_once(demo, tmp_pa
     (tmp_path / "ddp" / "train" / "shards").write_text("a file where the shard folder goes")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "mmcore.train", str(tmp_path / "ddp")]
+           "-m", "mmpipe", "train", str(tmp_path / "ddp")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "train: rank 0 could not build the shards: FileExistsError" in r.stderr, r.stderr[-2000:]

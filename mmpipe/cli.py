@@ -9,16 +9,18 @@ import functools
 import json
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from mmcore import tables
+from mmcore import graph, tables
 from mmcore.errors import MMPipeError
+from mmcore.layout import RunLayout
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+# The demo's config ships inside this package, so `mmpipe demo` works from any directory.
+DEMO_CONFIG = Path(str(resources.files("mmpipe") / "configs" / "demo.yaml"))
 
 app = typer.Typer(
     name="mmpipe",
@@ -92,14 +94,14 @@ def _run(cfg, until: str, runner: str = "local", address: str | None = None, wor
     typer.echo("")
     _print_overview(cfg.run_dir)
     typer.echo(f"\nartifacts: {cfg.run_dir}")
-    metrics = cfg.run_dir / "evaluate" / "metrics.json"
-    if metrics.is_file() and "evaluate" in tables.STAGES[: tables.STAGES.index(until) + 1]:
+    run = RunLayout(cfg.run_dir)
+    if run.metrics.is_file() and "evaluate" in [s.name for s in graph.plan(until)]:
         from mmcore import evaluate as evaluate_mod
 
-        rob = cfg.run_dir / "evaluate" / "robustness.parquet"
-        typer.echo("\n" + evaluate_mod.summary_markdown(tables.read_json(metrics), tables.read_parquet(rob) if rob.is_file() else None))
-        typer.echo(f"spot-check: {cfg.run_dir / 'evaluate' / 'spotcheck.html'} (fill spotcheck.csv, then `mmpipe verdicts`)")
-    html = cfg.run_dir / "report" / "report.html"
+        rob = tables.read_parquet(run.robustness) if run.robustness.is_file() else None
+        typer.echo("\n" + evaluate_mod.summary_markdown(tables.read_json(run.metrics), rob))
+        typer.echo(f"spot-check: {run.spotcheck_html} (fill {run.spotcheck_csv.name}, then `mmpipe verdicts`)")
+    html = run.report
     if html.is_file():
         typer.echo(f"report:    {html}")
 
@@ -111,7 +113,7 @@ def run(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set clean.min_words=3 (repeatable).")
     ] = None,
-    until: Annotated[str, typer.Option(help=f"Last stage to run: {', '.join(tables.STAGES)}.")] = "report",
+    until: Annotated[str, typer.Option(help=f"Last stage to run: {', '.join(graph.ORDER)}.")] = "report",
     out: Annotated[Optional[Path], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
     runner: Annotated[
         str, typer.Option(help="Where tasks run: 'local' (threads and process pools) or 'dask' (a Dask cluster).")
@@ -131,8 +133,8 @@ def run(
     """
     from mmcore.config import load_config
 
-    if until not in tables.STAGES:
-        raise MMPipeError(f"--until: unknown stage {until!r}; expected one of {', '.join(tables.STAGES)}")
+    if until not in graph.STAGES:
+        raise MMPipeError(f"--until: unknown stage {until!r}; expected one of {', '.join(graph.ORDER)}")
     overrides = list(set_ or []) + ([f"out={out}"] if out is not None else [])
     _run(load_config(config, overrides), until, runner, address, workers)
 
@@ -145,7 +147,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed for the data and the run.")] = 0,
     until: Annotated[str, typer.Option(help="Last stage to run.")] = "report",
 ) -> None:
-    """Generate the synthetic dataset and run every stage on it with configs/demo.yaml, on CPU."""
+    """Generate the synthetic dataset and run every stage on it with the demo config (configs/demo.yaml), on CPU."""
     from mmcore import synth as synth_mod
     from mmcore.config import load_config
 
@@ -157,19 +159,19 @@ def demo(
         typer.echo(f"generating {n} synthetic rows in {data} ...")
         synth_mod.generate(data, n=n, seed=seed)
         tables.write_json(want, marker)
-    cfg = load_config(CONFIGS / "demo.yaml", [f"data.manifest={data / 'manifest.csv'}", f"out={out}", f"seed={seed}"])
+    cfg = load_config(DEMO_CONFIG, [f"data.manifest={data / 'manifest.csv'}", f"out={out}", f"seed={seed}"])
     _run(cfg, until)
 
 
 def _stage_rows(run_dir: Path) -> list[dict]:
     rows = []
-    for stage in tables.STAGES:
+    for stage in graph.ORDER:
         p = tables.StagePaths.of(run_dir, stage)
         if not p.stats.is_file():
             rows.append({"stage": stage, "status": "not run"})
             continue
         st = tables.read_json(p.stats)
-        status = tables.read_json(p.dir / "status.json") if (p.dir / "status.json").is_file() else {}
+        status = tables.read_json(p.status) if p.status.is_file() else {}
         top = sorted(st.get("reasons", {}).items(), key=lambda kv: -kv[1])[:3]
         rows.append({
             "stage": stage,
@@ -225,7 +227,7 @@ def inspect(
         return
     import pandas as pd
 
-    p = tables.StagePaths.of(run_dir, stage)
+    p = tables.StagePaths.of(run_dir, graph.stage(stage).name)
     if not p.stats.is_file():
         raise MMPipeError(f"stage {stage!r} has not run in {run_dir} (no {p.stats})")
     stats = tables.read_json(p.stats)
@@ -246,7 +248,7 @@ def inspect(
 def _describer(stage: str):
     import importlib
 
-    mod = importlib.import_module(f"mmcore.{stage}")
+    mod = importlib.import_module(graph.stage(stage).module)
     return getattr(mod, "describe", None)
 
 
@@ -270,23 +272,28 @@ def evaluate(
 
     Writes RUN_DIR/evaluate/external/NAME/metrics.json (with CIs) beside the run's own metrics.
     """
-    from mmcore.config import load_config
-
+    from mmcore import clean
     from mmcore import evaluate as evaluate_mod
-    from mmcore.base import StageContext
+    from mmcore.config import check_paths, load_config
 
-    own = load_config(run_dir / "config.yaml")
+    run = RunLayout(run_dir.resolve())
+    if not run.config.is_file():
+        raise MMPipeError(f"not a run folder (no {run.config.name}): {run_dir}")
+    if not run.model.is_dir():
+        raise MMPipeError(f"evaluate: no trained model at {run.model}; run the train stage first")
     other = load_config(data)
     name = name or other.run_name
-    curated = run_dir / "evaluate" / "external" / name / "curation"
-    # The other dataset goes through this run's curation settings, cached like any run.
-    cfg = own.model_copy(update={"data": other.data, "out": curated.resolve()})
-    _run(cfg, "quality")
-    table = tables.load(curated, "quality")
-    ctx = StageContext(data=other.data, run_dir=run_dir.resolve(), seed=own.seed, workers=own.n_workers, progress=True)
-    result = evaluate_mod.run_external(table, own.evaluate, ctx, name)
-    typer.echo(evaluate_mod.summary_markdown(result))
-    typer.echo(f"metrics: {run_dir / 'evaluate' / 'external' / name / 'metrics.json'}")
+    evaluate_mod.check_name(name)  # before anything is written under the run folder
+    clean.check_columns(other.data)
+    check_paths(other)
+    _setup_prefect_env()
+    from flows.pipeline import evaluate_external
+    from flows.server import temporary_server
+
+    with temporary_server():
+        path = evaluate_external(run.root, other, name)
+    typer.echo(evaluate_mod.summary_markdown(tables.read_json(path)))
+    typer.echo(f"metrics: {path}")
 
 
 @app.command()
@@ -310,11 +317,11 @@ def train(
 ) -> None:
     """Train (or resume) the model of a run outside the flow; extra args are train.key=value overrides.
 
-    On several GPUs: torchrun --nproc_per_node=N -m mmcore.train RUN_DIR [train.key=value ...]
+    On several GPUs: torchrun --nproc_per_node=N -m mmpipe train RUN_DIR [train.key=value ...]
     """
-    from mmcore import trainloop
+    from mmpipe import trainer
 
-    raise typer.Exit(trainloop.main([str(run_dir), *ctx.args]))
+    raise typer.Exit(trainer.main([str(run_dir), *ctx.args]))
 
 
 @app.command()

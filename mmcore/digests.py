@@ -1,0 +1,68 @@
+"""Content digests: of files, folders, strings and JSON values. The bottom of mmcore's import graph.
+
+Cache keys, ``stats.json`` records and ``mmpipe inspect --stale`` all compare these, so each is
+defined once here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, as ``sha256:<hex>``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def text_digest(*parts: str | bytes) -> str:
+    """sha256 over several strings or byte strings (length-prefixed so parts cannot run together)."""
+    h = hashlib.sha256()
+    for p in parts:
+        b = p.encode() if isinstance(p, str) else p
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return "sha256:" + h.hexdigest()
+
+
+def dir_digest(path: str | os.PathLike) -> str:
+    """Digest of every file under a folder (relative names and bytes), e.g. a saved model."""
+    root = Path(path)
+    if not root.is_dir():
+        return f"missing:{root}"
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return text_digest(*(f"{p.relative_to(root).as_posix()}={file_digest(p)}" for p in files))
+
+
+def files_fingerprint(root: str | os.PathLike, rel_paths: Iterable[str]) -> str:
+    """Cheap fingerprint of many files: (path, size, mtime_ns) from ``lstat``, without reading them.
+
+    Editing a file's bytes changes its size or mtime, so a changed image changes the fingerprint
+    (the same quick check rsync and make rely on); the probe then records each file's content digest.
+    """
+    root = Path(root)
+    h = hashlib.sha256()
+    for rel in sorted(set(rel_paths)):
+        if os.path.isabs(rel) or ".." in Path(rel).parts:
+            h.update(f"{rel}\0unsafe\n".encode())  # never touched: probe quarantines it
+            continue
+        try:
+            st = os.lstat(root / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except (OSError, ValueError):
+            h.update(f"{rel}\0missing\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """Digest of a JSON-serialisable object, independent of key order."""
+    return text_digest(json.dumps(obj, sort_keys=True, default=str))

@@ -1,0 +1,72 @@
+"""Run one stage of the graph on a table and write its artifacts: the one place that does it.
+
+The Prefect task factory (``tasks/``) and the torchrun entry (``mmpipe train``) both call
+``run_stage``, so a stage's ``stats.json`` records the same digests (config, code, input and
+extra) however it was run, and ``mmpipe inspect --stale`` judges both alike.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from mmcore import graph, tables
+from mmcore.base import StageContext
+from mmcore.provenance import code_digest
+
+if TYPE_CHECKING:
+    from mmcore.config import PipelineConfig
+
+
+def context(cfg: PipelineConfig, progress: bool = True) -> StageContext:
+    return StageContext(data=cfg.data, run_dir=cfg.run_dir, seed=cfg.seed, workers=cfg.n_workers, progress=progress)
+
+
+def config_digest(cfg: PipelineConfig, stage: str) -> str:
+    return tables.json_digest(cfg.section(stage).model_dump(mode="json"))
+
+
+def read_source(cfg: PipelineConfig, stage: str) -> tuple[pd.DataFrame, str]:
+    """A stage whose input is the manifest (``graph``: ``input=None``): its table and the manifest's digest."""
+    mod = importlib.import_module(graph.stage(stage).module)
+    return mod.read_input(cfg.data), tables.file_digest(cfg.data.manifest)
+
+
+def run_stage(
+    stage: str,
+    cfg: PipelineConfig,
+    table: pd.DataFrame,
+    input_digest: str,
+    extra: str | None,
+    *,
+    ctx: StageContext | None = None,
+    write: bool = True,
+) -> dict[str, Any] | None:
+    """Run ``stage``'s ``run`` on ``table`` and (if ``write``) write its artifacts; the stats, or None.
+
+    Args:
+        extra: the digest of the stage's extra inputs as they were when its inputs were keyed
+            (``stale.extra_digest``), recorded as ``extra_digest``.
+        write: false on the DDP ranks other than 0, which train but write nothing.
+    """
+    s = graph.stage(stage)
+    mod = importlib.import_module(s.module)
+    t0 = time.perf_counter()
+    result = mod.run(table, cfg.section(stage), ctx or context(cfg))
+    if not write:
+        return None
+    if extra is not None:
+        result = tables.StageResult(result.kept, result.quarantined, {**result.stats, "extra_digest": extra})
+    return tables.write_stage(
+        cfg.run_dir,
+        stage,
+        result,
+        input_ids=table[tables.ROW_ID].to_numpy(),
+        input_digest=input_digest,
+        seconds=time.perf_counter() - t0,
+        config_digest=config_digest(cfg, stage),
+        code_digest=code_digest(s.module),
+    )

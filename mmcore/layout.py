@@ -1,0 +1,176 @@
+"""The run folder's layout, defined once: every file and folder name a run writes.
+
+``RUN_DIR/<stage>/`` holds each stage's artifacts (``kept.parquet``, ``quarantine.parquet``,
+``stats.json``, ``status.json``) and the stage's own files below. Code never spells one of these
+names itself: it asks ``RunLayout`` (``RunLayout(run_dir).metrics``) or uses the constant.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# The run.
+CONFIG_FILE = "config.yaml"  # the resolved config the run was made with
+
+# Every stage (the artifact contract of ``mmcore.tables``).
+KEPT_FILE = "kept.parquet"
+QUARANTINE_FILE = "quarantine.parquet"
+STATS_FILE = "stats.json"
+STATUS_FILE = "status.json"  # whether this run took the stage from cache (written by the task layer)
+
+# train
+MODEL_DIR = "model"  # a save_pretrained folder + tokenizer.json + preprocess.json
+HISTORY_FILE = "history.parquet"  # loss, lr and val R@5 per logged step
+TIMING_FILE = "timing.json"  # samples/s per logged step (wall clock: differs run to run)
+TRAIN_CONFIG_FILE = "config.json"  # the train section the model was trained with
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+SHARDS_DIR = "shards"  # decoded training images, one memory-mapped Arrow file per split
+SHARDS_META = "meta.json"
+
+# evaluate
+METRICS_FILE = "metrics.json"
+PER_QUERY_FILE = "per_query.parquet"
+EMBEDDINGS_FILE = "embeddings.parquet"
+ROBUSTNESS_FILE = "robustness.parquet"
+SPOTCHECK_CSV = "spotcheck.csv"
+SPOTCHECK_HTML = "spotcheck.html"
+VERDICTS_FILE = "verdicts.json"
+ABLATION_FILE = "ablation.parquet"
+EXTERNAL_DIR = "external"  # evaluate/external/<name>/: another dataset, evaluated with this run's model
+CURATION_DIR = "curation"  # evaluate/external/<name>/curation/: that dataset's clean, probe, quality
+
+# report
+REPORT_FILE = "report.html"
+
+# ablate: one run folder per variant and seed
+ABLATE_DIR = "ablate"
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """Where one stage's artifacts live in a run folder (``mmcore.graph.stage`` checks the name)."""
+
+    dir: Path
+
+    @classmethod
+    def of(cls, run_dir: str | os.PathLike, stage: str) -> StagePaths:
+        return cls(Path(run_dir) / stage)
+
+    @property
+    def kept(self) -> Path:
+        return self.dir / KEPT_FILE
+
+    @property
+    def quarantine(self) -> Path:
+        return self.dir / QUARANTINE_FILE
+
+    @property
+    def stats(self) -> Path:
+        return self.dir / STATS_FILE
+
+    @property
+    def status(self) -> Path:
+        return self.dir / STATUS_FILE
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where a run's files are. Stage names are not checked here (``graph.stage`` does that)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, run_dir: str | os.PathLike) -> RunLayout:
+        return cls(Path(run_dir))
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    def stage(self, stage: str) -> StagePaths:
+        return StagePaths.of(self.root, stage)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    # train
+    @property
+    def model(self) -> Path:
+        return self.stage_dir("train") / MODEL_DIR
+
+    @property
+    def history(self) -> Path:
+        return self.stage_dir("train") / HISTORY_FILE
+
+    @property
+    def timing(self) -> Path:
+        return self.stage_dir("train") / TIMING_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.stage_dir("train") / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+    @property
+    def shards(self) -> Path:
+        return self.stage_dir("train") / SHARDS_DIR
+
+    # evaluate
+    @property
+    def metrics(self) -> Path:
+        return self.stage_dir("evaluate") / METRICS_FILE
+
+    @property
+    def per_query(self) -> Path:
+        return self.stage_dir("evaluate") / PER_QUERY_FILE
+
+    @property
+    def embeddings(self) -> Path:
+        return self.stage_dir("evaluate") / EMBEDDINGS_FILE
+
+    @property
+    def robustness(self) -> Path:
+        return self.stage_dir("evaluate") / ROBUSTNESS_FILE
+
+    @property
+    def spotcheck_csv(self) -> Path:
+        return self.stage_dir("evaluate") / SPOTCHECK_CSV
+
+    @property
+    def spotcheck_html(self) -> Path:
+        return self.stage_dir("evaluate") / SPOTCHECK_HTML
+
+    @property
+    def verdicts(self) -> Path:
+        return self.stage_dir("evaluate") / VERDICTS_FILE
+
+    @property
+    def ablation(self) -> Path:
+        return self.stage_dir("evaluate") / ABLATION_FILE
+
+    @property
+    def external_root(self) -> Path:
+        return self.stage_dir("evaluate") / EXTERNAL_DIR
+
+    def external(self, name: str) -> Path:
+        """``evaluate/external/<name>/``: metrics of another dataset under this run's model."""
+        return self.external_root / name
+
+    def external_metrics(self) -> list[Path]:
+        """Every external dataset's metrics file, sorted by name."""
+        return sorted(self.external_root.glob(f"*/{METRICS_FILE}"))
+
+    def curation(self, name: str) -> Path:
+        """The run folder in which that other dataset is cleaned, probed and quality-checked."""
+        return self.external(name) / CURATION_DIR
+
+    # report
+    @property
+    def report(self) -> Path:
+        return self.stage_dir("report") / REPORT_FILE
+
+    # ablate
+    def variant(self, name: str, seed: int) -> Path:
+        return self.root / ABLATE_DIR / f"{name}-s{seed}"

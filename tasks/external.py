@@ -1,0 +1,36 @@
+"""The external-evaluation task: a run's model on another dataset's curated table, cached by content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+
+from mmcore import evaluate, tables
+from mmcore.base import DataConfig, StageContext
+from mmcore.config import PipelineConfig
+from mmcore.digests import dir_digest
+from mmcore.layout import METRICS_FILE, RunLayout
+from mmcore.provenance import code_digest
+from tasks.common import CACHE_SCHEME, StageOutput, is_transient
+
+
+def _key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
+    own: PipelineConfig = params["own"]
+    return tables.text_digest(
+        CACHE_SCHEME, "evaluate-external", params["name"], code_digest("mmcore.evaluate"),
+        own.evaluate.model_dump_json(), params["data"].model_dump_json(), str(own.seed), str(own.run_dir),
+        params["curated"].kept_digest, dir_digest(RunLayout(own.run_dir).model),
+    )
+
+
+@task(name="evaluate-external", cache_policy=CachePolicy.from_cache_key_fn(_key) + TASK_SOURCE,
+      retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, persist_result=True)
+def external_evaluate(own: PipelineConfig, data: DataConfig, curated: StageOutput, name: str) -> Path:
+    """Embed and score the curated rows of another dataset with the run's model; its metrics file."""
+    ctx = StageContext(data=data, run_dir=own.run_dir, seed=own.seed, workers=own.n_workers, progress=True)
+    evaluate.run_external(tables.read_parquet(curated.paths.kept), own.evaluate, ctx, name)
+    return RunLayout(own.run_dir).external(name) / METRICS_FILE
