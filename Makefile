@@ -19,6 +19,7 @@ help:
 	@echo "make demo   - synthetic data + every stage on CPU (runs/demo)"
 	@echo "make test   - the test suite"
 	@echo "make bench  - benchmarks (see bench/RESULTS.md)"
+	@echo "make lint   - ruff (a short rule set, pinned); make test runs it first"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +36,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mmpipe demo --out runs/demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check mmcore mmpipe flows tasks deployments tests bench
+
+test: $(STAMP) lint
 	bash scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

@@ -1,22 +1,28 @@
 """Augmentation schemes applied to an image and its caption together, from an explicit RNG.
 
 Every random draw comes from the ``np.random.Generator`` passed in (seeded per sample and epoch by
-the loader), so a sample's augmentation is the same across workers, DDP ranks and resumes.
+the loader), so a sample's augmentation is the same across workers, DDP ranks and resumes. A scheme
+is a function registered in ``SCHEMES`` by name; ``train.augment`` names one.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
 from mmcore.errors import ConfigError
+from mmcore.registry import Registry
 from mmcore.resources import DEFAULT_SYNONYMS
 
-SCHEMES = ("none", "light", "aligned", "cross_modal", "synonym")
+# (image, caption, rng, size, synonyms) -> (size x size image, caption)
+Scheme = Callable[[Image.Image, str, np.random.Generator, int, dict[str, list[str]] | None], tuple[Image.Image, str]]
+# Registration order is the ablation's order: "none", the baseline, first.
+SCHEMES: Registry[Scheme] = Registry("augmentation")
 # A horizontal flip turns left into right: these words swap so the caption stays true.
 FLIP_WORDS = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
 _WORD = re.compile(r"[A-Za-z]+")
@@ -110,6 +116,48 @@ def random_erase(img: Image.Image, rng: np.random.Generator, area=(0.02, 0.15)) 
     return Image.fromarray(a)
 
 
+@SCHEMES.register("none")
+def _none(img: Image.Image, text: str, rng: np.random.Generator, size: int, synonyms=None) -> tuple[Image.Image, str]:
+    """Resize only."""
+    return (img if img.size == (size, size) else img.resize((size, size), Image.Resampling.BICUBIC)), text
+
+
+def _crop_jitter(img: Image.Image, rng: np.random.Generator, size: int) -> Image.Image:
+    return color_jitter(random_resized_crop(img, size, rng), rng)
+
+
+@SCHEMES.register("light")
+def _light(img: Image.Image, text: str, rng: np.random.Generator, size: int, synonyms=None) -> tuple[Image.Image, str]:
+    """Light crop and colour jitter; the caption untouched."""
+    return _crop_jitter(img, rng, size), text
+
+
+@SCHEMES.register("aligned")
+def _aligned(img: Image.Image, text: str, rng: np.random.Generator, size: int, synonyms=None) -> tuple[Image.Image, str]:
+    """Flip with left/right swapped in the caption, jitter, small rotation and crop: the caption stays true."""
+    if rng.random() < 0.5:
+        img, text = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), flip_caption(text)
+    img = color_jitter(img, rng)
+    # Small rotation: left/right/top/bottom stay true; corners filled with the image's mean.
+    fill = tuple(int(c) for c in np.asarray(img).reshape(-1, 3).mean(0))
+    img = img.rotate(float(rng.uniform(-10, 10)), Image.Resampling.BILINEAR, fillcolor=fill)
+    return random_resized_crop(img, size, rng, scale=(0.85, 1.0)), text
+
+
+@SCHEMES.register("cross_modal")
+def _cross_modal(img: Image.Image, text: str, rng: np.random.Generator, size: int, synonyms=None) -> tuple[Image.Image, str]:
+    """Light, plus random erasing in the image and word dropout in the caption."""
+    img = _crop_jitter(img, rng, size)
+    return random_erase(img, rng), drop_words(text, rng)
+
+
+@SCHEMES.register("synonym")
+def _synonym(img: Image.Image, text: str, rng: np.random.Generator, size: int, synonyms=None) -> tuple[Image.Image, str]:
+    """Light, plus synonym replacement from ``synonyms`` (default: the packaged table)."""
+    img = _crop_jitter(img, rng, size)
+    return img, synonym_caption(text, synonyms if synonyms is not None else load_synonyms(), rng)
+
+
 def apply(
     scheme: str,
     img: Image.Image,
@@ -118,22 +166,5 @@ def apply(
     size: int,
     synonyms: dict[str, list[str]] | None = None,
 ) -> tuple[Image.Image, str]:
-    """Augment one (image, caption) pair; the image comes back ``size`` x ``size``."""
-    if scheme == "none":
-        return (img if img.size == (size, size) else img.resize((size, size), Image.Resampling.BICUBIC)), text
-    if scheme == "aligned":
-        if rng.random() < 0.5:
-            img, text = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), flip_caption(text)
-        img = color_jitter(img, rng)
-        # Small rotation: left/right/top/bottom stay true; corners filled with the image's mean.
-        fill = tuple(int(c) for c in np.asarray(img).reshape(-1, 3).mean(0))
-        img = img.rotate(float(rng.uniform(-10, 10)), Image.Resampling.BILINEAR, fillcolor=fill)
-        return random_resized_crop(img, size, rng, scale=(0.85, 1.0)), text
-    img = color_jitter(random_resized_crop(img, size, rng), rng)
-    if scheme == "light":
-        return img, text
-    if scheme == "cross_modal":
-        return random_erase(img, rng), drop_words(text, rng)
-    if scheme == "synonym":
-        return img, synonym_caption(text, synonyms if synonyms is not None else load_synonyms(), rng)
-    raise ConfigError(f"train.augment: unknown scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    """Augment one (image, caption) pair with the registered ``scheme``; the image comes back ``size`` x ``size``."""
+    return SCHEMES.get(scheme, where="train.augment")(img, text, rng, size, synonyms)

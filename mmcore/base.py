@@ -55,6 +55,7 @@ class StageContext:
     seed: int = 0
     workers: int = 1
     progress: bool = False
+    run_name: str = ""  # the config's run_name, for what a stage shows people (the report's title)
 
     def stage_dir(self, stage: str) -> Path:
         return tables.StagePaths.of(self.run_dir, stage).dir

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from mmcore.errors import ConfigError
+from mmcore.registry import Registry
 from mmcore.tables import IMAGE, ROW_ID
 
 
@@ -29,26 +29,22 @@ class Check:
     needs: tuple[str, ...] = ()  # columns ``score`` reads
 
 
-CHECKS: dict[str, Check] = {}
+CHECKS: Registry[Check] = Registry("check")
 
 
 def register(check: Check) -> Check:
-    """Add a check to ``CHECKS``; a name registered twice is a programming error."""
-    if check.name in CHECKS:
-        raise ValueError(f"check {check.name!r} is already registered")
+    """Add a check to ``CHECKS`` under its name; a name registered twice is a programming error."""
     if not 0.0 <= check.threshold <= 1.0:
         raise ValueError(f"check {check.name!r}: threshold must be in [0, 1], got {check.threshold}")
-    CHECKS[check.name] = check
-    return check
+    return CHECKS.register(check.name, check)
 
 
-def validate_names(names: Iterable[str], where: str) -> None:
-    """Raise a one-line ConfigError for names that are not registered checks."""
-    unknown = [n for n in names if n not in CHECKS]
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown check(s) {', '.join(map(repr, unknown))}; expected one of {', '.join(sorted(CHECKS))}"
-        )
+def validate_names(names: Iterable[str], where: str | None = None) -> None:
+    """Raise a one-line ConfigError for names that are not registered checks.
+
+    A config validator leaves ``where`` out: the config error already starts with the field.
+    """
+    CHECKS.check(list(names), where)
 
 
 def get(names: Iterable[str], where: str = "quality.checks") -> list[Check]:

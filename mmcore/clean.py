@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import csv
 import html
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ftfy
@@ -22,6 +25,7 @@ from pydantic import Field, model_validator
 from mmcore import tables
 from mmcore.base import DataConfig, StageContext, StrictModel
 from mmcore.errors import InputError
+from mmcore.registry import Registry
 from mmcore.tables import IMAGE, LABEL, DOMAIN, GROUP, ROW_ID, TEXT, TEXT_RAW, TIME, StageResult
 
 STAGE = "clean"
@@ -60,21 +64,67 @@ class CleanConfig(StrictModel):
 # --------------------------------------------------------------------------- manifest
 
 
-def _read_csv(path: Path) -> pa.Table:
+@dataclass(frozen=True)
+class Reader:
+    """One manifest format: ``read(path)`` gives the table, ``columns(path)`` its column names from
+    the header alone (None: read the whole table)."""
+
+    read: Callable[[Path], pd.DataFrame]
+    columns: Callable[[Path], list[str]] | None = None
+
+
+# Manifest readers by lower-case file suffix; ``data.manifest``'s suffix picks one.
+READERS: Registry[Reader] = Registry("format", error=InputError, unknown="unsupported")
+
+
+def _header(path: Path, delimiter: str) -> list[str]:
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        header = next(csv.reader(f), None)
+        return next(csv.reader(f, delimiter=delimiter), [])
+
+
+def _read_delimited(path: Path, delimiter: str) -> pd.DataFrame:
+    """CSV-style text (quotes as Excel and pandas write them) split on ``delimiter``."""
+    header = _header(path, delimiter)
     if not header:
-        raise InputError(f"manifest {path} is empty; expected a CSV header row")
+        raise InputError(f"manifest {path} is empty; expected a header row")
     # Every column as a string, empty cells as "", so "NA" captions and ids keep their text.
     convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=False)
-    return pacsv.read_csv(path, convert_options=convert, parse_options=pacsv.ParseOptions(newlines_in_values=True))
+    parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    return pacsv.read_csv(path, convert_options=convert, parse_options=parse).to_pandas()
 
 
-def _manifest_file(data: DataConfig) -> tuple[Path, str]:
+def _delimited(delimiter: str) -> Reader:
+    return Reader(partial(_read_delimited, delimiter=delimiter), partial(_header, delimiter=delimiter))
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    return list(pq.read_schema(path).names)
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per line (``.json`` too: a manifest is a stream of records)."""
+    return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+
+
+_PARQUET, _JSONL = Reader(_read_parquet, _parquet_columns), Reader(_read_jsonl)
+READERS.register(".csv", _delimited(","))
+READERS.register(".tsv", _delimited("\t"))
+READERS.register(".parquet", _PARQUET)
+READERS.register(".pq", _PARQUET)
+READERS.register(".jsonl", _JSONL)
+READERS.register(".ndjson", _JSONL)
+READERS.register(".json", _JSONL)
+
+
+def _manifest_file(data: DataConfig) -> tuple[Path, Reader]:
     path = Path(data.manifest)
     if not path.is_file():
         raise InputError(f"data.manifest: file not found: {path}")
-    return path, path.suffix.lower()
+    return path, READERS.get(path.suffix.lower(), where=f"data.manifest ({path})")
 
 
 def _unparsable(path: Path, e: Exception) -> InputError:
@@ -83,17 +133,10 @@ def _unparsable(path: Path, e: Exception) -> InputError:
 
 
 def read_manifest(data: DataConfig) -> pd.DataFrame:
-    """Read the manifest (CSV, Parquet or JSONL) and give every row its ``row_id``."""
-    path, suffix = _manifest_file(data)
+    """Read the manifest with the reader its suffix names in ``READERS`` and give every row its ``row_id``."""
+    path, reader = _manifest_file(data)
     try:
-        if suffix in (".csv", ".tsv"):
-            df = _read_csv(path).to_pandas()
-        elif suffix in (".parquet", ".pq"):
-            df = pq.read_table(path).to_pandas()
-        elif suffix in (".jsonl", ".ndjson", ".json"):
-            df = pd.read_json(path, lines=True, dtype=False, convert_dates=False)
-        else:
-            raise InputError(f"data.manifest: unsupported format {suffix!r} ({path}); expected .csv, .parquet or .jsonl")
+        df = reader.read(path)
     except InputError:
         raise
     except Exception as e:
@@ -110,17 +153,14 @@ read_input = read_manifest
 
 
 def manifest_columns(data: DataConfig) -> list[str]:
-    """The manifest's column names, read from its header only (for checks before a run)."""
-    path, suffix = _manifest_file(data)
+    """The manifest's column names, read from its header only where the format allows (for checks before a run)."""
+    path, reader = _manifest_file(data)
+    if reader.columns is None:
+        return [c for c in read_manifest(data).columns if c != ROW_ID]
     try:
-        if suffix in (".csv", ".tsv"):
-            with open(path, newline="", encoding="utf-8", errors="replace") as f:
-                return next(csv.reader(f), [])
-        if suffix in (".parquet", ".pq"):
-            return list(pq.read_schema(path).names)
+        return reader.columns(path)
     except Exception as e:
         raise _unparsable(path, e) from None
-    return [c for c in read_manifest(data).columns if c != ROW_ID]
 
 
 _COLUMN_KEYS = ("image_column", "text_column", "group_column", "time_column", "label_column", "domain_column")

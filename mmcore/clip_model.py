@@ -1,9 +1,13 @@
-"""The CLIP dual encoder: model presets, the caption tokenizer, preprocessing and ``Encoder``.
+"""The CLIP dual encoder: presets, the caption tokenizer, preprocessing, the one model loader, ``Encoder``.
 
 Presets are ``mmcore/model_configs/<name>.json`` (``CLIPConfig`` keyword arguments), registered by file
-stem like open_clip's ``model_configs``. A trained model folder holds what ``save_pretrained``
-writes, ``tokenizer.json`` and ``preprocess.json``, so ``CLIPModel.from_pretrained`` loads it and
-``Encoder.load`` embeds images and captions exactly as training saw them. Nothing is downloaded.
+stem like open_clip's ``model_configs``. ``load`` is the only way a model folder is read (train,
+evaluate, the quality alignment score): a folder mmpipe trained from a preset (``save_pretrained``
+files, mmpipe's tokenizer and ``preprocess.json``), or any local Hugging Face CLIP folder in
+OpenAI's layout (weights, tokenizer files, ``preprocessor_config.json``), which keeps its own
+tokenizer (``AutoTokenizer``) and image processor (``AutoImageProcessor``: resize, crop, mean, std).
+A model fine-tuned from one is saved with those same files, so ``CLIPModel``/``AutoProcessor`` and
+``Encoder.load`` embed alike. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ from mmcore.resources import MODEL_CONFIGS
 from mmcore.errors import ConfigError, InputError
 from mmcore.shards import resize_center_crop  # noqa: F401  (re-exported: the eval preprocessing)
 
-PREPROCESS_FILE = "preprocess.json"
+PREPROCESS_FILE = "preprocess.json"  # mmpipe's eval preprocessing, for a model trained from a preset
 TOKENIZER_FILE = "tokenizer.json"
+MODEL_CONFIG_FILE = "config.json"  # Hugging Face's names, fixed by transformers
+PROCESSOR_FILE = "preprocessor_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+MODEL_TYPES = ("clip",)  # config.json model_type values load() accepts
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Special tokens. EOS must not be id 2: transformers' CLIP then pools at argmax(input_ids) (legacy).
@@ -62,18 +70,12 @@ def preset_config(name: str) -> dict:
     return cfg
 
 
-def build_model(preset_or_path: str | os.PathLike, vocab_size: int = 2048, image_size: int | None = None) -> CLIPModel:
-    """A randomly initialised ``CLIPModel`` from a preset name, or a saved one from a local folder.
+def build_model(preset: str, vocab_size: int = 2048, image_size: int | None = None) -> CLIPModel:
+    """A randomly initialised ``CLIPModel`` from a preset name (a saved model: ``load``).
 
     ``image_size`` overrides a preset's resolution (its position embeddings follow).
     """
-    p = Path(preset_or_path)
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise InputError(f"train.model_path: {p} has no config.json; expected a save_pretrained CLIPModel folder")
-        quiet_transformers()
-        return CLIPModel.from_pretrained(p, local_files_only=True)
-    cfg = preset_config(str(preset_or_path))
+    cfg = preset_config(str(preset))
     text, vision = dict(cfg["text_config"]), dict(cfg["vision_config"])
     if image_size is not None:
         vision["image_size"] = image_size
@@ -151,85 +153,3 @@ def save_tokenizer(tok: Tokenizer, model_dir: Path, ctx_len: int) -> None:
     tok.save(str(model_dir / TOKENIZER_FILE))
 
 
-# --------------------------------------------------------------------------- preprocessing
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Eval image preprocessing, saved as ``preprocess.json`` with the model."""
-
-    image_size: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    context_length: int = 77
-    resize: str = "shortest_side_bicubic_then_center_crop"
-
-    def save(self, model_dir: Path) -> None:
-        from mmcore.tables import write_json
-
-        write_json(asdict(self), model_dir / PREPROCESS_FILE)
-
-    @classmethod
-    def load(cls, model_dir: Path) -> Preprocess:
-        d = json.loads((Path(model_dir) / PREPROCESS_FILE).read_text())
-        return cls(
-            image_size=int(d["image_size"]),
-            mean=tuple(d["mean"]),
-            std=tuple(d["std"]),
-            context_length=int(d["context_length"]),
-            resize=d.get("resize", cls.resize),
-        )
-
-
-def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
-    """HWC uint8 PIL image -> normalised CHW float32 tensor."""
-    a = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    a = (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
-
-
-# --------------------------------------------------------------------------- encoder
-
-
-def _normalise(x: torch.Tensor) -> np.ndarray:
-    return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy().astype(np.float32)
-
-
-class Encoder:
-    """A trained model folder, ready to embed images and captions (rows L2-normalised)."""
-
-    def __init__(self, model: CLIPModel, tokenizer: Tokenizer, pre: Preprocess, device: str = "cpu"):
-        self.model = model.to(device).eval()
-        self.tokenizer = configure_tokenizer(tokenizer, pre.context_length)
-        self.pre = pre
-        self.device = device
-        self.image_size = pre.image_size
-
-    @classmethod
-    def load(cls, model_dir: str | os.PathLike, device: str = "cpu") -> Encoder:
-        d = Path(model_dir)
-        for f in ("config.json", TOKENIZER_FILE, PREPROCESS_FILE):
-            if not (d / f).is_file():
-                raise InputError(f"model folder {d} lacks {f}; expected the output of the train stage")
-        quiet_transformers()
-        model = CLIPModel.from_pretrained(d, local_files_only=True)
-        return cls(model, load_tokenizer(d), Preprocess.load(d), device)
-
-    @torch.no_grad()
-    def encode_images(self, images: list[Image.Image], batch_size: int = 256) -> np.ndarray:
-        out = [np.zeros((0, self.model.config.projection_dim), np.float32)]
-        for i in range(0, len(images), batch_size):
-            x = torch.stack(
-                [to_tensor(resize_center_crop(im.convert("RGB"), self.image_size), self.pre.mean, self.pre.std)
-                 for im in images[i : i + batch_size]]
-            )
-            out.append(_normalise(self.model.get_image_features(pixel_values=x.to(self.device)).pooler_output))
-        return np.concatenate(out)
-
-    @torch.no_grad()
-    def encode_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
-        out = [np.zeros((0, self.model.config.projection_dim), np.float32)]
-        for i in range(0, len(texts), batch_size):
-            ids = tokenize(self.tokenizer, texts[i : i + batch_size]).to(self.device)
-            out.append(_normalise(self.model.get_text_features(input_ids=ids).pooler_output))
-        return np.concatenate(out)

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 
 def context(cfg: PipelineConfig, progress: bool = True) -> StageContext:
-    return StageContext(data=cfg.data, run_dir=cfg.run_dir, seed=cfg.seed, workers=cfg.n_workers, progress=progress)
+    return StageContext(data=cfg.data, run_dir=cfg.run_dir, seed=cfg.seed, workers=cfg.n_workers, progress=progress,
+                        run_name=cfg.run_name)
 
 
 def config_digest(cfg: PipelineConfig, stage: str) -> str:

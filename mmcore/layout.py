@@ -82,6 +82,9 @@ class RunLayout:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
     @classmethod
     def of(cls, run_dir: str | os.PathLike) -> RunLayout:
         return cls(Path(run_dir))

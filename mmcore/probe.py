@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from mmcore import faults, images, parallel, tables
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import row_detail
+from mmcore.tables import broadcast, distinct_paths
 from mmcore.tables import IMAGE, ROW_ID, StageResult
 
 STAGE = "probe"
@@ -248,13 +249,6 @@ def aspect_bucket(aspect: pd.Series, edges: tuple[float, float, float]) -> pd.Se
 # --------------------------------------------------------------------------- stage
 
 
-def broadcast(table: pd.DataFrame, measurements: pd.DataFrame) -> pd.DataFrame:
-    """Measurements of one row per distinct path, copied to every row of ``table`` with that path."""
-    key = table.set_index(ROW_ID)[IMAGE]
-    m = measurements.drop(columns=[ROW_ID]).set_index(key.reindex(measurements[ROW_ID]).to_numpy())
-    return m.reindex(table[IMAGE].to_numpy()).set_axis(table.index)
-
-
 def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: ProbeConfig) -> StageResult:
     """Add the probe columns to ``table`` and quarantine rows whose file failed a check."""
     m = broadcast(table, measurements)
@@ -280,13 +274,6 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: ProbeConfig) ->
         "bytes": int(kept.drop_duplicates(IMAGE)["file_size"].sum()),
     }
     return StageResult(kept, res.quarantined, stats)
-
-
-def distinct_paths(table: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
-    """The first row (lowest row_id) of each distinct image path: what gets measured (row_id,
-    image_path and those of the ``extra`` columns ``table`` has)."""
-    first = table.sort_values(ROW_ID, kind="stable").drop_duplicates(IMAGE)
-    return first[[ROW_ID, IMAGE, *(c for c in extra if c in table)]].reset_index(drop=True)
 
 
 def run(table: pd.DataFrame, cfg: ProbeConfig, ctx: StageContext) -> StageResult:

@@ -34,7 +34,7 @@ from pydantic import Field, field_validator, model_validator
 from mmcore import checks, faults, images, parallel, tables
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import ConfigError, row_detail
-from mmcore.probe import broadcast, distinct_paths
+from mmcore.tables import broadcast, distinct_paths
 from mmcore.tables import IMAGE, ROW_ID, TEXT, StageResult
 
 STAGE = "quality"
@@ -74,7 +74,7 @@ class QualityConfig(StrictModel):
     @field_validator("checks")
     @classmethod
     def _known_checks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        checks.validate_names(v, "quality.checks")
+        checks.validate_names(v)  # the config error leads with the field
         if "low_alignment" in v:
             raise ValueError("low_alignment is enabled by quality.alignment_model, not listed in quality.checks")
         return v
@@ -82,7 +82,7 @@ class QualityConfig(StrictModel):
     @field_validator("thresholds")
     @classmethod
     def _known_thresholds(cls, v: dict[str, float]) -> dict[str, float]:
-        checks.validate_names(v, "quality.thresholds")
+        checks.validate_names(v)
         if "low_alignment" in v:
             raise ValueError("set quality.alignment_threshold or alignment_keep_fraction, not thresholds.low_alignment")
         bad = {k: t for k, t in v.items() if not 0.0 <= t <= 1.0}

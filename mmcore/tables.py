@@ -216,6 +216,23 @@ def concat_quarantine(*frames: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+# --------------------------------------------------------------------------- one row per image file
+
+
+def distinct_paths(table: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The first row (lowest row_id) of each distinct image path: what gets measured (row_id,
+    image_path and those of the ``extra`` columns ``table`` has)."""
+    first = table.sort_values(ROW_ID, kind="stable").drop_duplicates(IMAGE)
+    return first[[ROW_ID, IMAGE, *(c for c in extra if c in table)]].reset_index(drop=True)
+
+
+def broadcast(table: pd.DataFrame, measurements: pd.DataFrame) -> pd.DataFrame:
+    """Measurements of one row per distinct path, copied to every row of ``table`` with that path."""
+    key = table.set_index(ROW_ID)[IMAGE]
+    m = measurements.drop(columns=[ROW_ID]).set_index(key.reindex(measurements[ROW_ID]).to_numpy())
+    return m.reindex(table[IMAGE].to_numpy()).set_axis(table.index)
+
+
 # --------------------------------------------------------------------------- stage writing
 
 

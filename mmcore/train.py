@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from mmcore.augment import SCHEMES
 from mmcore.base import StageContext, StrictModel
 from mmcore.tables import StageResult
 
@@ -43,7 +44,7 @@ class TrainConfig(StrictModel):
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the cosine decay.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (each is a batch_size contrast).")
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null = no clipping.")
-    augment: Literal["none", "light", "aligned", "cross_modal", "synonym"] = "light"
+    augment: str = Field("light", description="Augmentation scheme: a name registered in mmcore.augment.SCHEMES.")
     synonyms: Path | None = Field(None, description="YAML word -> [synonyms] for augment=synonym; default mmcore/data/synonyms.yaml.")
     normalize: Literal["imagenet", "dataset"] = Field("imagenet", description="Mean/std: ImageNet or the train split's.")
     weighted_sampler: bool = Field(False, description="Sample train rows by split's sample_weight (with replacement).")
@@ -55,6 +56,12 @@ class TrainConfig(StrictModel):
     val_every_epoch: bool = Field(True, description="Val image-to-text R@5 at the end of each epoch.")
     val_max_rows: int = Field(2000, ge=10, description="Val rows used for the per-epoch retrieval score.")
     resume: bool = Field(True, description="Continue from train/checkpoints/last.pt when it matches this run.")
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augment(cls, v: str) -> str:
+        SCHEMES.check(v)  # no location: the config error leads with train.augment
+        return v
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainConfig:

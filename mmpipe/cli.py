@@ -328,9 +328,10 @@ def train(
 @_one_line_errors
 def ablate(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
-    schemes: Annotated[str, typer.Option(help="Comma-separated augmentation schemes; 'none' is the baseline.")] = (
-        "none,light,aligned,cross_modal,synonym"
-    ),
+    schemes: Annotated[
+        Optional[str],
+        typer.Option(help="Comma-separated augmentation schemes; 'none' is the baseline. Default: every registered scheme."),
+    ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="Training seeds per scheme (paired over the same test queries).")] = 1,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
@@ -338,16 +339,14 @@ def ablate(
     """Train and evaluate each augmentation scheme on the same split; metrics with CIs and the
     paired bootstrap difference against 'none', so a claimed gain is tested, not asserted."""
     from mmcore import clean
+    from mmcore.augment import SCHEMES
     from mmcore.config import load_config
-    from typing import get_args
 
-    from mmcore.train import TrainConfig
-
-    AUGMENTS = get_args(TrainConfig.model_fields["augment"].annotation)
-    names = [s.strip() for s in schemes.split(",") if s.strip()]
-    bad = [s for s in names if s not in AUGMENTS]
-    if bad or not names:
-        raise MMPipeError(f"--schemes: unknown {', '.join(map(repr, bad)) or 'empty list'}; expected from {', '.join(AUGMENTS)}")
+    # Registration order puts 'none', the baseline, first.
+    names = list(SCHEMES.names()) if schemes is None else [s.strip() for s in schemes.split(",") if s.strip()]
+    if not names:
+        raise MMPipeError(f"--schemes: empty list; expected some of {', '.join(sorted(SCHEMES))}")
+    SCHEMES.check(names, where="--schemes")
     cfg = load_config(config, list(set_ or []) + ([f"out={out}"] if out is not None else []))
     clean.check_columns(cfg.data)
     _setup_prefect_env()

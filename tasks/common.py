@@ -79,9 +79,10 @@ def stage_cache(stage: str) -> CachePolicy:
     """Cache policy of a stage task: the content of what it reads (the manifest, or each upstream
     stage's kept table) + its config section, the data section, the seed and the run folder + its
     code + the digest of its graph ``extra``."""
-    s = graph.stage(stage)
+    graph.stage(stage)  # an unknown name fails when the task is built
 
     def key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
+        s = graph.stage(stage)
         cfg: PipelineConfig = params["cfg"]
         upstream: dict[str, StageOutput] = params["upstream"]
         parts = [

@@ -57,3 +57,14 @@ def test_ablate_and_evaluate_on_another_dataset(synth_small, tmp_path):
     assert r5["low"] <= r5["value"] <= r5["high"]
     curated = variant / "evaluate" / "external" / "other" / "curation"
     assert tables.read_json(tables.StagePaths.of(curated, "quality").stats)["n_quarantined"] > 0  # its defects caught
+
+    # The external evaluation is a flow, cached like the others: a second call computes nothing.
+    written = (variant / "evaluate" / "external" / "other" / "metrics.json").stat().st_mtime_ns
+    r = _cli("evaluate", str(variant), "--data", str(tmp_path / "other.yaml"), cwd=tmp_path,
+             env_home=tmp_path / ".prefect")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (variant / "evaluate" / "external" / "other" / "metrics.json").stat().st_mtime_ns == written
+    # A name that would leave the run folder is refused before anything is written.
+    r = _cli("evaluate", str(variant), "--data", str(tmp_path / "other.yaml"), "--name", "../x", cwd=tmp_path,
+             env_home=tmp_path / ".prefect")
+    assert r.returncode == 2 and r.stderr.startswith("error: evaluate --data: dataset name must match")

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _status(run_dir, stage):
-    return tables.read_json(tables.StagePaths.of(run_dir, stage).dir / "status.json")
+    return tables.read_json(tables.StagePaths.of(run_dir, stage).status)
 
 
 def _bytes(run_dir, stage):
@@ -49,26 +49,30 @@ def test_rerun_is_cached_and_byte_identical_and_config_change_reruns(synth_small
 
 
 def test_extra_digests_are_computed_once_by_the_cache_key_and_recorded(synth_small, tmp_path, monkeypatch):
-    """Each stage's ``EXTRAS`` digest: computed by its cache key only, recorded in its stats, seen by stale()."""
+    """Each stage's graph ``extra`` digest: computed by its cache key only, recorded in its stats, seen by stale()."""
+    import dataclasses
+
     from flows.pipeline import pipeline
     from mmcore import stale
-    from mmcore.augment import DEFAULT_SYNONYMS
+    from mmcore.resources import DEFAULT_SYNONYMS
 
     calls: Counter[str] = Counter()
-    for stage, extra in list(stale.EXTRAS.items()):
-        def counted(cfg, run_dir, _stage=stage, _digest=extra.digest):
+    with_extra = [s for s in graph.STAGES.values() if s.extra is not None and s.name != "report"]
+    for s in with_extra:
+        def counted(cfg, run_dir, _stage=s.name, _digest=s.extra.digest):
             calls[_stage] += 1
             return _digest(cfg, run_dir)
 
-        monkeypatch.setitem(stale.EXTRAS, stage, stale.Extra(extra.what, counted))
+        monkeypatch.setitem(graph.STAGES, s.name, dataclasses.replace(s, extra=graph.Extra(s.extra.what, counted)))
+    keyed = [s.name for s in with_extra]
     synonyms = shutil.copy(DEFAULT_SYNONYMS, tmp_path / "synonyms.yaml")
     cfg = demo_config(synth_small / "manifest.csv", tmp_path / "run", f"train.synonyms={synonyms}")
 
     pipeline(cfg, until="evaluate")
-    assert calls == {s: 1 for s in stale.EXTRAS}  # not again in the task body
+    assert calls == {s: 1 for s in keyed}  # not again in the task body
     pipeline(cfg, until="evaluate")
-    assert calls == {s: 2 for s in stale.EXTRAS} and all(_status(cfg.run_dir, s)["cached"] for s in stale.EXTRAS)
-    for s in stale.EXTRAS:
+    assert calls == {s: 2 for s in keyed} and all(_status(cfg.run_dir, s)["cached"] for s in keyed)
+    for s in keyed:
         recorded = tables.read_json(tables.StagePaths.of(cfg.run_dir, s).stats)["extra_digest"]
         assert recorded == stale.extra_digest(s, cfg), s
     assert {r["stage"]: r["status"] for r in stale.stale(cfg.run_dir, cfg)}["evaluate"] == "fresh"

@@ -20,6 +20,7 @@ from mmcore import augment, clip_model, demo_split, shards, tables, train, train
 from mmcore.base import StageContext
 from mmcore.errors import ConfigError
 from mmcore.train import REASONS, TrainConfig
+from mmpipe import trainer
 
 # The micro preset and a few steps keep the whole file well under a minute on 2 cores.
 FAST = dict(preset="micro", batch_size=16, steps=4, warmup_steps=2, num_workers=0, checkpoint_every=2, vocab_size=400)
@@ -226,7 +227,7 @@ def test_ddp_two_gloo_processes_match_single_process(demo, tmp_path):
     train = {**FAST, "steps": 3, "val_every_epoch": False}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     _write_run(tmp_path / "single", table, data, train)
-    assert trainloop.main([str(tmp_path / "single")]) == 0
+    assert trainer.main([str(tmp_path / "single")]) == 0
     _write_run(tmp_path / "ddp", table, data, train)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "mmpipe", "train", str(tmp_path / "ddp")]
