@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch, tqdm and scikit-learn; its declared requirements would pull open_clip and more.
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps clip-benchmark==1.6.2 2>&1 \
 		| { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	# open-clip-torch ships OpenAI's real CLIP BPE merges (bpe_simple_vocab_16e6.txt.gz): the
+	# fine-tune tests build an OpenAI-layout tokenizer from them offline; no code of it is imported.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps open-clip-torch==3.3.0 2>&1 \
+		| { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	touch $@
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""The mmpipe flows: the stage graph run in order, an ablation over it, and an external evaluation."""
+"""The mmpipe flows: the stage graph run in order, and an external evaluation (the ablation: ``flows/ablate.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from mmcore import graph
+from mmcore import graph, runlock
 from mmcore.config import PipelineConfig, load_config
 from mmcore.layout import RunLayout
 from tasks import stages
@@ -16,32 +16,19 @@ from tasks.external import external_evaluate
 
 @flow(name="mmpipe", flow_run_name="mmpipe-{cfg.run_name}", log_prints=True, validate_parameters=False)
 def pipeline(cfg: PipelineConfig, until: str = "report") -> dict[str, StageOutput]:
-    """Run every stage of the graph up to ``until`` (the report always last); unchanged ones come from cache."""
-    stages.save_config(cfg)
-    out: dict[str, StageOutput] = {}
-    for s in graph.plan(until):
-        out[s.name] = run_cached(stages.STAGE_TASKS[s.name], cfg, {r: out[r] for r in s.reads if r in out})
+    """Run every stage of the graph up to ``until`` (the report always last); unchanged ones come from cache.
+
+    One run at a time per run folder (``runlock.hold``); stages beyond ``until`` left by an earlier
+    run on other inputs are moved aside first, so the report never shows them as this run's.
+    """
+    plan = graph.plan(until)
+    with runlock.hold(cfg.run_dir, cfg.data.image_root, tuple(s.name for s in plan)) as run_id:
+        runlock.retire_stale(cfg, tuple(s.name for s in plan), run_id)
+        stages.save_config(cfg)
+        out: dict[str, StageOutput] = {}
+        for s in plan:
+            out[s.name] = run_cached(stages.STAGE_TASKS[s.name], cfg, {r: out[r] for r in s.reads if r in out})
     return out
-
-
-@flow(name="mmpipe-ablate", flow_run_name="mmpipe-ablate-{cfg.run_name}", log_prints=True, validate_parameters=False)
-def ablate(cfg: PipelineConfig, schemes: list[str], seeds: int = 1) -> Path:
-    """Train and evaluate each augmentation scheme (x seeds) on the same cached split; one table."""
-    split = pipeline(cfg, until="split")["split"]
-    train, evaluate = stages.STAGE_TASKS["train"], stages.STAGE_TASKS["evaluate"]
-    variants: dict[str, list[str]] = {}
-    for scheme in schemes:
-        for seed in range(seeds):
-            run_dir = RunLayout(cfg.run_dir).variant(scheme, seed)
-            train_cfg = cfg.train.model_copy(update={"augment": scheme})
-            v = cfg.model_copy(update={"seed": cfg.seed + seed, "out": run_dir, "train": train_cfg})
-            stages.save_config(v)
-            model = run_cached(train, v, {"split": split})
-            run_cached(evaluate, v, {"split": split, "train": model})
-            variants.setdefault(scheme, []).append(str(run_dir))
-    path = stages.ablation(cfg, variants)
-    run_cached(stages.STAGE_TASKS["report"], cfg, {"split": split})
-    return path
 
 
 @flow(name="mmpipe-evaluate-external", flow_run_name="mmpipe-evaluate-{name}", log_prints=True,

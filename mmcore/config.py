@@ -22,6 +22,7 @@ from mmcore.evaluate import EvaluateConfig
 from mmcore.probe import ProbeConfig
 from mmcore.quality import QualityConfig
 from mmcore.report import ReportConfig
+from mmcore.resources import PRESETS
 from mmcore.split import SplitConfig
 from mmcore.train import TrainConfig
 
@@ -118,10 +119,16 @@ def _format_error(err: ValidationError, source: str) -> str:
         return f"unknown config key {loc!r} ({source}){hint}"
     if kind == "missing":
         return f"config key {loc!r} is required ({source})"
-    msg = e["msg"].removeprefix("Value error, ")
+    import reprlib
+
+    msg = e["msg"].removeprefix("Value error, ").splitlines()[0][:300] if e["msg"] else ""
     msg = msg[0].lower() + msg[1:] if msg else msg
-    got = e.get("input")
-    return f"{loc or 'config'}: {msg}, got {got!r} ({source})" if loc else f"config: {msg} ({source})"
+    # A bounded repr: the value may be huge, or an alias bomb whose plain repr is gigabytes.
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother, short.maxlong = 2, 4, 4, 60, 60, 40
+    got = short.repr(e.get("input"))
+    got = got if len(got) <= 120 else got[:117] + "..."
+    return f"{loc or 'config'}: {msg}, got {got} ({source})" if loc else f"config: {msg} ({source})"
 
 
 def _absolute_paths(model: BaseModel) -> BaseModel:
@@ -151,8 +158,35 @@ def build_config(tree: dict[str, Any], source: str = "<dict>") -> PipelineConfig
         raise ConfigError(_format_error(e, source)) from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Read a YAML config, apply ``key.sub=value`` overrides and validate it."""
+def preset_names() -> list[str]:
+    """The named config presets shipped in ``mmcore/data/presets/`` (file stems), sorted."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def preset(name: str) -> dict[str, Any]:
+    """A named preset's sections; an unknown name is a one-line error listing the valid ones."""
+    if name not in preset_names():
+        raise ConfigError(f"unknown preset {name!r}; expected one of: {', '.join(preset_names())}")
+    tree = yaml.safe_load((PRESETS / f"{name}.yaml").read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"preset {name!r} must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` layered on ``base``: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    presets: list[str] | tuple[str, ...] = (),
+) -> PipelineConfig:
+    """Read a YAML config, layer the named ``presets`` on it, apply ``key.sub=value`` overrides and validate it."""
     tree: dict[str, Any] = {}
     source = "<overrides>"
     if path is not None:
@@ -160,17 +194,45 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
+        max_bytes, max_values, max_depth = 1 << 20, 100_000, 64  # far beyond any real config
+        if p.stat().st_size > max_bytes:
+            raise ConfigError(f"config {p} is {p.stat().st_size} bytes; expected at most {max_bytes}")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(errors="replace"))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"invalid YAML in {p}{where}: {getattr(e, 'problem', e)}") from None
+            raise ConfigError(f"invalid YAML in {p}{where}: {str(getattr(e, 'problem', e))[:200]}") from None
+        except RecursionError:
+            raise ConfigError(f"invalid YAML in {p}: nested too deeply; expected at most {max_depth} levels") from None
+
+        # Aliases share one object, so an alias bomb loads in kilobytes but expands to billions of
+        # values when validated or printed: count values as expanded, and stop at the limits.
+        budget = [max_values]
+
+        def walk(node: Any, depth: int) -> None:
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise ConfigError(f"config {p} expands to more than {max_values} values (YAML aliases?); "
+                                  "expected a plain mapping of sections")
+            if depth > max_depth:
+                raise ConfigError(f"config {p} is nested more than {max_depth} levels deep")
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    walk(k, depth + 1)
+                    walk(v, depth + 1)
+            elif isinstance(node, list):
+                for v in node:
+                    walk(v, depth + 1)
+
+        walk(loaded, 0)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {p} must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
+    for name in presets:
+        tree = _merge(tree, preset(name))
     for item in overrides:
         key, value = parse_override(item)
         _set(tree, key, value, source)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 of a file's bytes, as ``sha256:<hex>``."""
     h = hashlib.sha256()
@@ -44,20 +43,27 @@ def dir_digest(path: str | os.PathLike) -> str:
 
 
 def files_fingerprint(root: str | os.PathLike, rel_paths: Iterable[str]) -> str:
-    """Cheap fingerprint of many files: (path, size, mtime_ns) from ``lstat``, without reading them.
+    """Cheap fingerprint of many files: (path, size, mtime_ns) of what each path resolves to, unread.
 
-    Editing a file's bytes changes its size or mtime, so a changed image changes the fingerprint
-    (the same quick check rsync and make rely on); the probe then records each file's content digest.
+    Symlinks are followed (DVC, git-annex and deduplicated storage link every image): a file changed
+    behind a link changes the fingerprint as a file changed in place does (the quick check rsync
+    and make rely on); the probe then records each file's content digest. A path that resolves
+    outside the root is never touched, not even by ``stat``: the probe quarantines it.
     """
-    root = Path(root)
+    root_real = os.path.realpath(root)
+    prefix = root_real.rstrip(os.sep) + os.sep
     h = hashlib.sha256()
     for rel in sorted(set(rel_paths)):
         if os.path.isabs(rel) or ".." in Path(rel).parts:
             h.update(f"{rel}\0unsafe\n".encode())  # never touched: probe quarantines it
             continue
         try:
-            st = os.lstat(root / rel)
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            full = os.path.realpath(os.path.join(root_real, rel))
+            if full != root_real and not full.startswith(prefix):
+                h.update(f"{rel}\0unsafe\n".encode())
+                continue
+            st = os.stat(full)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
         except (OSError, ValueError):
             h.update(f"{rel}\0missing\n".encode())
     return "sha256:" + h.hexdigest()

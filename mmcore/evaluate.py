@@ -28,11 +28,21 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from mmcore import metrics, spotcheck, tables
-from mmcore.robustness import DEFAULT_SEVERITIES, check as check_degradations, degrade
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import InputError, row_detail
 from mmcore.images import load_rgb, resolve_path
-from mmcore.layout import EMBEDDINGS_FILE, METRICS_FILE, PER_QUERY_FILE, ROBUSTNESS_FILE, SPOTCHECK_CSV, SPOTCHECK_HTML, RunLayout
+from mmcore.layout import (
+    EMBEDDINGS_FILE,
+    METRICS_FILE,
+    PER_QUERY_FILE,
+    ROBUSTNESS_FILE,
+    SPOTCHECK_CSV,
+    SPOTCHECK_HTML,
+    TRAIN_CONFIG_FILE,
+    RunLayout,
+)
+from mmcore.robustness import DEFAULT_SEVERITIES, degrade
+from mmcore.robustness import check as check_degradations
 from mmcore.tables import DOMAIN, IMAGE, LABEL, ROW_ID, TEXT, StageResult
 
 STAGE = "evaluate"
@@ -44,6 +54,8 @@ REASONS = {"decode_failed": "the image could not be read or decoded when embeddi
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a {}.", "an image of a {}.", "a picture of a {}."]
 # Lower is better for these; every other metric is higher-is-better.
 LOWER_IS_BETTER = ("mean_rank", "median_rank")
+# metrics.json's top-level keys that are not split names.
+NOT_SPLITS = ("chance", "n_queries", "baseline", "n_decode_failed")
 
 
 
@@ -63,6 +75,11 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(256, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     chunk_size: int = Field(1024, ge=1, description="Queries per similarity block; memory ~ 12 x chunk x gallery bytes.")
+    baseline: bool = Field(True, description="Also score baseline_model on the same rows, with paired differences.")
+    baseline_model: Path | None = Field(
+        None, description="Model folder to compare with; default: the one train started from (train.model_path), "
+        "none after training from a preset."
+    )
 
     @field_validator("ks")
     @classmethod
@@ -283,6 +300,81 @@ def _per_domain(scorer: _Scorer, rows: pd.DataFrame, train_domains: set[str] | N
     return out
 
 
+# --------------------------------------------------------------------------- baseline vs this model
+
+
+def _per_query_values(sc: Scored, ks: list[int]) -> dict[str, dict[str, tuple[np.ndarray, Any]]]:
+    out = {"retrieval": sc.retrieval.values(ks)}
+    if sc.zeroshot is not None:
+        out["zeroshot"] = sc.zeroshot.values()
+    return out
+
+
+def _compare(model: Scored, base: Scored, cfg: EvaluateConfig, seed: int) -> dict[str, Any]:
+    """Per metric: the baseline's value and CI, this model's, and the paired bootstrap difference
+    (model - baseline, same queries resampled together) with its CI and p-value."""
+    out: dict[str, Any] = {}
+    a, b = _per_query_values(model, cfg.ks), _per_query_values(base, cfg.ks)
+    for group, metrics_a in a.items():
+        for metric, (va, stat) in metrics_a.items():
+            if metric not in b.get(group, {}):
+                continue
+            vb = b[group][metric][0]
+            if cfg.bootstrap > 0:
+                d = metrics.paired_bootstrap_diff(va, vb, n=cfg.bootstrap, seed=seed, alpha=1 - cfg.ci, stat=stat)
+            else:
+                v = metrics.bootstrap_ci(va, n=0, stat=stat)["value"] - metrics.bootstrap_ci(vb, n=0, stat=stat)["value"]
+                d = {"value": v, "low": v, "high": v, "p_value": float("nan")}
+            out.setdefault(group, {})[metric] = {
+                "baseline": base.summary[group][metric], "model": model.summary[group][metric], "diff": d,
+            }
+    return out
+
+
+def _baseline_block(
+    scorer: _Scorer, base_scorer: _Scorer, splits: list[str], cfg: EvaluateConfig, seed: int
+) -> dict[str, Any]:
+    """``metrics.json["baseline"][split]``: the comparison on the split, and per domain."""
+    out: dict[str, Any] = {}
+    for split in splits:
+        rows = scorer.emb.rows[scorer.emb.rows[SPLIT] == split]
+        brows = base_scorer.emb.rows[base_scorer.emb.rows[SPLIT] == split]
+        if rows.empty or brows.empty:
+            continue
+        if rows[ROW_ID].tolist() != brows[ROW_ID].tolist():
+            raise InputError(f"evaluate.baseline_model: the baseline embedded other {split} rows than the model "
+                             f"({len(brows)} vs {len(rows)}); both must read the same images")
+        body = _compare(scorer.score(rows), base_scorer.score(brows), cfg, seed)
+        if DOMAIN in rows.columns and rows[DOMAIN].notna().any():
+            body["per_domain"] = {
+                str(v): _compare(scorer.score(rows[rows[DOMAIN] == v]), base_scorer.score(brows[brows[DOMAIN] == v]), cfg, seed)
+                for v in sorted(rows[DOMAIN].dropna().unique())
+            }
+        out[split] = body
+    return out
+
+
+def train_source(run_dir: str | Path) -> Path | None:
+    """The model folder the run's train stage started from (``train.model_path``), if any."""
+    f = RunLayout.of(run_dir).stage_dir("train") / TRAIN_CONFIG_FILE
+    if not f.is_file():
+        return None
+    src = tables.read_json(f).get("model_path")
+    return Path(src) if src else None
+
+
+def _baseline_encoder(cfg: EvaluateConfig, ctx: StageContext, device: str) -> tuple[Any, Path | None]:
+    if not cfg.baseline:
+        return None, None
+    path = cfg.baseline_model if cfg.baseline_model is not None else train_source(ctx.run_dir)
+    if path is None:
+        return None, None
+    from mmcore.clip_model import Encoder  # torch-heavy; imported only when there is a model to load
+
+    where = "evaluate.baseline_model" if cfg.baseline_model is not None else "evaluate.baseline_model (train.model_path)"
+    return Encoder.load(path, device=device, where=where), Path(path)
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -359,7 +451,7 @@ def metrics_table(m: dict[str, Any]) -> pd.DataFrame:
     """metrics.json as a flat table (split, group, metric, value, low, high, chance), for artifacts."""
     out = []
     for split, body in m.items():
-        if split in ("chance", "n_queries") or not isinstance(body, dict):
+        if split in NOT_SPLITS or not isinstance(body, dict):
             continue
         chance = m.get("chance", {}).get(split, {})
         for group in ("retrieval", "zeroshot"):
@@ -385,7 +477,20 @@ def summary_markdown(m: dict[str, Any], robustness_table: pd.DataFrame | None = 
         lines += ["", "| degradation | severity | i2t_r5 | 95% CI | relative drop |", "|---|---|---|---|---|"]
         for r in rob.itertuples():
             lines.append(f"| {r.degradation} | {r.severity:g} | {r.value:.3f} | [{r.low:.3f}, {r.high:.3f}] | {r.relative_drop:+.1%} |")
+    comp = m.get("baseline", {}).get(split)
+    if comp:
+        lines += ["", f"baseline: {m['baseline']['model']}",
+                  f"| {split} metric | baseline | this model | difference | 95% CI | p |", "|---|---|---|---|---|---|"]
+        for group in ("retrieval", "zeroshot"):
+            for metric, c in comp.get(group, {}).items():
+                d = c["diff"]
+                lines.append(f"| {metric} | {_num(c['baseline']['value'])} | {_num(c['model']['value'])} | "
+                             f"{_num(d['value'], '+')} | [{_num(d['low'], '+')}, {_num(d['high'], '+')}] | {_num(d['p_value'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _num(x: float | None, sign: str = "") -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{x:{sign}.3f}"
 
 
 # --------------------------------------------------------------------------- run
@@ -397,7 +502,7 @@ def _load_encoder(ctx: StageContext, device: str):
     model_dir = RunLayout(ctx.run_dir).model
     if not model_dir.is_dir():
         raise InputError(f"evaluate: no trained model at {model_dir}; run the train stage first")
-    return Encoder.load(model_dir, device=device)
+    return Encoder.load(model_dir, device=device, where="evaluate")
 
 
 def _check(table: pd.DataFrame, cfg: EvaluateConfig, where: str) -> list[str]:
@@ -409,19 +514,29 @@ def _check(table: pd.DataFrame, cfg: EvaluateConfig, where: str) -> list[str]:
     return present
 
 
-def _evaluate(
-    table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, encoder: Any, splits: list[str], *, robust: bool, out_dir: Path
-) -> tuple[dict, Embedded, dict[str, tuple[pd.DataFrame, Scored]], pd.DataFrame]:
-    """Embed, score every split (and domains, robustness), write metrics + embeddings + per-query."""
-    device = _resolve_device(cfg.device)
-    robust_split = "test" if robust and cfg.robustness and "test" in splits and cfg.degradations else None
-    emb = embed(table[table[SPLIT].isin(splits)], encoder, cfg, ctx, robust_split)
+def _scorer(table: pd.DataFrame, emb: Embedded, encoder: Any, cfg: EvaluateConfig, seed: int, device: str) -> _Scorer:
     class_emb, classes = None, []
     if LABEL in table.columns:
         classes = sorted(map(str, table[LABEL].dropna().unique()))
         if len(classes) >= 2:
             class_emb = metrics.class_embeddings(lambda t: encoder.encode_texts(t, batch_size=cfg.batch_size), classes, cfg.templates)
-    scorer = _Scorer(emb, cfg, ctx.seed, classes, class_emb, device)
+    return _Scorer(emb, cfg, seed, classes, class_emb, device)
+
+
+def _evaluate(
+    table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, encoder: Any, splits: list[str], *, robust: bool,
+    out_dir: Path, baseline: tuple[Any, Path | None] = (None, None),
+) -> tuple[dict, Embedded, dict[str, tuple[pd.DataFrame, Scored]], pd.DataFrame]:
+    """Embed, score every split (and domains, robustness), write metrics + embeddings + per-query.
+
+    Args:
+        baseline: (encoder, its folder) of the model to compare with on the same rows, or (None, None).
+    """
+    device = _resolve_device(cfg.device)
+    robust_split = "test" if robust and cfg.robustness and "test" in splits and cfg.degradations else None
+    rows_in = table[table[SPLIT].isin(splits)]
+    emb = embed(rows_in, encoder, cfg, ctx, robust_split)
+    scorer = _scorer(table, emb, encoder, cfg, ctx.seed, device)
     train_domains = None
     if DOMAIN in table.columns and (table[SPLIT] == "train").any():
         train_domains = set(map(str, table.loc[table[SPLIT] == "train", DOMAIN].dropna().unique()))
@@ -451,6 +566,12 @@ def _evaluate(
         result["n_queries"][split] = {"images": body["n_images"], "texts": body["n_texts"]}
         pq_parts.append(_per_query_table(split, rows, emb.images, sc))
         scored[split] = (rows, sc)
+    base_encoder, base_path = baseline
+    if base_encoder is not None:
+        bemb = embed(rows_in, base_encoder, cfg, ctx, None)
+        bscorer = _scorer(table, bemb, base_encoder, cfg, ctx.seed, device)
+        result["baseline"] = {"model": str(base_path) if base_path is not None else "given encoder",
+                              **_baseline_block(scorer, bscorer, list(scored), cfg, ctx.seed)}
     tables.write_json(_finite(result), out_dir / METRICS_FILE)
     if pq_parts:
         tables.write_parquet(pd.concat(pq_parts, ignore_index=True), out_dir / PER_QUERY_FILE)
@@ -474,8 +595,13 @@ def _stats(result: dict, emb: Embedded) -> dict[str, Any]:
         "n_images_embedded": int(len(emb.images)),
         "n_texts_embedded": int(len(emb.rows)),
     }
+    for split, comp in result.get("baseline", {}).items():
+        for k, c in comp.get("retrieval", {}).items() if isinstance(comp, dict) else ():
+            if not k.endswith("median_rank"):
+                stats[f"baseline_{split}_{k}"] = c["baseline"]["value"]
+                stats[f"diff_{split}_{k}"] = c["diff"]["value"]
     for split, body in result.items():
-        if split in ("chance", "n_queries"):
+        if split in NOT_SPLITS:
             continue
         for group in ("retrieval", "zeroshot"):
             for k, v in body.get(group, {}).items():
@@ -486,17 +612,22 @@ def _stats(result: dict, emb: Embedded) -> dict[str, Any]:
     return _finite(stats)
 
 
-def run(table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, encoder: Any = None) -> StageResult:
+def run(
+    table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, encoder: Any = None, baseline_encoder: Any = None
+) -> StageResult:
     """Evaluate the trained model (or ``encoder``) on the evaluated splits; all rows pass through.
 
+    With a baseline (``evaluate.baseline_model``, by default the model train started from, or
+    ``baseline_encoder``) it is scored on the same rows, and metrics.json gains ``baseline``.
     Writes metrics.json, embeddings.parquet, per_query.parquet, robustness.parquet and the
     spot-check sheet under ``RUN_DIR/evaluate/``.
     """
     splits = _check(table, cfg, "evaluate")
+    baseline = _baseline_encoder(cfg, ctx, _resolve_device(cfg.device)) if baseline_encoder is None else (baseline_encoder, None)
     if encoder is None:
         encoder = _load_encoder(ctx, _resolve_device(cfg.device))
     out_dir = ctx.stage_dir(STAGE)
-    result, emb, scored, rob = _evaluate(table, cfg, ctx, encoder, splits, robust=True, out_dir=out_dir)
+    result, emb, scored, rob = _evaluate(table, cfg, ctx, encoder, splits, robust=True, out_dir=out_dir, baseline=baseline)
     tables.write_parquet(_embeddings_table(emb), out_dir / EMBEDDINGS_FILE)
     floats = {c: "float64" for c in ("severity", "value", "low", "high", "relative_drop")}
     tables.write_parquet(rob.astype(floats), out_dir / ROBUSTNESS_FILE)
@@ -530,7 +661,9 @@ def check_name(name: str) -> str:
     return name
 
 
-def run_external(table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, name: str, encoder: Any = None) -> dict[str, Any]:
+def run_external(
+    table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, name: str, encoder: Any = None, baseline_encoder: Any = None
+) -> dict[str, Any]:
     """Evaluate the run's model on another dataset's (clean, probed, quality-checked) table.
 
     Without a ``split`` column every row is a test query. Writes
@@ -540,10 +673,11 @@ def run_external(table: pd.DataFrame, cfg: EvaluateConfig, ctx: StageContext, na
     if SPLIT not in table.columns:
         table = table.assign(**{SPLIT: "test"})
     splits = _check(table, cfg, f"evaluate external {name!r}")
+    baseline = _baseline_encoder(cfg, ctx, _resolve_device(cfg.device)) if baseline_encoder is None else (baseline_encoder, None)
     if encoder is None:
         encoder = _load_encoder(ctx, _resolve_device(cfg.device))
     out_dir = RunLayout(ctx.run_dir).external(name)
-    result, emb, _, _ = _evaluate(table, cfg, ctx, encoder, splits, robust=False, out_dir=out_dir)
+    result, emb, _, _ = _evaluate(table, cfg, ctx, encoder, splits, robust=False, out_dir=out_dir, baseline=baseline)
     result["n_decode_failed"] = int(len(emb.failed))
     tables.write_json(_finite(result), out_dir / METRICS_FILE)
     return result

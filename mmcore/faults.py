@@ -42,6 +42,7 @@ REASONS = {
     "missing_file": "the image file does not exist",
     "permission_denied": "the image file cannot be opened (permissions)",
     "read_error": "reading the image failed (I/O error, also after retries, or not a regular file)",
+    "file_too_large": "the file is larger than the per-file byte limit (probe.max_file_bytes), refused unread",
 }
 _REASON_OF_ERRNO = {errno.ENOENT: "missing_file", errno.ENOTDIR: "missing_file", errno.EACCES: "permission_denied",
                     errno.EPERM: "permission_denied"}
@@ -109,14 +110,25 @@ def _open_regular(path: str | os.PathLike) -> BinaryIO:
         raise
 
 
-def _read_regular(path: str | os.PathLike) -> bytes:
+def _too_large(path: str | os.PathLike, size: int, max_bytes: int) -> ReadError:
+    return ReadError(path, "file_too_large", f"{size} bytes > the limit of {max_bytes}", errno.EFBIG)
+
+
+def _read_regular(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
     # os.read straight into one bytes object of the file's size: no buffered-reader layer.
     fd, st = _open_fd(path)
     try:
+        # Refused by its size before a byte is read: a sparse 8 GB file costs nothing.
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise _too_large(path, st.st_size, max_bytes)
         os.set_blocking(fd, True)  # a FUSE mount may honour O_NONBLOCK even on a regular file
         parts = [os.read(fd, st.st_size + 1)]
+        total = len(parts[0])
         while parts[-1]:  # until end of file, should the file have grown since the stat
+            if max_bytes is not None and total > max_bytes:  # ... but never past the limit
+                raise _too_large(path, total, max_bytes)
             parts.append(os.read(fd, 1 << 20))
+            total += len(parts[-1])
         return b"".join(parts) if len(parts) > 2 else parts[0]
     finally:
         os.close(fd)
@@ -149,13 +161,14 @@ def _retrying(path: str | os.PathLike, action: Callable[[str | os.PathLike], T],
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def read_bytes(path: str | os.PathLike, attempts: int = 5, backoff: float = 0.02) -> bytes:
+def read_bytes(path: str | os.PathLike, attempts: int = 5, backoff: float = 0.02, max_bytes: int | None = None) -> bytes:
     """A file's bytes; transient errors retried ``attempts`` times in all, others raise ``ReadError``.
 
     Args:
         backoff: seconds before the first retry, doubling after each (capped at 1 s).
+        max_bytes: a larger file raises ``ReadError`` with reason ``file_too_large`` before it is read.
     """
-    return _retrying(path, _read_regular, attempts, backoff)
+    return _retrying(path, lambda p: _read_regular(p, max_bytes), attempts, backoff)
 
 
 def open_binary(path: str | os.PathLike, attempts: int = 5, backoff: float = 0.02) -> BinaryIO:

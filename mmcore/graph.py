@@ -90,6 +90,10 @@ def _alignment_model(cfg: PipelineConfig, run_dir: Path) -> str:
     return _path_digest(cfg.quality.alignment_model, "none")
 
 
+def _fixed_test(cfg: PipelineConfig, run_dir: Path) -> str:
+    return _path_digest(cfg.split.fixed_test, "none")
+
+
 def _train_files(cfg: PipelineConfig, run_dir: Path) -> str:
     """The model presets, the synonym table, a local base model and a given tokenizer."""
     t = cfg.train
@@ -100,7 +104,12 @@ def _train_files(cfg: PipelineConfig, run_dir: Path) -> str:
 
 
 def _trained_model(cfg: PipelineConfig, run_dir: Path) -> str:
-    return dir_digest(RunLayout(run_dir).model)
+    """The trained model, and a baseline model given by path (the default baseline, train's
+    ``model_path``, is in train's own extra digest)."""
+    model = dir_digest(RunLayout(run_dir).model)
+    if cfg.evaluate.baseline_model is None:
+        return model
+    return text_digest(model, _path_digest(cfg.evaluate.baseline_model, ""))
 
 
 def _run_files(cfg: PipelineConfig, run_dir: Path) -> str:
@@ -125,7 +134,8 @@ _STAGES = (
           "decodes each image at draft scale: blur, exposure, information, aspect, duplicates, alignment",
           extra=Extra("alignment model", _alignment_model)),
     Stage("split", "SplitConfig", "quality", ("quality",),
-          "train/val/test by group, content digest and pHash cluster; checks that nothing leaks"),
+          "train/val/test by group, content digest and pHash cluster; checks that nothing leaks",
+          extra=Extra("fixed test set", _fixed_test)),
     Stage("train", "TrainConfig", "split", ("split",),
           "decodes train and val images into shards and trains a CLIP dual encoder",
           writes=(layout.MODEL_DIR, layout.HISTORY_FILE, layout.TIMING_FILE, layout.CHECKPOINT_DIR,

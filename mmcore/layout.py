@@ -29,6 +29,9 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 SHARDS_DIR = "shards"  # decoded training images, one memory-mapped Arrow file per split
 SHARDS_META = "meta.json"
+# Rebuildable scratch (decoded shards, resume points): not copied when a stage is taken from cache
+# into another run folder.
+SCRATCH = (CHECKPOINT_DIR, SHARDS_DIR)
 
 # evaluate
 METRICS_FILE = "metrics.json"
@@ -45,8 +48,10 @@ CURATION_DIR = "curation"  # evaluate/external/<name>/curation/: that dataset's 
 # report
 REPORT_FILE = "report.html"
 
-# ablate: one run folder per variant and seed
+# ablate: one run folder per variant and seed, and the fixed test set every variant is kept off
 ABLATE_DIR = "ablate"
+HELD_OUT_FILE = "held_out_test.parquet"  # the test rows (row_id, group, content digest, pHash)
+TEST_SET_DIR = "test_set"  # ablate/test_set/: curation of a given evaluation manifest
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,10 @@ class RunLayout:
         return self.root / stage
 
     # train
+    @property
+    def train_dir(self) -> Path:
+        return self.stage_dir("train")
+
     @property
     def model(self) -> Path:
         return self.stage_dir("train") / MODEL_DIR
@@ -177,3 +186,12 @@ class RunLayout:
     # ablate
     def variant(self, name: str, seed: int) -> Path:
         return self.root / ABLATE_DIR / f"{name}-s{seed}"
+
+    @property
+    def held_out(self) -> Path:
+        return self.root / ABLATE_DIR / HELD_OUT_FILE
+
+    @property
+    def test_set(self) -> Path:
+        """The run folder in which a given evaluation manifest is curated into the fixed test set."""
+        return self.root / ABLATE_DIR / TEST_SET_DIR

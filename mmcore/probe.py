@@ -1,7 +1,9 @@
 """Probe: resolve each image path safely, read its header and check the file is whole.
 
-Each distinct path is read once: its bytes are hashed (``content_digest``, unless
-``digest=False``) and the header is parsed from memory, so no pixels are decoded. With ``verify="structure"`` (the default) a file
+Each distinct path is read once, in bounded chunks: its bytes are hashed (``content_digest``, unless
+``digest=False``) and the header is parsed with only the accepted formats' parsers
+(``images.open_image``), so no pixels are decoded. A file over ``max_file_bytes`` is refused by
+its size before any byte is read. With ``verify="structure"`` (the default) a file
 counts as whole when its format's end marker is present (JPEG EOI after the last scan, PNG IEND,
 GIF trailer, WebP RIFF length); other formats, and every file with ``verify="decode"``, are
 decoded (JPEG at 1/8 scale). The quality stage decodes every kept image anyway and quarantines
@@ -20,14 +22,13 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from pydantic import Field, field_validator
 
 from mmcore import faults, images, parallel, tables
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import row_detail
-from mmcore.tables import broadcast, distinct_paths
-from mmcore.tables import IMAGE, ROW_ID, StageResult
+from mmcore.tables import IMAGE, ROW_ID, StageResult, broadcast, distinct_paths
 
 STAGE = "probe"
 
@@ -37,10 +38,11 @@ REASONS = {
     "missing_file": "no file at the path",
     "permission_denied": faults.REASONS["permission_denied"],
     "read_error": faults.REASONS["read_error"],
+    "file_too_large": images.REASONS["file_too_large"],
     "empty_file": "the file has zero bytes",
     "not_an_image": "Pillow does not recognise the bytes as an image",
-    "too_many_pixels": "the header declares more than probe.max_pixels pixels (decompression bomb), refused before decoding",
-    "unsupported_format": "an image format not in probe.formats",
+    "too_many_pixels": images.REASONS["too_many_pixels"],
+    "unsupported_format": images.REASONS["unsupported_format"],
     "corrupt_image": "truncated or corrupt: the header or the data does not decode, or the end marker is missing",
 }
 
@@ -55,11 +57,16 @@ ERROR, DETAIL = "probe_error", "probe_detail"
 class ProbeConfig(StrictModel):
     """Probe settings; a decompression-bomb limit, accepted formats and the strata buckets."""
 
-    max_pixels: int = Field(100_000_000, ge=1, description="Images declaring more pixels are too_many_pixels.")
+    max_pixels: int = Field(
+        images.DEFAULT_MAX_PIXELS, ge=1, description="Images declaring more pixels are too_many_pixels (Pillow's own limit)."
+    )
+    max_file_bytes: int = Field(
+        images.DEFAULT_MAX_BYTES, ge=1, description="Larger files are file_too_large, refused before reading."
+    )
     formats: tuple[str, ...] = Field(
-        ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF"),
+        images.DEFAULT_FORMATS,
         min_length=1,
-        description="Pillow format names accepted; others are unsupported_format.",
+        description="Pillow format names accepted; others are unsupported_format (never decoded anywhere).",
     )
     verify: Literal["structure", "decode"] = Field(
         "structure", description="structure: end markers, no decoding; decode: also a reduced-size decode."
@@ -92,40 +99,58 @@ class ProbeConfig(StrictModel):
 
 
 _TAIL = 4096
+_CHUNK = 1 << 20
 
 
-def _is_whole(head: bytes, tail: bytes, size: int, fmt: str, whole_file) -> bool | None:
+def _jpeg_whole(f) -> bool:
+    """Whether an EOI marker follows the last SOS, scanning the file in chunks (never all of it)."""
+    # Junk after EOI is allowed. 0xFFD9 (EOI) cannot occur inside entropy-coded data (0xFF is
+    # always stuffed), so a file cut inside its last scan has no EOI after its last SOS.
+    f.seek(0)
+    carry, sos_seen, eoi_after = b"", False, False
+    while block := f.read(_CHUNK):
+        data = carry + block
+        sos = data.rfind(b"\xff\xda")
+        if sos != -1:
+            sos_seen, eoi_after = True, data.find(b"\xff\xd9", sos + 2) != -1
+        elif sos_seen and not eoi_after:
+            eoi_after = data.find(b"\xff\xd9") != -1
+        carry = data[-1:]
+    return sos_seen and eoi_after
+
+
+def _is_whole(head: bytes, tail: bytes, size: int, fmt: str, f, info: dict) -> bool | None:
     """Whether the format's end marker is present; None when the format has no cheap test.
 
-    ``head``/``tail`` are the file's first and last bytes; ``whole_file()`` returns all of them
-    (only read for a JPEG that does not end with EOI).
+    ``head``/``tail`` are the file's first and last bytes; ``f`` the open file (only scanned for a
+    JPEG that does not end with EOI).
     """
     if fmt in ("JPEG", "MPO"):
-        if tail.endswith(b"\xff\xd9"):
-            return True
-        # Junk after EOI is allowed. 0xFFD9 (EOI) cannot occur inside entropy-coded data (0xFF
-        # is always stuffed), so a file cut inside its last scan has no EOI after its last SOS.
-        data = whole_file()
-        sos = data.rfind(b"\xff\xda")
-        return sos != -1 and data.find(b"\xff\xd9", sos + 2) != -1
+        return tail.endswith(b"\xff\xd9") or _jpeg_whole(f)
     if fmt == "PNG":
         return b"IEND" in tail  # tolerates a little junk after IEND
     if fmt == "GIF":
         return tail.rstrip(b"\x00").endswith(b";")
     if fmt == "WEBP":
         return len(head) >= 12 and int.from_bytes(head[4:8], "little") + 8 <= size
+    if fmt == "BMP" and info.get("compression") in (1, 2):
+        # RLE: an end-of-bitmap escape (00 01) ends the data; without it Pillow's Python decoder
+        # would pad a huge canvas from a tiny file, for seconds of CPU.
+        return tail.rstrip(b"\x00").endswith(b"\x01") and b"\x00\x01" in tail[-4:]
     return None
 
 
-def _decodes(fp) -> str:
+def _decodes(fp, policy: images.DecodePolicy) -> str:
     """'' if the image decodes (JPEG at 1/8 scale), else the error."""
     try:
         fp.seek(0)
-        with Image.open(fp) as im:
+        with images.open_image(fp, policy) as im:
             if im.format == "JPEG":
                 im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
             im.load()
         return ""
+    except MemoryError:
+        raise
     except Exception as e:  # any decoder failure means the file is unusable
         return row_detail(e)
 
@@ -152,26 +177,44 @@ def _probe_one(resolve: images.Resolver, rel: str, cfg: ProbeConfig) -> dict:
     with f:
         try:
             return _probe_open(f, out, fail, cfg)
+        except MemoryError:  # one file's decode must not end the run
+            return fail("file_too_large", "out of memory while checking the file")
+        except images.RefusedImage as e:
+            return fail(e.reason, e.detail)
         except OSError as e:  # a read error half-way (I/O error, file shrank)
             return fail("read_error", row_detail(e, f"cannot read {rel!r}: "))
+
+
+def _policy(cfg: ProbeConfig) -> images.DecodePolicy:
+    return images.DecodePolicy(formats=cfg.formats, max_pixels=cfg.max_pixels, max_bytes=cfg.max_file_bytes)
 
 
 def _probe_open(f, out: dict, fail, cfg: ProbeConfig) -> dict:
     size = os.fstat(f.fileno()).st_size
     out["file_size"] = size
-    data = None
-    if cfg.digest:
-        data = f.read()
-        out["file_size"] = size = len(data)
-        out["content_digest"] = "sha256:" + hashlib.sha256(data).hexdigest()
+    if size > cfg.max_file_bytes:  # by its size alone: a sparse 8 GB file is never read
+        return fail("file_too_large", f"{size} bytes > max_file_bytes {cfg.max_file_bytes}")
+    if cfg.digest:  # hashed in chunks: memory stays at one chunk whatever the file's size
+        h, n = hashlib.sha256(), 0
+        while block := f.read(_CHUNK):
+            h.update(block)
+            n += len(block)
+            if n > cfg.max_file_bytes:  # grew since the stat
+                return fail("file_too_large", f"more than max_file_bytes {cfg.max_file_bytes} bytes")
+        out["file_size"] = size = n
+        out["content_digest"] = "sha256:" + h.hexdigest()
     if size == 0:
         return fail("empty_file", "zero bytes")
-    fp = io.BytesIO(data) if data is not None else f
+    f.seek(0)
+    head = f.read(images.HEADER_BYTES)
+    policy = _policy(cfg)
     try:
-        im = Image.open(fp)  # header only; nothing is decoded here
+        im = images.open_image(io.BytesIO(head) if size <= len(head) else f, policy)  # header only
+    except images.RefusedImage as e:
+        return fail(e.reason, e.detail)
     except UnidentifiedImageError:
-        fp.seek(0)
-        return fail("not_an_image", f"unrecognised bytes (starts {fp.read(8)!r})")
+        # The file's bytes are never echoed: a data.root of / must not copy any file into the details.
+        return fail("not_an_image", "unrecognised bytes")
     except Exception as e:  # a recognised format whose header is broken
         return fail("corrupt_image", row_detail(e, "header: "))
     with im:
@@ -180,31 +223,18 @@ def _probe_open(f, out: dict, fail, cfg: ProbeConfig) -> dict:
             w, h = im.size[::-1] if orientation >= 5 else im.size  # as displayed
             fmt, mode = str(im.format or ""), im.mode
             out.update(width=w, height=h, orientation=orientation, format=fmt, mode=mode)
-            if w * h > cfg.max_pixels:
-                return fail("too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels {cfg.max_pixels}")
-            if fmt not in cfg.formats:
-                return fail("unsupported_format", f"format {fmt}; accepted: {', '.join(cfg.formats)}")
-            out["n_frames"] = int(getattr(im, "n_frames", 1))
+            out["n_frames"] = images.frame_count(im)
+            info = dict(im.info)
         except Exception as e:
             return fail("corrupt_image", row_detail(e, "header: "))
     whole = None
     if cfg.verify == "structure":
-        if data is not None:
-            head, tail = data[:16], data[-_TAIL:]
-        else:
-            f.seek(0)
-            head = f.read(16)
-            f.seek(max(0, size - _TAIL))
-            tail = f.read()
-
-        def whole_file() -> bytes:
-            f.seek(0)
-            return data if data is not None else f.read()
-
-        whole = _is_whole(head, tail, size, fmt, whole_file)
+        f.seek(max(0, size - _TAIL))
+        tail = f.read()
+        whole = _is_whole(head[:16], tail, size, fmt, f, info)
         if whole is False:
             return fail("corrupt_image", f"truncated: {fmt} end marker missing ({size} bytes)")
-    if whole is None and (err := _decodes(fp)):
+    if whole is None and (err := _decodes(f, policy)):
         return fail("corrupt_image", err)
     return out
 

@@ -33,7 +33,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mmcore import checks, faults, images, parallel, tables
 from mmcore.base import StageContext, StrictModel
-from mmcore.errors import ConfigError, row_detail
+from mmcore.errors import ConfigError, MMPipeError, row_detail
 from mmcore.tables import broadcast, distinct_paths
 from mmcore.tables import IMAGE, ROW_ID, TEXT, StageResult
 
@@ -42,11 +42,15 @@ STAGE = "quality"
 REASONS = {
     "corrupt_image": "the image failed to decode at reduced size, or libjpeg reports its compressed data damaged",
     **faults.REASONS,
+    **images.REASONS,  # refused by the decoding policy (file_changed: not what the probe saw)
     **{name: c.reason for name, c in checks.CHECKS.items()},
 }
 
 ERROR, DETAIL = "quality_error", "quality_detail"
 ORIENTATION = "orientation"  # the probe's EXIF orientation column, passed to measure when present
+# What the probe recorded of each file, passed to measure when present: a file that differs now is
+# file_changed, and nothing larger than the probe accepted is decoded (images.DecodePolicy).
+PROBED = ("format", "width", "height", "file_size")
 MEASURES = ("brightness_mean", "brightness_p5", "brightness_p99", "sharpness", "entropy")
 
 
@@ -247,9 +251,10 @@ class Scorer:
         }
 
 
-def _colour_recheck(data: bytes, cfg: QualityConfig, orientation: int | None) -> tuple[float, float]:
+def _colour_recheck(data: bytes, cfg: QualityConfig, orientation: int | None,
+                    policy: images.DecodePolicy = images.DEFAULT_POLICY) -> tuple[float, float]:
     """Sharpness and the largest channel entropy of the colour decode (isoluminant shapes)."""
-    rgb = images.decode_reduced(data, cfg.decode_size, True, orientation, cfg.strict_jpeg)
+    rgb = images.decode_reduced(data, cfg.decode_size, True, orientation, cfg.strict_jpeg, policy)
     c = _analysis(rgb, cfg.analysis_size)
     chans = [np.ascontiguousarray(c[..., i]) for i in range(3)]
     return _sharpness(chans), max(_entropy(_hist(x)) for x in chans)
@@ -262,6 +267,23 @@ def _orientation_tag(value) -> int | None:
     except (TypeError, ValueError):
         return None
     return tag if 1 <= tag <= 8 else None
+
+
+def _policies(rows: pd.DataFrame) -> list[images.DecodePolicy]:
+    """Per row, the decoding policy the probe's record allows (the default one without it)."""
+    if not all(c in rows for c in PROBED):
+        return [images.DEFAULT_POLICY] * len(rows)
+    out = []
+    for fmt, w, h, size in zip(*(rows[c].tolist() for c in PROBED)):
+        try:
+            w, h, size = int(w), int(h), int(size)
+        except (TypeError, ValueError):
+            out.append(images.DEFAULT_POLICY)
+            continue
+        fmt = str(fmt)
+        out.append(images.DecodePolicy(formats=(fmt,), max_pixels=max(1, w * h), max_bytes=max(size, 1),
+                                       size=(w, h), format=fmt, file_bytes=size))
+    return out
 
 
 def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
@@ -278,14 +300,15 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
     n = len(paths)
     # Known orientations spare a JPEG Pillow's header parse (see images.decode_reduced).
     tags = [_orientation_tag(t) for t in rows[ORIENTATION]] if ORIENTATION in rows else [None] * n
+    policies = _policies(rows)
     scorer = Scorer(n, cfg.analysis_size)
     sizes, sums, errors, details = [""] * n, [""] * n, [""] * n, [""] * n
     with images.pixel_limit(None):  # the probe refused oversized headers already
         for i, rel in enumerate(paths):
             try:
-                data = faults.read_bytes(resolve(rel))  # transient errors retried
+                data = policies[i].read(resolve(rel))  # transient errors retried; byte limit
                 # libjpeg directly for plain JPEGs (damaged data refused), Pillow for the rest.
-                gray = images.decode_reduced(data, cfg.decode_size, False, tags[i], cfg.strict_jpeg)
+                gray = images.decode_reduced(data, cfg.decode_size, False, tags[i], cfg.strict_jpeg, policies[i])
                 scorer.add(i, gray)
                 # Exact-pixel key (built below): size, pHash, CRC-32 + Adler-32 of the reduced
                 # pixels (64 bits of checksum, far cheaper than a cryptographic hash).
@@ -294,7 +317,8 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
             except faults.ReadError as e:  # unreadable now (the probe read it): its own reason
                 errors[i], details[i] = e.reason, str(e)
             except Exception as e:  # any failure to decode quarantines the row, never the batch
-                errors[i], details[i] = "corrupt_image", row_detail(e)
+                # (MemoryError included: one file's cost is its row's, never the run's)
+                errors[i], details[i] = images.refusal_reason(e) or "corrupt_image", row_detail(e)
     ok = np.flatnonzero(np.array([not e for e in errors], dtype=bool))
     out = pd.DataFrame({ROW_ID: rows[ROW_ID].to_numpy(np.int64)})
     cols = {c: np.full(n, np.nan) for c in MEASURES}
@@ -307,7 +331,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
         for j in np.flatnonzero((sc["sharpness"] < sharp_min) | (sc["entropy"] < entropy_min)):
             i = ok[j]
             try:  # read again: holding a batch of files in memory would cost more than these few reads
-                sharp, ent = _colour_recheck(faults.read_bytes(resolve(paths[i])), cfg, tags[i])
+                sharp, ent = _colour_recheck(policies[i].read(resolve(paths[i])), cfg, tags[i], policies[i])
             except Exception:  # it decoded in gray a moment ago; if not now, the gray scores stand
                 continue
             cols["sharpness"][i] = max(cols["sharpness"][i], sharp)
@@ -385,27 +409,15 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
     Returns the scores and, per row, '' or why its image could not be decoded (score NaN then).
     """
     import torch
-    from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    from mmcore.clip_model import Encoder  # the one model loader: the model's own tokenizer and preprocessing
 
     model_dir = Path(model_dir)
     try:
-        model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
-    except Exception as e:  # missing folder, not a CLIP checkpoint: a config mistake, one line
-        raise ConfigError(
-            f"quality.alignment_model: cannot load a CLIP model from {model_dir}: {str(e).strip().splitlines()[0][:200]}; "
-            "expected a folder written by CLIPModel.save_pretrained with its tokenizer"
-        ) from None
-    try:
-        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-        image_proc, tokenizer = processor.image_processor, processor.tokenizer
-    except Exception:  # a model saved with a bare tokenizer and no processor config
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        try:
-            image_proc = CLIPImageProcessor.from_pretrained(model_dir, local_files_only=True)
-        except Exception:
-            size = model.config.vision_config.image_size
-            image_proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    max_len = model.config.text_config.max_position_embeddings
+        enc = Encoder.load(model_dir, where="quality.alignment_model")
+    except MMPipeError as e:  # not a CLIP folder, no tokenizer or processor: a config mistake, one line
+        raise ConfigError(f"quality.alignment_model: cannot load a CLIP model from {model_dir}: "
+                          f"{str(e).removeprefix('quality.alignment_model: ')}") from None
     resolve = images.Resolver(root)
     n = len(table)
     out = np.full(n, np.nan)
@@ -423,9 +435,6 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
             image_error[c] = row_detail(e, "alignment decode: ")
             return None
 
-    def unit(features) -> torch.Tensor:
-        return torch.nn.functional.normalize(getattr(features, "pooler_output", features).float(), dim=-1)
-
     previous: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for lo in range(0, n, batch_size):
@@ -434,14 +443,13 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
                     if c not in previous and not image_error[c] and (im := load(c)) is not None]
             emb = {c: previous[c] for c in codes[rows].tolist() if c in previous}
             if todo:
-                px = image_proc(images=[im for _, im in todo], return_tensors="pt")["pixel_values"]
-                emb.update(zip((c for c, _ in todo), unit(model.get_image_features(pixel_values=px))))
+                vecs = torch.from_numpy(enc.encode_images([im for _, im in todo], batch_size=batch_size))
+                emb.update(zip((c for c, _ in todo), vecs))
             previous = emb
             rows = [i for i in rows.tolist() if codes[i] in emb]
             if not rows:
                 continue
-            tok = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            txt = unit(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok.get("attention_mask")))
+            txt = torch.from_numpy(enc.encode_texts([texts[i] for i in rows], batch_size=batch_size))
             out[rows] = (torch.stack([emb[codes[i]] for i in rows]) * txt).sum(-1).numpy()
     return out, [image_error[c] for c in codes]
 
@@ -497,7 +505,7 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: QualityConfig) 
         name: checks.score_column(name) + " " + df[checks.score_column(name)].round(3).astype(str) + f" < {thresholds[name]:.3f}"
         for name in names
     }
-    partition = [(code, err == code, m[DETAIL]) for code in ("corrupt_image", *faults.REASONS)]
+    partition = [(code, err == code, m[DETAIL]) for code in dict.fromkeys(("corrupt_image", *faults.REASONS, *images.REASONS))]
     partition += [(n, df[checks.issue_column(n)], detail[n]) for n in names]
     res = tables.partition(df.drop(columns=["pixel_hash"]), partition)
     kept = res.kept.copy()
@@ -516,7 +524,7 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: QualityConfig) 
 
 def distinct_images(table: pd.DataFrame) -> pd.DataFrame:
     """``measure``'s input: the first row of each distinct path, with the probe's orientation if any."""
-    return distinct_paths(table, extra=(ORIENTATION,))
+    return distinct_paths(table, extra=(ORIENTATION, *PROBED))
 
 
 def run(table: pd.DataFrame, cfg: QualityConfig, ctx: StageContext) -> StageResult:

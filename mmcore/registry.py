@@ -51,9 +51,7 @@ class Registry(Generic[T]):
     def problem(self, names: str | Iterable[str]) -> str | None:
         """What is unregistered, in one line without a location, or None if nothing is.
 
-        One name reads "unknown augmentation 'x'", a collection "unknown check(s) 'x', 'y'". A pydantic
-        field validator raises ``ValueError(problem)``: the config error already leads with the
-        field's location, so the message must not repeat it.
+        One name reads "unknown augmentation 'x'", a collection "unknown check(s) 'x', 'y'".
         """
         one = isinstance(names, str)
         bad = [n for n in ([names] if one else names) if n not in self._items]
@@ -64,7 +62,11 @@ class Registry(Generic[T]):
         return f"{self._unknown} {what}; expected one of {', '.join(sorted(self._items))}"
 
     def check(self, names: str | Iterable[str], where: str | None = None) -> None:
-        """Raise ``error`` if ``names`` (one name or several) holds an unregistered one; ``where`` leads the message."""
+        """Raise ``error`` if ``names`` (one name or several) holds an unregistered one; ``where`` leads the message.
+
+        A pydantic field validator leaves ``where`` out: ``error`` is a ``ValueError``, and the config
+        error already leads with the field's location.
+        """
         if (msg := self.problem(names)) is not None:
             raise self.error(f"{where}: {msg}" if where else msg)
 

@@ -16,3 +16,5 @@ _ROOT = Path(str(resources.files("mmcore")))
 MODEL_CONFIGS = _ROOT / "model_configs"
 # The default synonym table of ``augment=synonym`` (word -> replacement words).
 DEFAULT_SYNONYMS = _ROOT / "data" / "synonyms.yaml"
+# Named config presets: ``<name>.yaml`` holds config sections; ``--preset NAME`` layers one on a config.
+PRESETS = _ROOT / "data" / "presets"

@@ -10,6 +10,7 @@ by their newest row. A leakage check runs always and fails loudly.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +29,7 @@ STAGE = "split"
 
 REASONS = {
     "missing_time": "split.mode is time and the row's time is null or not a timestamp",
+    "held_out_test": "the row, its group, its image bytes or a near-duplicate image (pHash) is in split.fixed_test",
 }
 
 SPLITS = ("train", "val", "test")
@@ -39,6 +41,11 @@ SAMPLE_WEIGHT = "sample_weight"
 # Columns written by probe and quality.
 CONTENT_DIGEST = "content_digest"
 DUP_CLUSTER = "dup_cluster"
+PHASH = "phash"
+# The fixed test set file (split.fixed_test): the test rows of one split, by every key that could
+# leak them (split_group is kept for the record; its ids mean nothing in another split).
+MANIFEST_DIGEST = "manifest_digest"  # row_ids match only within the manifest they number
+HELD_OUT_COLUMNS = (ROW_ID, GROUP, SPLIT_GROUP, CONTENT_DIGEST, PHASH, MANIFEST_DIGEST)
 RES_BUCKET = "res_bucket"
 ASPECT_BUCKET = "aspect_bucket"
 
@@ -51,6 +58,8 @@ LEAK_KEYS = (CONTENT_DIGEST, DUP_CLUSTER, GROUP, SPLIT_GROUP)
 OTHER = "other"  # the stratum rare strata are merged into
 NA = "na"  # how a null label, domain or bucket reads in a stratum name
 _TOP = 20  # categories listed per split in stats; the rest are summed as "(rest)"
+# A group of fewer rows never fails a split for its size: so few rows cannot meet ratios anyway.
+_COLLAPSE_ROWS = 10
 
 
 class SplitConfig(StrictModel):
@@ -76,6 +85,18 @@ class SplitConfig(StrictModel):
     weight_by: Literal["stratum", "label"] = Field("stratum", description="Frequency that sample_weight inverts.")
     weight_exponent: float = Field(0.5, ge=0, description="sample_weight = frequency ** -exponent; 0 = uniform.")
     ratio_tolerance: float = Field(0.02, ge=0, le=1, description="Warn when a split's share is further off.")
+    fixed_test: Path | None = Field(
+        None, description="A fixed test set (held_out_test.parquet, written by mmpipe ablate): rows matching it are "
+        "quarantined as held_out_test, whole groups; the rest go to train and val in their ratio."
+    )
+    fixed_test_radius: int = Field(
+        4, ge=0, le=16, description="pHash Hamming distance within which an image counts as a held-out test image."
+    )
+    max_ratio_deviation: float = Field(
+        0.25, ge=0, le=1,
+        description="Fail when a split's share is further off because one group is too large (a collapsed split).",
+    )
+    allow_imbalance: bool = Field(False, description="Accept a split further off than max_ratio_deviation (warn only).")
 
     @field_validator("ratios")
     @classmethod
@@ -111,10 +132,14 @@ class SplitConfig(StrictModel):
 
 
 def _key_codes(s: pd.Series, col: str) -> np.ndarray:
-    """Integer code per row for a grouping key; -1 where the row has no key (null, or cluster < 0)."""
+    """Integer code per row for a grouping key; -1 where the row has no key (null, blank, or cluster < 0)."""
     if col == DUP_CLUSTER and pd.api.types.is_numeric_dtype(s):
         # Quality may mark "no cluster" with a negative id: such rows join nothing.
         s = s.where((s >= 0).fillna(False).astype(bool))
+    elif not pd.api.types.is_numeric_dtype(s):
+        # An empty digest (probe.digest: false) or a blank group cell is "no key": as one key they
+        # would join every such row into one giant group.
+        s = s.where(s.astype("str").str.strip().fillna("") != "")
     return pd.factorize(s, use_na_sentinel=True)[0].astype(np.int64)
 
 
@@ -335,6 +360,93 @@ def report_table(stats: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# --------------------------------------------------------------------------- a fixed test set
+
+
+def train_val_ratios(ratios: dict[str, float]) -> dict[str, float]:
+    """The split ratios with test's share given to train and val in their proportion."""
+    rest = ratios["train"] + ratios["val"]
+    if rest <= 0:
+        raise InputError(f"split.fixed_test: split.ratios leave nothing for train and val: {ratios}")
+    return {"train": ratios["train"] / rest, "val": ratios["val"] / rest, "test": 0.0}
+
+
+def held_out_rows(split_table: pd.DataFrame, manifest_digest: str) -> pd.DataFrame:
+    """The test rows of a split's kept table, as a fixed test set file (``HELD_OUT_COLUMNS``)."""
+    test = split_table[split_table[SPLIT] == "test"] if SPLIT in split_table.columns else split_table
+    out = pd.DataFrame({ROW_ID: test[ROW_ID].to_numpy(np.int64)})
+    for col in (GROUP, CONTENT_DIGEST, PHASH):
+        values = test[col].reset_index(drop=True) if col in test.columns else pd.Series([None] * len(test))
+        out[col] = values.astype("str")
+    out[SPLIT_GROUP] = test[SPLIT_GROUP].to_numpy(np.int64) if SPLIT_GROUP in test.columns else -1
+    out[MANIFEST_DIGEST] = manifest_digest
+    return out[list(HELD_OUT_COLUMNS)]
+
+
+def read_held_out(path: str | Path) -> pd.DataFrame:
+    """A fixed test set file; a missing column is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"split.fixed_test: file not found: {path}")
+    df = tables.read_parquet(path)
+    tables.require_columns(df, list(HELD_OUT_COLUMNS), f"split.fixed_test ({path})")
+    return df
+
+
+def _phash_ints(s: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, uint64 hashes) of the rows with a 16-hex-digit pHash."""
+    v = s.astype("str").fillna("")
+    ok = v.str.fullmatch(r"[0-9a-fA-F]{16}").fillna(False).to_numpy(bool)
+    return np.flatnonzero(ok), np.array([int(x, 16) for x in v[ok]], dtype=np.uint64)
+
+
+def _near(hashes: np.ndarray, held: np.ndarray, radius: int, chunk: int = 2048) -> np.ndarray:
+    """For each hash, whether some held hash is within ``radius`` bits (blocks of ``chunk`` rows)."""
+    out = np.zeros(hashes.size, bool)
+    if not held.size:
+        return out
+    for a in range(0, hashes.size, chunk):
+        x = hashes[a : a + chunk, None] ^ held[None, :]
+        out[a : a + chunk] = (np.bitwise_count(x) <= radius).any(axis=1)
+    return out
+
+
+def held_out_mask(df: pd.DataFrame, held: pd.DataFrame, cfg: SplitConfig, ctx: StageContext) -> tuple[pd.Series, pd.Series]:
+    """Rows to keep off train and val: those matching a held-out row (row_id, within the same manifest;
+    group; content digest; pHash within ``fixed_test_radius``) or in ``holdout_domains``, and every row
+    grouped with one (same keys as the split's groups), so that nothing near the test set is trained on."""
+    same_manifest = held[MANIFEST_DIGEST].eq(tables.file_digest(ctx.data.manifest)).to_numpy(bool)
+    hit = np.zeros(len(df), bool)
+    why = np.full(len(df), "", dtype=object)
+
+    def mark(mask: np.ndarray, text: str) -> None:
+        why[mask & ~hit] = text
+        hit[:] |= mask
+
+    mark(df[ROW_ID].isin(held.loc[same_manifest, ROW_ID]).to_numpy(bool), "row_id in the fixed test set")
+    for col in (GROUP, CONTENT_DIGEST):
+        if col in df.columns:
+            values = set(held[col].dropna().astype("str")) - {"", "None", "nan", "<NA>"}
+            mark(df[col].astype("str").isin(values).to_numpy(bool), f"{col} in the fixed test set")
+    if PHASH in df.columns:
+        pos, hashes = _phash_ints(df[PHASH])
+        _, held_hashes = _phash_ints(held[PHASH])
+        near = np.zeros(len(df), bool)
+        near[pos] = _near(hashes, held_hashes, cfg.fixed_test_radius)
+        mark(near, f"pHash within {cfg.fixed_test_radius} bits of a fixed test image")
+    if cfg.holdout_domains and DOMAIN in df.columns:
+        mark(df[DOMAIN].isin(cfg.holdout_domains).to_numpy(dtype=bool, na_value=False), "held-out domain")
+    # Whole groups: a row sharing a digest, near-duplicate cluster or group with a held-out row goes too.
+    keys = [_key_codes(df[c], c) for c in (CONTENT_DIGEST, DUP_CLUSTER, GROUP) if c in df.columns]
+    if cfg.group_by_caption:
+        keys.append(_caption_codes(df[TEXT]))
+    if len(df) and keys:
+        labels = connected_groups(keys)
+        grouped = np.isin(labels, labels[hit])
+        mark(grouped, "grouped with a fixed test row")
+    return pd.Series(hit, index=df.index), pd.Series(why, index=df.index, dtype="str")
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -360,6 +472,8 @@ def _require(df: pd.DataFrame, cfg: SplitConfig) -> None:
 def run(table: pd.DataFrame, cfg: SplitConfig, ctx: StageContext) -> StageResult:
     """Add split, split_group, stratum and sample_weight; quarantine rows a time split cannot place."""
     _require(table, cfg)
+    if cfg.fixed_test is not None:  # the test split is given: the rest is shared by train and val
+        cfg = cfg.model_copy(update={"ratios": train_val_ratios(cfg.ratios)})
     df = table if table[ROW_ID].is_monotonic_increasing else table.sort_values(ROW_ID, kind="stable")
     df = df.reset_index(drop=True)
 
@@ -371,6 +485,12 @@ def run(table: pd.DataFrame, cfg: SplitConfig, ctx: StageContext) -> StageResult
         res = tables.partition(df, [("missing_time", t.isna(), "time is null or not a timestamp")])
         df, quarantined = res.kept.reset_index(drop=True), res.quarantined
         t = t[t.notna()].reset_index(drop=True)
+    if cfg.fixed_test is not None:
+        held, detail = held_out_mask(df, read_held_out(cfg.fixed_test), cfg, ctx)
+        res = tables.partition(df, [("held_out_test", held, detail)])
+        df, quarantined = res.kept.reset_index(drop=True), tables.concat_quarantine(quarantined, res.quarantined)
+        if cfg.mode == "time":
+            t = t[~held.to_numpy()].reset_index(drop=True)
 
     n = len(df)
     keys = [_key_codes(df[c], c) for c in (CONTENT_DIGEST, DUP_CLUSTER, GROUP) if c in df.columns]
@@ -409,8 +529,35 @@ def run(table: pd.DataFrame, cfg: SplitConfig, ctx: StageContext) -> StageResult
     kept[SAMPLE_WEIGHT] = _weights(split, np.asarray(weight_codes, np.int64), cfg.weight_exponent).astype(np.float64)
 
     leakage = check_leakage(kept)  # raises on any shared digest, cluster or group
+    _check_collapse(kept, split, labels, forced, sizes, cfg)
     stats = _stats(kept, split, np.bincount(gsplit, minlength=3), labels, forced, cfg, merged, strat_names, leakage)
     return StageResult(kept, quarantined, stats)
+
+
+def _check_collapse(df: pd.DataFrame, split: np.ndarray, labels: np.ndarray, forced: np.ndarray,
+                    sizes: np.ndarray, cfg: SplitConfig) -> None:
+    """Raise when the achieved ratios are far off the targets because one group is too large."""
+    free = ~forced[labels] if labels.size else np.zeros(0, bool)
+    n_free = int(free.sum())
+    if not n_free or cfg.allow_imbalance:
+        return
+    got = {s: float((split[free] == k).sum() / n_free) for k, s in enumerate(SPLITS)}
+    dev = max(abs(got[s] - cfg.ratios[s]) for s in SPLITS)
+    big = int(np.argmax(np.where(forced, 0, sizes)))
+    if dev <= cfg.max_ratio_deviation or sizes[big] / n_free <= cfg.max_ratio_deviation or sizes[big] < _COLLAPSE_ROWS:
+        return  # close enough, off by rounding whole small groups, or a toy dataset
+    rows = df[labels == big]
+    why = []
+    for col in (CONTENT_DIGEST, DUP_CLUSTER, GROUP):
+        if col in rows.columns and len(rows):
+            top = rows[col].astype("str").value_counts(dropna=False)
+            why.append(f"{col} {str(top.index[0])[:40]!r} on {int(top.iloc[0])} rows")
+    raise InputError(
+        f"split: achieved ratios {', '.join(f'{s} {got[s]:.2f}' for s in SPLITS)} are {dev:.2f} off the targets "
+        f"(split.max_ratio_deviation {cfg.max_ratio_deviation}): group {big} holds {int(sizes[big])} of {n_free} rows "
+        f"(from row_id {int(rows[ROW_ID].iloc[0])}; {'; '.join(why) or 'no shared key'}); "
+        "fix the grouping keys or set split.allow_imbalance: true"
+    )
 
 
 def _stats(kept, split, groups_per_split, labels, forced, cfg, merged, strat_names, leakage) -> dict[str, Any]:

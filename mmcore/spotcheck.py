@@ -2,6 +2,10 @@
 
 The sheet is a CSV (one row per query and rank, ``verdict`` left empty for a person to fill with
 1/0, y/n) and an HTML page with thumbnails embedded as data URIs, so it opens offline.
+
+Captions and paths are scraped text, and the CSV is opened in a spreadsheet: a cell that would start
+a formula (``= + - @``, tab, carriage return) is written with a leading apostrophe (OWASP's CSV
+injection advice), and the HTML shows the text as given (``cell_text``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from mmcore import metrics, tables
 from mmcore.errors import InputError
 
 COLUMNS = ["query_id", "query_kind", "query", "rank", "retrieved", "row_id", "verdict"]
+TEXT_COLUMNS = ("query", "retrieved")  # scraped text: escaped for spreadsheets
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 TOP = 5
 _YES = {"1", "y", "yes", "true", "t", "relevant", "correct"}
 _NO = {"0", "n", "no", "false", "f", "irrelevant", "wrong"}
@@ -52,8 +58,23 @@ def build(
         for r, i in enumerate(top, 1):
             rows.append((f"t{q:03d}", "text", texts[t], r, image_paths[i], int(image_row_ids[i])))
     df = pd.DataFrame(rows, columns=COLUMNS[:-1])
+    for c in TEXT_COLUMNS:
+        df[c] = [spreadsheet_safe(v) for v in df[c].astype(str)] if len(df) else df[c]
     df["verdict"] = ""
     return df
+
+
+def spreadsheet_safe(value: str) -> str:
+    """``value`` as a spreadsheet shows it as text: a leading apostrophe before a formula start.
+
+    A value already starting with an apostrophe gets one more, so ``cell_text`` inverts it exactly.
+    """
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def cell_text(value: str) -> str:
+    """The text a ``spreadsheet_safe`` cell stands for."""
+    return value[1:] if value.startswith("'") and value[1:].startswith(_FORMULA_START) else value
 
 
 def _thumb(load: Callable[[str], Image.Image], path: str, side: int = 112) -> str:
@@ -74,6 +95,7 @@ def to_html(sheet: pd.DataFrame, load: Callable[[str], Image.Image], title: str 
     cache: dict[str, str] = {}
 
     def cell(kind: str, value: str) -> str:
+        value = cell_text(value)
         if kind == "image":
             if value not in cache:
                 cache[value] = _thumb(load, value)

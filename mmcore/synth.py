@@ -5,6 +5,9 @@ several templates ("a small red circle on the left of a blue square"). Each scen
 to three times with jitter (near-duplicates sharing ``scene_id``), some images carry two
 captions, and two rendering styles make two domains. About 10% of rows carry planted defects
 that a later stage must catch; ``planted.csv`` says which row, which stage and which reason.
+Optionally (off by default, so the default bytes never change) a share of rows gets the caption of
+another scene (the noise that alignment filtering removes) or a caption in French, German or Spanish
+(what a language filter removes); the default config keeps both, as planted.csv records.
 """
 
 from __future__ import annotations
@@ -60,6 +63,62 @@ NON_LATIN = (
     "دائرة حمراء على اليسار",
     "ένας κόκκινος κύκλος στα αριστερά",
 )
+
+# Captions in other languages, from the same scenes: (templates, shape -> (noun, gender), colour ->
+# (masculine, feminine), size -> (masculine, feminine), position, background). Real sentences, so that
+# a language identifier recognises them.
+FOREIGN = {
+    "fr": (
+        ("{art} {size} {shape} {color} {pos}", "une photo d'{art} {size} {shape} {color} {pos}, sur un fond {bg}"),
+        {"circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"),
+         "diamond": ("losange", "m"), "star": ("étoile", "f")},
+        {"red": ("rouge", "rouge"), "green": ("vert", "verte"), "blue": ("bleu", "bleue"), "yellow": ("jaune", "jaune"),
+         "purple": ("violet", "violette"), "orange": ("orange", "orange"), "white": ("blanc", "blanche"),
+         "black": ("noir", "noire")},
+        {"small": ("petit", "petite"), "large": ("grand", "grande")},
+        {"left": "à gauche", "right": "à droite", "top": "en haut", "bottom": "en bas", "centre": "au centre"},
+        {"gray": "gris", "beige": "beige", "slate": "ardoise"},
+        {"m": "un", "f": "une"},
+    ),
+    "de": (
+        ("{art} {size} {color} {shape} {pos}", "ein Foto: {art} {size} {color} {shape} {pos} auf {bg} Hintergrund"),
+        {"circle": ("Kreis", "m"), "square": ("Quadrat", "n"), "triangle": ("Dreieck", "n"),
+         "diamond": ("Raute", "f"), "star": ("Stern", "m")},
+        {"red": ("roter", "rotes", "rote"), "green": ("grüner", "grünes", "grüne"), "blue": ("blauer", "blaues", "blaue"),
+         "yellow": ("gelber", "gelbes", "gelbe"), "purple": ("violetter", "violettes", "violette"),
+         "orange": ("orangefarbener", "orangefarbenes", "orangefarbene"), "white": ("weißer", "weißes", "weiße"),
+         "black": ("schwarzer", "schwarzes", "schwarze")},
+        {"small": ("kleiner", "kleines", "kleine"), "large": ("großer", "großes", "große")},
+        {"left": "links", "right": "rechts", "top": "oben", "bottom": "unten", "centre": "in der Mitte"},
+        {"gray": "grauem", "beige": "beigem", "slate": "schiefergrauem"},
+        {"m": "ein", "n": "ein", "f": "eine"},
+    ),
+    "es": (
+        ("{art} {shape} {color} {size} {pos}", "una foto de {art} {shape} {color} {size} {pos} sobre un fondo {bg}"),
+        {"circle": ("círculo", "m"), "square": ("cuadrado", "m"), "triangle": ("triángulo", "m"),
+         "diamond": ("rombo", "m"), "star": ("estrella", "f")},
+        {"red": ("rojo", "roja"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
+         "yellow": ("amarillo", "amarilla"), "purple": ("morado", "morada"), "orange": ("naranja", "naranja"),
+         "white": ("blanco", "blanca"), "black": ("negro", "negra")},
+        {"small": ("pequeño", "pequeña"), "large": ("grande", "grande")},
+        {"left": "a la izquierda", "right": "a la derecha", "top": "arriba", "bottom": "abajo", "centre": "en el centro"},
+        {"gray": "gris", "beige": "beige", "slate": "pizarra"},
+        {"m": "un", "f": "una"},
+    ),
+}
+_GENDERS = {"fr": "mf", "de": "mnf", "es": "mf"}
+
+
+def foreign_caption(scene: Scene, lang: str, rng: np.random.Generator) -> str:
+    """A caption of the scene's main shape in ``lang`` (``FOREIGN``), with the right genders."""
+    templates, shapes, colors, sizes, positions, backgrounds, articles = FOREIGN[lang]
+    noun, gender = shapes[scene.shape]
+    g = _GENDERS[lang].index(gender)
+    return templates[rng.integers(len(templates))].format(
+        art=articles[gender], size=sizes[scene.size][g], shape=noun, color=colors[scene.color][g],
+        pos=positions[scene.pos], bg=backgrounds[scene.bg],
+    )
+
 
 # Planted defects: (name, share of rows, stage that must catch it, reason it must give). A stage
 # of "" means the row must be kept (the defect is repaired or is a healthy odd encoding).
@@ -261,13 +320,25 @@ def _mojibake(text: str) -> tuple[str, str]:
     return clean.encode("utf-8").decode("cp1252", errors="replace"), clean
 
 
-def generate(out: str | os.PathLike, n: int = 3000, seed: int = 0) -> pd.DataFrame:
+def generate(
+    out: str | os.PathLike, n: int = 3000, seed: int = 0, mismatch_rate: float = 0.0, foreign_rate: float = 0.0
+) -> pd.DataFrame:
     """Write ``OUT/images/*``, ``OUT/manifest.csv`` and ``OUT/planted.csv``; returns the manifest.
 
-    ``n`` is the number of manifest rows (pairs). The same ``n`` and ``seed`` give the same bytes.
+    ``n`` is the number of manifest rows (pairs). The same arguments give the same bytes, and rates
+    of 0 give the bytes this function wrote before the rates existed.
+
+    Args:
+        mismatch_rate: share of rows (among those without another planted defect) whose caption is
+            replaced by a caption of another scene (defect ``mismatch``).
+        foreign_rate: share of rows whose caption is replaced by one of the same scene in French,
+            German or Spanish (defect ``foreign_language``).
     """
     if n < MIN_ROWS:
         raise InputError(f"synth: --n must be >= {MIN_ROWS} to plant every kind of defect, got {n}")
+    for name, rate in (("mismatch_rate", mismatch_rate), ("foreign_rate", foreign_rate)):
+        if not 0 <= rate <= 0.5:
+            raise InputError(f"synth: {name} must be in [0, 0.5], got {rate}")
     out = Path(out)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -400,6 +471,8 @@ def generate(out: str | os.PathLike, n: int = 3000, seed: int = 0) -> pd.DataFra
             files[r["image_path"]] = data
         planted.append({"row_id": i, "defect": defect, "stage": stage, "reason": reason, "expected_text": expected})
 
+    planted += _plant_captions(rows, planted, mismatch_rate, foreign_rate, seed)
+
     for name, data in sorted(files.items()):
         (out / name).write_bytes(data)
     for p in planted:
@@ -412,6 +485,35 @@ def generate(out: str | os.PathLike, n: int = 3000, seed: int = 0) -> pd.DataFra
     manifest.to_csv(out / "manifest.csv", index=False)
     pd.DataFrame(planted).sort_values(tables.ROW_ID).to_csv(out / "planted.csv", index=False)
     return manifest
+
+
+def _plant_captions(rows: list[dict], planted: list[dict], mismatch_rate: float, foreign_rate: float,
+                    seed: int) -> list[dict]:
+    """Replace captions of rows without another defect: another scene's (mismatch) or a foreign one.
+
+    A generator of its own, so that the main stream (and with rates of 0, every byte) is unchanged.
+    """
+    if not mismatch_rate and not foreign_rate:
+        return []
+    rng = np.random.default_rng([seed, 19])
+    taken = {p["row_id"] for p in planted}
+    free = rng.permutation([i for i in range(len(rows)) if i not in taken])
+    n_mis, n_for = round(len(rows) * mismatch_rate), round(len(rows) * foreign_rate)
+    if n_mis + n_for > len(free):
+        raise InputError(f"synth: mismatch_rate + foreign_rate leave too few healthy rows ({len(free)})")
+    out = []
+    for k, i in enumerate(free[: n_mis + n_for].tolist()):
+        r = rows[i]
+        if k < n_mis:
+            j = int(rng.integers(len(rows)))
+            while rows[j]["scene_id"] == r["scene_id"]:
+                j = int(rng.integers(len(rows)))
+            r["text"], defect = caption(rows[j]["_scene"], rng), "mismatch"
+        else:
+            lang = ("fr", "de", "es")[(k - n_mis) % 3]
+            r["text"], defect = foreign_caption(r["_scene"], lang, rng), f"foreign_language_{lang}"
+        out.append({"row_id": i, "defect": defect, "stage": "", "reason": "", "expected_text": r["text"]})
+    return out
 
 
 def planted(out: str | os.PathLike) -> pd.DataFrame:

@@ -20,6 +20,11 @@ from mmcore.tables import StageResult
 
 STAGE = "train"
 
+# Defaults that change when training starts from a pretrained model (train.model_path): a learning
+# rate small enough not to wash out what it knows, and a warmup that scales with the run
+# (open_clip and transformers' run_clip fine-tune CLIP at 1e-5 .. 5e-5 with ~10% warmup).
+FINETUNE_DEFAULTS = {"lr": 1e-5, "warmup_fraction": 0.1}
+
 REASONS = {
     "decode_failed": "the image could not be decoded into the training shards",
 }
@@ -29,24 +34,48 @@ class TrainConfig(StrictModel):
     """Model, data, augmentation and loop settings; defaults train the tiny preset in ~2 min on 2 CPU cores."""
 
     preset: str = Field("tiny", min_length=1, description="Model preset: a stem of mmcore/model_configs/*.json.")
-    model_path: Path | None = Field(None, description="A local save_pretrained CLIPModel folder instead of a preset.")
-    tokenizer_path: Path | None = Field(None, description="A tokenizer.json (or its folder); default: trained on captions.")
-    vocab_size: int = Field(2048, ge=300, description="BPE vocabulary size of a tokenizer trained on the captions.")
-    image_size: int | None = Field(None, ge=16, description="Training resolution; default: the preset's.")
+    model_path: Path | None = Field(
+        None, description="Fine-tune this local CLIP folder (Hugging Face layout, or a model mmpipe trained) instead of a preset."
+    )
+    tokenizer_path: Path | None = Field(
+        None, description="A tokenizer folder or tokenizer.json; default: model_path's own, else trained on captions."
+    )
+    vocab_size: int | None = Field(
+        None, ge=300, description="BPE vocabulary of a tokenizer trained on the captions (default 2048); not with model_path."
+    )
+    image_size: int | None = Field(None, ge=16, description="Training resolution; default: the preset's (model_path: its own, only).")
     batch_size: int = Field(64, ge=2, description="Global batch (split across DDP ranks).")
     epochs: int | None = Field(None, ge=1, description="Length in epochs (exactly one of epochs, steps, minutes).")
     steps: int | None = Field(None, ge=1, description="Length in optimizer steps.")
     minutes: float | None = Field(None, gt=0, description="Wall-clock budget; the run ends with a checkpoint.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW); default 1e-3, with model_path 1e-5.")
+    projection_lr: float | None = Field(
+        None, gt=0, description="Peak learning rate of the two projections and the logit scale; default: lr."
+    )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW decay on weight matrices (not biases, norms, scale).")
     beta2: float = Field(0.98, gt=0, lt=1, description="AdamW beta2 (CLIP uses 0.98).")
-    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps before the cosine decay.")
+    warmup_steps: int | None = Field(20, ge=0, description="Linear warmup steps before the cosine decay.")
+    warmup_fraction: float | None = Field(
+        None, ge=0, lt=1, description="Warmup as a share of the run instead of warmup_steps; default 0.1 with model_path."
+    )
+    lock_image: bool = Field(False, description="Freeze the image tower and its projection (LiT).")
+    lock_image_unlocked_layers: int = Field(0, ge=0, description="With lock_image: its last N blocks (+ final norm, projection) train.")
+    lock_text: bool = Field(False, description="Freeze the text tower and its projection.")
+    lock_text_unlocked_layers: int = Field(0, ge=0, description="With lock_text: its last N blocks (+ final norm, projection) train.")
+    wise_ft_alpha: float | None = Field(
+        None, ge=0, le=1, description="WiSE-FT: save (1 - alpha) * model_path's weights + alpha * fine-tuned ones."
+    )
+    unique_images: bool = Field(
+        True, description="An epoch shows each image once, with one of its captions: no image twice in a batch."
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (each is a batch_size contrast).")
     grad_clip: float | None = Field(1.0, gt=0, description="Max gradient norm; null = no clipping.")
     augment: str = Field("light", description="Augmentation scheme: a name registered in mmcore.augment.SCHEMES.")
     synonyms: Path | None = Field(None, description="YAML word -> [synonyms] for augment=synonym; default mmcore/data/synonyms.yaml.")
-    normalize: Literal["imagenet", "dataset"] = Field("imagenet", description="Mean/std: ImageNet or the train split's.")
+    normalize: Literal["imagenet", "dataset"] | None = Field(
+        None, description="Mean/std: ImageNet (the default) or the train split's; model_path: always its own."
+    )
     weighted_sampler: bool = Field(False, description="Sample train rows by split's sample_weight (with replacement).")
     checkpoint_every: int = Field(200, ge=1, description="Optimizer steps between atomic checkpoints.")
     compile: bool = Field(False, description="torch.compile the model.")
@@ -56,6 +85,10 @@ class TrainConfig(StrictModel):
     val_every_epoch: bool = Field(True, description="Val image-to-text R@5 at the end of each epoch.")
     val_max_rows: int = Field(2000, ge=10, description="Val rows used for the per-epoch retrieval score.")
     resume: bool = Field(True, description="Continue from train/checkpoints/last.pt when it matches this run.")
+    seed: int | None = Field(
+        None, ge=0, description="Seed of initialisation, order and augmentation; default: the run's seed (so "
+        "training seeds vary while the curation stages stay cached)."
+    )
 
     @field_validator("augment")
     @classmethod
@@ -63,11 +96,44 @@ class TrainConfig(StrictModel):
         SCHEMES.check(v)  # no location: the config error leads with train.augment
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _finetune_defaults(cls, data):
+        """From a pretrained model the defaults are fine-tuning ones (``FINETUNE_DEFAULTS``); they go
+        into the resolved config, so the saved config says what ran."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("model_path") is not None:
+            data.setdefault("lr", FINETUNE_DEFAULTS["lr"])
+            if "warmup_steps" not in data and "warmup_fraction" not in data:
+                data["warmup_fraction"] = FINETUNE_DEFAULTS["warmup_fraction"]
+        if data.get("warmup_fraction") is not None and "warmup_steps" not in data:
+            data["warmup_steps"] = None  # the fraction replaces the default step count
+        return data
+
     @model_validator(mode="after")
     def _one_length(self) -> TrainConfig:
         set_ = [k for k in ("epochs", "steps", "minutes") if getattr(self, k) is not None]
         if len(set_) > 1:
             raise ValueError(f"set exactly one of epochs, steps, minutes; got {', '.join(set_)}")
+        return self
+
+    @model_validator(mode="after")
+    def _finetune(self) -> TrainConfig:
+        if self.warmup_steps is not None and self.warmup_fraction is not None:
+            raise ValueError(f"set warmup_steps or warmup_fraction, not both; got {self.warmup_steps} and {self.warmup_fraction}")
+        if self.model_path is not None:
+            if self.vocab_size is not None:
+                raise ValueError("vocab_size trains a new tokenizer, but a pretrained model (model_path) keeps its own; "
+                                 "remove vocab_size")
+            if self.normalize is not None:
+                raise ValueError(f"normalize: a pretrained model (model_path) uses its own mean and std, got {self.normalize!r}")
+        elif self.wise_ft_alpha is not None:
+            raise ValueError("wise_ft_alpha ensembles with the starting weights; it needs model_path")
+        if self.lock_image and self.lock_text and not (self.lock_image_unlocked_layers or self.lock_text_unlocked_layers):
+            raise ValueError("lock_image and lock_text with no unlocked layers freeze every parameter; "
+                             "unlock some layers or lock one tower")
         return self
 
     @property

@@ -9,13 +9,12 @@ augmented depend only on (seed, epoch, index), never on workers, ranks or restar
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,13 +28,25 @@ from tqdm.auto import tqdm
 from mmcore import augment, clip_model, shards, tables
 from mmcore.base import StageContext
 from mmcore.errors import ConfigError, InputError, row_detail
-from mmcore.layout import CHECKPOINT_DIR, HISTORY_FILE, LAST_CHECKPOINT, MODEL_DIR, SHARDS_DIR, TIMING_FILE, TRAIN_CONFIG_FILE
+from mmcore.layout import (
+    CHECKPOINT_DIR,
+    HISTORY_FILE,
+    LAST_CHECKPOINT,
+    MODEL_DIR,
+    SHARDS_DIR,
+    TIMING_FILE,
+    TRAIN_CONFIG_FILE,
+    RunLayout,
+)
 from mmcore.tables import ROW_ID, TEXT, StageResult
-from mmcore.train import STAGE, TrainConfig
+
+if TYPE_CHECKING:  # mmcore.train imports this module to run the stage; its config is a type here
+    from mmcore.train import TrainConfig
 
 # history.parquet: the training curves, byte-identical across runs of the same inputs and config;
 # timing.json: wall-clock samples/s per step (differs run to run).
 HISTORY_COLUMNS = ("step", "epoch", "loss", "lr", "logit_scale", "val_i2t_r5")
+CONTENT_DIGEST = "content_digest"  # the probe's digest of the image bytes: two paths, one image
 
 
 # --------------------------------------------------------------------------- loss
@@ -72,11 +83,20 @@ def clip_forward(model, pixels: torch.Tensor, ids: torch.Tensor, loss_fn: ClipLo
 # --------------------------------------------------------------------------- schedule
 
 
-def get_lr(step: int, cfg: TrainConfig, progress: float) -> float:
-    """Learning rate at ``step``; ``progress`` in [0, 1] is the share of the run done (steps or time)."""
-    # 1) linear warmup
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+def get_lr(step: int, cfg: TrainConfig, progress: float, total: int | None = None) -> float:
+    """Learning rate at ``step``; ``progress`` in [0, 1] is the share of the run done (steps or time).
+
+    Args:
+        total: the run's steps (None for a time budget, whose warmup_fraction is a share of the time).
+    """
+    # 1) linear warmup: warmup_steps, or warmup_fraction of the run's steps
+    warm = cfg.warmup_steps if cfg.warmup_fraction is None else (
+        round(cfg.warmup_fraction * total) if total is not None else None)
+    if warm is not None and step < warm:
+        return cfg.lr * (step + 1) / warm
+    # 1b) a time budget's warmup: a share of the time
+    if warm is None and progress < cfg.warmup_fraction:
+        return cfg.lr * max(progress, 1e-3) / cfg.warmup_fraction
     # 2) past the end: the floor
     if progress >= 1:
         return cfg.lr * cfg.min_lr_ratio
@@ -85,15 +105,27 @@ def get_lr(step: int, cfg: TrainConfig, progress: float) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * coeff)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weight matrices only: biases, norms and the logit scale are left alone (as open_clip)."""
-    decay, no_decay = [], []
+PROJECTIONS = ("visual_projection.", "text_projection.", "logit_scale")  # what train.projection_lr applies to
+
+
+def param_groups(model: nn.Module, weight_decay: float, projection_scale: float | None = None) -> list[dict]:
+    """Decay weight matrices only: biases, norms and the logit scale are left alone (as open_clip).
+
+    Frozen parameters (a locked tower) are left out. With ``projection_scale`` the projections and
+    the logit scale get their own groups, whose ``lr_scale`` multiplies the scheduled rate.
+    """
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or "norm" in name or "bias" in name or "logit_scale" in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        proj = projection_scale is not None and name.startswith(PROJECTIONS)
+        groups.setdefault((not skip, proj), []).append(p)
+    out = []
+    for (decay, proj), params in sorted(groups.items(), key=lambda kv: (kv[0][1], not kv[0][0])):
+        out.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                    "lr_scale": projection_scale if proj else 1.0})
+    return out
 
 
 # --------------------------------------------------------------------------- data
@@ -141,16 +173,39 @@ class BatchPlan:
     rank: int = 0
     world: int = 1
     weights: np.ndarray | None = None
+    groups: np.ndarray | None = None  # an image id per row: an epoch takes one caption of each image
+
+    def __post_init__(self):
+        if self.groups is not None and self.weights is None:
+            codes, inverse = np.unique(np.asarray(self.groups), return_inverse=True)
+            if len(codes) == self.n:  # one caption per image: the plain permutation
+                self.groups = None
+            else:
+                self._rows = np.argsort(inverse, kind="stable")  # rows, image by image
+                self._count = np.bincount(inverse)
+                self._start = np.r_[0, np.cumsum(self._count)[:-1]]
+        else:
+            self.groups = None
+
+    @property
+    def epoch_size(self) -> int:
+        return self.n if self.groups is None else len(self._count)
 
     @property
     def steps_per_epoch(self) -> int:
-        return (self.n // self.batch_size) // self.grad_accum
+        return (self.epoch_size // self.batch_size) // self.grad_accum
 
     def order(self, epoch: int) -> np.ndarray:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         if self.weights is not None:
             w = torch.as_tensor(self.weights, dtype=torch.float64)
             return torch.multinomial(w, self.n, replacement=True, generator=g).numpy()
+        if self.groups is not None:
+            # Each image once, with one of its captions drawn for this epoch: a batch never holds the
+            # same image twice, so no caption is a false negative of its own image in the loss.
+            u = torch.rand(len(self._count), generator=g, dtype=torch.float64).numpy()
+            pick = self._rows[self._start + np.minimum((u * self._count).astype(np.int64), self._count - 1)]
+            return pick[torch.randperm(len(pick), generator=g).numpy()]
         return torch.randperm(self.n, generator=g).numpy()
 
     def __iter__(self):
@@ -202,7 +257,20 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint's contents, or ``{}`` (train from the start) when it cannot be loaded.
+
+    A torn, truncated or planted ``last.pt`` (a pickle ``weights_only`` refuses) must not block
+    training on every re-run: it is reported and ignored, and the next checkpoint replaces it.
+    """
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any reason a file cannot be loaded: it is not a usable checkpoint
+        import logging
+
+        logging.getLogger("mmcore.train").warning("ignoring unreadable checkpoint %s (%s): training from the start",
+                                                  path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        return {}
+    return ck if isinstance(ck, dict) else {}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -223,6 +291,7 @@ class FitData:
     val: pd.DataFrame
     pre: clip_model.Preprocess
     fingerprint: str
+    groups: np.ndarray | None = None  # per train row, its image (content digest or path)
 
 
 class _Interrupted(Exception):
@@ -262,7 +331,8 @@ def fit(
 
     # Resume: model, optimizer, step, RNG and history from the last checkpoint of this same run.
     ckpt_path = out / CHECKPOINT_DIR / LAST_CHECKPOINT
-    opt = torch.optim.AdamW(param_groups(unwrap(model), cfg.weight_decay), lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6)
+    proj_scale = cfg.projection_lr / cfg.lr if cfg.projection_lr is not None else None
+    opt = torch.optim.AdamW(param_groups(unwrap(model), cfg.weight_decay, proj_scale), lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6)
     step, seconds, history = 0, 0.0, []
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
@@ -277,7 +347,11 @@ def fit(
             if torch.is_tensor(v) and k != "step":
                 st[k] = v.to(device)
 
-    plan = BatchPlan(n, cfg.batch_size, cfg.grad_accum, seed, start=step, rank=rank, world=world, weights=weights)
+    plan = BatchPlan(n, cfg.batch_size, cfg.grad_accum, seed, start=step, rank=rank, world=world, weights=weights,
+                     groups=data.groups if cfg.unique_images else None)
+    if plan.epoch_size < cfg.batch_size * cfg.grad_accum:
+        raise ConfigError(f"train.batch_size x grad_accum ({cfg.batch_size} x {cfg.grad_accum}) exceeds the "
+                          f"{plan.epoch_size} distinct train images (unique_images); lower it")
     spe = plan.steps_per_epoch
     unit, amount = cfg.length
     total = int(amount * spe) if unit == "epochs" else int(amount) if unit == "steps" else None
@@ -309,9 +383,9 @@ def fit(
             if (total is not None and step >= total) or (budget is not None and elapsed >= budget):
                 break
             prog = step / total if total else elapsed / budget
-            lr = get_lr(step, cfg, prog)
+            lr = get_lr(step, cfg, prog, total)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             t0 = time.perf_counter()
             loss_sum = 0.0
             for j in range(cfg.grad_accum):
@@ -413,14 +487,25 @@ def run_stage(
 ) -> StageResult:
     """Build shards, train the tokenizer and model, save ``train/model``; see ``mmcore.train.run``."""
     rank, world = _dist()
-    tables.require_columns(table, [ROW_ID, tables.IMAGE, TEXT, "split"], STAGE)
-    out = ctx.stage_dir(STAGE)
+    seed = ctx.seed if cfg.seed is None else cfg.seed  # train.seed varies training only
+    out = RunLayout(ctx.run_dir).train_dir
+    tables.require_columns(table, [ROW_ID, tables.IMAGE, TEXT, "split"], out.name)
     device = pick_device(cfg.device)
     clip_model.quiet_transformers()
-    source = cfg.model_path if cfg.model_path is not None else cfg.preset
-    if cfg.model_path is None:
+    # Every check of the model, tokenizer and settings comes before the first file is written.
+    src, tok = None, None
+    if cfg.model_path is not None:
+        src = clip_model.load(cfg.model_path, cfg.tokenizer_path, where="train.model_path")
+        image_size = src.pre.image_size
+        if cfg.image_size is not None and cfg.image_size != image_size:
+            raise ConfigError(f"train.image_size: a pretrained model trains at its own resolution, {image_size} px; "
+                              f"got {cfg.image_size}")
+        _lock(src.model, cfg)
+    else:
         clip_model.preset_config(cfg.preset)  # a bad name fails before any image is decoded
-    image_size = cfg.image_size or _model_image_size(source)
+        image_size = cfg.image_size or _model_image_size(cfg.preset)
+        if cfg.tokenizer_path is not None:
+            tok = clip_model.load_tokenizer(cfg.tokenizer_path)
 
     shard_dir = out / SHARDS_DIR
     # Only train and val images are decoded here; test rows pass through (evaluate decodes them).
@@ -447,37 +532,48 @@ def run_stage(
     if not len(train_df):
         raise InputError(f"train: no decodable rows with split == 'train' in the input ({len(table)} rows)")
 
-    if cfg.tokenizer_path is not None:
-        tok = clip_model.load_tokenizer(cfg.tokenizer_path)
+    if src is not None:  # the pretrained model's own tokenizer and preprocessing
+        model, tok, pre = src.model, src.tokenizer, src.pre
+        model.train()
     else:
-        tok = clip_model.train_tokenizer(train_df[TEXT].tolist(), cfg.vocab_size)
-    torch.manual_seed(ctx.seed)
-    model = clip_model.build_model(source, vocab_size=tok.get_vocab_size(), image_size=cfg.image_size)
-    if tok.get_vocab_size() > model.config.text_config.vocab_size:
-        raise ConfigError(
-            f"train.tokenizer_path: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
-            f"{model.config.text_config.vocab_size}"
-        )
+        if tok is None:
+            tok = clip_model.train_tokenizer(train_df[TEXT].tolist(), cfg.vocab_size or 2048)
+        torch.manual_seed(seed)
+        model = clip_model.build_model(cfg.preset, vocab_size=tok.get_vocab_size(), image_size=cfg.image_size)
+        if tok.get_vocab_size() > model.config.text_config.vocab_size:
+            raise ConfigError(
+                f"train.tokenizer_path: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
+                f"{model.config.text_config.vocab_size}"
+            )
+        _lock(model, cfg)
+        ctx_len = clip_model.context_length(model)
+        clip_model.configure_tokenizer(tok, ctx_len)
+        if cfg.normalize == "dataset":
+            mean, std = shards.mean_std(train_df["jpeg"].array)
+        else:
+            mean, std = list(clip_model.IMAGENET_MEAN), list(clip_model.IMAGENET_STD)
+        pre = clip_model.Preprocess(image_size=image_size, mean=tuple(mean), std=tuple(std), context_length=ctx_len)
     if cfg.grad_checkpointing:
         model.activation_checkpointing_enable()
-    ctx_len = clip_model.context_length(model)
-    clip_model.configure_tokenizer(tok, ctx_len)
-    if cfg.normalize == "dataset":
-        mean, std = shards.mean_std(train_df["jpeg"].array)
-    else:
-        mean, std = list(clip_model.IMAGENET_MEAN), list(clip_model.IMAGENET_STD)
-    pre = clip_model.Preprocess(image_size=image_size, mean=tuple(mean), std=tuple(std), context_length=ctx_len)
-    data = FitData(train_df, val_df, pre, _fingerprint(cfg, meta["key"], ctx.seed, world))
-    stats = fit(model, tok, data, cfg, out, seed=ctx.seed, device=device, progress=ctx.progress, interrupt_at=interrupt_at)
+    # WiSE-FT mixes the fine-tuned weights with these (kept on the CPU).
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.wise_ft_alpha is not None else None
+    data = FitData(train_df, val_df, pre, _fingerprint(cfg, meta["key"], seed, world), _image_ids(table, train_df))
+    stats = fit(model, tok, data, cfg, out, seed=seed, device=device, progress=ctx.progress, interrupt_at=interrupt_at)
 
     model_dir = out / MODEL_DIR
     if rank == 0:
         m = unwrap(model)
         if cfg.grad_checkpointing:
             m.activation_checkpointing_disable()
-        m.to("cpu").save_pretrained(model_dir)
-        clip_model.save_tokenizer(tok, model_dir, ctx_len)
-        pre.save(model_dir)
+        m.to("cpu")
+        if start is not None:  # the raw fine-tuned weights stay in checkpoints/last.pt
+            clip_model.wise_ft(m, start, cfg.wise_ft_alpha)
+        if src is not None:
+            src.save(m, model_dir)
+        else:
+            m.save_pretrained(model_dir)
+            clip_model.save_tokenizer(tok, model_dir, pre.context_length)
+            pre.save(model_dir)
         tables.write_json(cfg.model_dump(mode="json"), out / TRAIN_CONFIG_FILE)
     bad = table[ROW_ID].isin(list(failed))
     detail = table.loc[bad, ROW_ID].map(lambda r: failed.get(int(r), "")).astype(str)
@@ -487,7 +583,10 @@ def run_stage(
         cpu_only=device == "cpu",
         note="trained on CPU: no GPU found" if device == "cpu" and cfg.device == "auto" else "",
         preset=cfg.preset if cfg.model_path is None else str(cfg.model_path),
+        source="preset" if src is None else src.kind,
         n_params=int(sum(p.numel() for p in unwrap(model).parameters())),
+        n_trainable=int(sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)),
+        wise_ft_alpha=cfg.wise_ft_alpha,
         n_train=int(len(train_df)),
         n_val=int(len(val_df)),
         image_size=image_size,
@@ -506,8 +605,25 @@ def _from_rank0(world: int, message: str) -> str:
     return box[0]
 
 
-def _model_image_size(source) -> int:
-    p = Path(source)
-    if p.is_dir():
-        return int(json.loads((p / "config.json").read_text())["vision_config"]["image_size"])
-    return int(clip_model.preset_config(str(source))["vision_config"]["image_size"])
+def _model_image_size(preset: str) -> int:
+    return int(clip_model.preset_config(preset)["vision_config"]["image_size"])
+
+
+def _lock(model: nn.Module, cfg: TrainConfig) -> None:
+    """Freeze the towers ``cfg`` locks; a setting that leaves nothing but the logit scale to train is an error."""
+    if cfg.lock_image:
+        clip_model.lock_tower(model, "image", cfg.lock_image_unlocked_layers)
+    if cfg.lock_text:
+        clip_model.lock_tower(model, "text", cfg.lock_text_unlocked_layers)
+    if not any(p.requires_grad for n, p in model.named_parameters() if n != "logit_scale"):
+        raise ConfigError("train.lock_image/lock_text freeze every parameter; unlock some layers or lock one tower")
+
+
+def _image_ids(table: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """Each shard row's image: its content digest where the probe computed one, else its path."""
+    t = table.set_index(ROW_ID)
+    key = "path:" + t[tables.IMAGE].astype(str)
+    if CONTENT_DIGEST in t.columns:
+        d = t[CONTENT_DIGEST].astype("string")
+        key = d.where(d.notna() & (d != ""), key).astype(str)
+    return key.reindex(rows[ROW_ID]).fillna("").to_numpy(dtype=object)

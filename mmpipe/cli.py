@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -50,6 +52,30 @@ def _one_line_errors(fn):
     return wrapper
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _terminal_safe(text: str) -> str:
+    """``text`` with control characters (ANSI escapes, C1 codes, bidi overrides) shown as ``\\xNN``:
+    captions and paths are scraped data and must not drive the user's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}", text)
+
+
+class _UserErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed task's or flow's exception with its traceback; for mmpipe's user errors
+    (printed as one line by the CLI) the traceback is dropped, the message kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], MMPipeError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+        logging.getLogger(name).addFilter(_UserErrorsInOneLine())
+
+
 def _setup_prefect_env() -> None:
     # Keep Prefect's database, results and cache records out of the user's home unless they
     # chose a place (PREFECT_HOME or a server via PREFECT_API_URL).
@@ -69,11 +95,17 @@ def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write images/, manifest.csv and planted.csv into.")],
     n: Annotated[int, typer.Option("--n", min=120, help="Number of image-caption rows.")] = 3000,
     seed: Annotated[int, typer.Option(help="Random seed; the same n and seed give the same bytes.")] = 0,
+    mismatch_rate: Annotated[
+        float, typer.Option(min=0, max=0.5, help="Share of rows given the caption of another scene (alignment noise).")
+    ] = 0.0,
+    foreign_rate: Annotated[
+        float, typer.Option(min=0, max=0.5, help="Share of rows given a French, German or Spanish caption.")
+    ] = 0.0,
 ) -> None:
     """Generate the built-in synthetic dataset (shapes with compositional captions, ~10% planted defects)."""
     from mmcore import synth as synth_mod
 
-    m = synth_mod.generate(out, n=n, seed=seed)
+    m = synth_mod.generate(out, n=n, seed=seed, mismatch_rate=mismatch_rate, foreign_rate=foreign_rate)
     typer.echo(f"wrote {len(m)} rows to {out / 'manifest.csv'} (images in {out / 'images'}, defects in planted.csv)")
 
 
@@ -89,6 +121,7 @@ def _run(cfg, until: str, runner: str = "local", address: str | None = None, wor
     from flows.pipeline import with_runner
     from flows.server import temporary_server
 
+    _quiet_user_errors()
     with temporary_server():  # stopped with this process, even if it is killed
         with_runner(runner, address, workers)(cfg, until=until)
     typer.echo("")
@@ -115,6 +148,11 @@ def run(
     ] = None,
     until: Annotated[str, typer.Option(help=f"Last stage to run: {', '.join(graph.ORDER)}.")] = "report",
     out: Annotated[Optional[Path], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+    preset: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Layer a named config preset (mmcore/data/presets/NAME.yaml, e.g. datacomp_basic) on the "
+                     "config, before --set (repeatable)."),
+    ] = None,
     runner: Annotated[
         str, typer.Option(help="Where tasks run: 'local' (threads and process pools) or 'dask' (a Dask cluster).")
     ] = "local",
@@ -135,8 +173,12 @@ def run(
 
     if until not in graph.STAGES:
         raise MMPipeError(f"--until: unknown stage {until!r}; expected one of {', '.join(graph.ORDER)}")
+    from mmcore import runlock
+
     overrides = list(set_ or []) + ([f"out={out}"] if out is not None else [])
-    _run(load_config(config, overrides), until, runner, address, workers)
+    cfg = load_config(config, overrides, list(preset or []))
+    runlock.check_run_dir(cfg.run_dir, cfg.data.image_root)  # a file, /, the dataset: one line, before Prefect
+    _run(cfg, until, runner, address, workers)
 
 
 @app.command()
@@ -220,7 +262,7 @@ def inspect(
         from mmcore.stale import format_stale
         from mmcore.stale import stale as stale_rows
 
-        typer.echo(format_stale(stale_rows(run_dir, load_config(stage) if stage else None)))
+        _echo(format_stale(stale_rows(run_dir, load_config(stage) if stage else None)))
         return
     if stage is None:
         _print_overview(run_dir)
@@ -231,18 +273,22 @@ def inspect(
     if not p.stats.is_file():
         raise MMPipeError(f"stage {stage!r} has not run in {run_dir} (no {p.stats})")
     stats = tables.read_json(p.stats)
-    typer.echo(f"{stage}: {stats['n_rows']} rows in, {stats['n_kept']} kept, {stats['n_quarantined']} quarantined")
+    _echo(f"{stage}: {stats['n_rows']} rows in, {stats['n_kept']} kept, {stats['n_quarantined']} quarantined")
     for reason, n in sorted(stats.get("reasons", {}).items(), key=lambda kv: -kv[1]):
-        typer.echo(f"  {reason:<24} {n}")
+        _echo(f"  {reason:<24} {n}")
     describe = _describer(stage)
     kept = tables.read_parquet(p.kept)
     if describe is not None:
-        typer.echo(describe(kept, stats))
+        _echo(describe(kept, stats))
     with pd.option_context("display.width", 160, "display.max_columns", 12, "display.max_colwidth", 40):
-        typer.echo(f"\nkept ({len(kept)} rows), first {rows}:\n{kept.head(rows).to_string()}")
+        _echo(f"\nkept ({len(kept)} rows), first {rows}:\n{kept.head(rows).to_string()}")
         q = tables.read_parquet(p.quarantine)
         cols = [c for c in (tables.ROW_ID, tables.IMAGE, tables.TEXT, tables.REASON, tables.DETAIL) if c in q.columns]
-        typer.echo(f"\nquarantine ({len(q)} rows), first {rows}:\n{q[cols].head(rows).to_string()}")
+        _echo(f"\nquarantine ({len(q)} rows), first {rows}:\n{q[cols].head(rows).to_string()}")
+
+
+def _echo(text: str = "") -> None:
+    typer.echo(_terminal_safe(text))
 
 
 def _describer(stage: str):
@@ -257,8 +303,21 @@ def _describer(stage: str):
 def report(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
     """Rebuild RUN_DIR/report/report.html from the run's artifacts (self-contained; opens offline)."""
     from mmcore import report as report_mod
+    from mmcore.config import load_config
 
-    typer.echo(f"report: {report_mod.build(run_dir)}")
+    # The report reads no config: its section, the image root and the run's name come from here.
+    path, cfg, error = RunLayout(run_dir).config, None, ""
+    if path.is_file():
+        try:
+            cfg = load_config(path)
+        except MMPipeError as e:  # a config from an older mmpipe: build with the defaults and say why on the page
+            error = str(e)
+    if cfg is None:
+        out = report_mod.build(run_dir, config_error=error)
+        typer.echo(f"report: no readable {path.name} in {run_dir}: default report settings, no thumbnails", err=True)
+    else:
+        out = report_mod.build(run_dir, cfg.report, cfg.data.image_root, cfg.run_name)
+    typer.echo(f"report: {out}")
 
 
 @app.command()
@@ -327,40 +386,66 @@ def train(
 @app.command()
 @_one_line_errors
 def ablate(
-    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML): the baseline's, before its variant overrides.")],
+    variants: Annotated[
+        Optional[Path],
+        typer.Option(help="Variants file (YAML): baseline, test_manifest, steps, variants {name: {dotted.key: value, "
+                     "presets: [...]}}; see mmcore/ablation.py."),
+    ] = None,
     schemes: Annotated[
         Optional[str],
-        typer.Option(help="Comma-separated augmentation schemes; 'none' is the baseline. Default: every registered scheme."),
+        typer.Option(help="Comma-separated augmentation schemes, as variants {s: {train.augment: s}}; 'none' is the "
+                     "baseline. Default (without --variants): every registered scheme."),
     ] = None,
-    seeds: Annotated[int, typer.Option(min=1, help="Training seeds per scheme (paired over the same test queries).")] = 1,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override (repeatable).")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Training seeds per variant (curation is shared; paired over the same test queries).")] = 1,
+    steps: Annotated[
+        Optional[int], typer.Option(min=1, help="Training steps of every variant (default: the variants file's, else derived "
+                                    "from the baseline's train.epochs on its train split).")
+    ] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override for every variant (repeatable).")] = None,
+    preset: Annotated[Optional[list[str]], typer.Option(help="Config preset for every variant (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
 ) -> None:
-    """Train and evaluate each augmentation scheme on the same split; metrics with CIs and the
-    paired bootstrap difference against 'none', so a claimed gain is tested, not asserted."""
-    from mmcore import clean
-    from mmcore.augment import SCHEMES
-    from mmcore.config import load_config
+    """Compare curation variants as DataComp does: one fixed test set, the same training steps, only the
+    curation varies; metrics with CIs and the paired bootstrap difference against the baseline.
 
-    # Registration order puts 'none', the baseline, first.
-    names = list(SCHEMES.names()) if schemes is None else [s.strip() for s in schemes.split(",") if s.strip()]
-    if not names:
-        raise MMPipeError(f"--schemes: empty list; expected some of {', '.join(sorted(SCHEMES))}")
-    SCHEMES.check(names, where="--schemes")
-    cfg = load_config(config, list(set_ or []) + ([f"out={out}"] if out is not None else []))
-    clean.check_columns(cfg.data)
+    Every variant's config is validated before anything runs. Shared stages run once (cached).
+    """
+    from mmcore import ablation, clean
+    from mmcore.augment import SCHEMES
+    from mmcore.config import check_paths
+
+    if variants is not None and schemes is not None:
+        raise MMPipeError("ablate: give --variants or --schemes, not both")
+    if variants is not None:
+        spec, source = ablation.load_spec(variants), str(variants)
+    else:
+        # Registration order puts 'none', the baseline, first.
+        names = list(SCHEMES.names()) if schemes is None else [s.strip() for s in schemes.split(",") if s.strip()]
+        if not names:
+            raise MMPipeError(f"--schemes: empty list; expected some of {', '.join(sorted(SCHEMES))}")
+        SCHEMES.check(names, where="--schemes")
+        spec, source = ablation.AblationSpec.from_schemes(names), "--schemes"
+    overrides = list(set_ or []) + ([f"out={out}"] if out is not None else [])
+    configs = ablation.variant_configs(config, spec, overrides, list(preset or []), source)
+    for v in configs.values():
+        clean.check_columns(v.data)
+        check_paths(v)
+    if spec.test_manifest is not None and not spec.test_manifest.is_file():
+        raise MMPipeError(f"ablate: test_manifest not found: {spec.test_manifest} ({source})")
+    cfg = configs[spec.baseline_name]
     _setup_prefect_env()
     import pandas as pd
 
-    from flows.pipeline import ablate as ablate_flow
+    from flows.ablate import ablate as ablate_flow
     from flows.server import temporary_server
 
     with temporary_server():
-        path = ablate_flow(cfg, names, seeds)
+        path = ablate_flow(cfg, configs, spec.baseline_name, seeds, steps or spec.steps, spec.test_manifest)
     t = tables.read_parquet(path)
-    with pd.option_context("display.width", 160, "display.max_columns", 12):
-        typer.echo(t.round(4).to_string(index=False))
-    typer.echo(f"\nablation: {path}\nreport:   {cfg.run_dir / 'report' / 'report.html'}")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        typer.echo(ablation.summary(t).to_string(index=False))
+    typer.echo(f"\nablation: {path} (every metric, CIs, paired differences, curation)\nreport:   {RunLayout(cfg.run_dir).report}")
 
 
 @app.command()

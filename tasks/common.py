@@ -3,32 +3,41 @@
 Prefect's ``INPUTS`` policy would hash a path as a string, not the file's bytes, and
 ``TASK_SOURCE`` sees only the task body, not the mmcore code it calls. So a stage's cache key is
 built here from content digests of its inputs, its config section, the data section, the seed,
-the run folder, ``provenance.code_digest`` of its mmcore module and, for the stages with an
-``extra`` in ``mmcore.graph``, the digest of what the stage reads besides its input table.
+``provenance.code_digest`` of its mmcore module and, for the stages with an ``extra`` in
+``mmcore.graph``, the digest of what the stage reads besides its input table. The run folder is not
+in the key: a stage computed in one run folder is a cache hit in another (an ablation variant, a
+moved checkout), and ``run_cached`` copies its files into the run folder that asked.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import json
+import os
+import shutil
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.serializers import Serializer
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
 from mmcore import faults, graph, tables
 from mmcore.config import PipelineConfig
-from mmcore.layout import RunLayout, StagePaths
+from mmcore.layout import SCRATCH, STATUS_FILE, RunLayout, StagePaths
 from mmcore.provenance import code_digest
 from mmcore.stale import extra_digest
 
 # Bump to invalidate every cached stage at once (e.g. after a change to this caching scheme).
-CACHE_SCHEME = "1"
+CACHE_SCHEME = "2"  # 2: the run folder left the key
 
 # The extra digest a task run's cache key was built from, for its body to record in the stats.
 # Prefect calls the key function and then the body in the same context, but passes the body nothing
@@ -77,8 +86,8 @@ def digest_of(value: Any) -> str:
 
 def stage_cache(stage: str) -> CachePolicy:
     """Cache policy of a stage task: the content of what it reads (the manifest, or each upstream
-    stage's kept table) + its config section, the data section, the seed and the run folder + its
-    code + the digest of its graph ``extra``."""
+    stage's kept table) + its config section, the data section and the seed + its code + the
+    digest of its graph ``extra``. Not the run folder: ``run_cached`` brings a hit's files over."""
     graph.stage(stage)  # an unknown name fails when the task is built
 
     def key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
@@ -92,24 +101,91 @@ def stage_cache(stage: str) -> CachePolicy:
             cfg.section(stage).model_dump_json(),
             cfg.data.model_dump_json(),
             str(cfg.seed),
-            str(cfg.run_dir),
             *(f"{name}={digest_of(out)}" for name, out in sorted(upstream.items())),
         ]
         if s.input is None:
             parts.append(tables.file_digest(cfg.data.manifest))
         if s.extra is not None:
             parts.append(_key_extra(ctx, stage, cfg))
-        return tables.text_digest(*parts)
+        digest = tables.text_digest(*parts)
+        guard_record(digest)  # never unpickle: only mmpipe's JSON record may be read under this key
+        return digest
 
     return CachePolicy.from_cache_key_fn(key) + TASK_SOURCE
 
 
+# A full disk or quota does not pass in a second: retrying only repeats the failed write.
+_PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.ENAMETOOLONG})
+
+
 def is_transient(task, task_run, state) -> bool:
-    """Retry only I/O errors that may pass (a flaky mount); bad data or bugs fail at once."""
+    """Retry only I/O errors that may pass (a flaky mount); bad data, a full disk or bugs fail at once."""
     exc = state.result(raise_on_failure=False)
     if isinstance(exc, faults.ReadError):  # mmcore's reader already retried; its reason code says
         return exc.reason == "read_error"
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        return False
     return isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+
+
+# --------------------------------------------------------------------------- persisted results
+#
+# Prefect persists a task's result (for its cache) with the serializer its record names, pickle by
+# default: whoever can write a record into the result storage (a shared PREFECT_HOME, as multi-node
+# Dask suggests) would run code in every later cached run. A stage task's result is a StageOutput:
+# six strings and numbers, written here as JSON, and ``guard_record`` deletes any record in the
+# local result storage that is not such JSON before Prefect looks it up (a miss: the stage runs
+# again). A result storage block configured elsewhere (PREFECT_DEFAULT_RESULT_STORAGE_BLOCK) is
+# not guarded: keep such storage writable by the run's user only.
+STAGE_OUTPUT_SERIALIZER = "mmpipe-stage-output-json"
+
+
+class StageOutputSerializer(Serializer):
+    """JSON of a ``StageOutput``; loads nothing else."""
+
+    type: str = STAGE_OUTPUT_SERIALIZER
+
+    def dumps(self, obj: Any) -> bytes:
+        if not isinstance(obj, StageOutput):
+            raise TypeError(f"only a StageOutput is persisted, got {type(obj).__name__}")
+        return json.dumps(dataclasses.asdict(obj), sort_keys=True).encode()
+
+    def loads(self, blob: bytes) -> StageOutput:
+        return stage_output_from_json(blob)
+
+
+def stage_output_from_json(blob: bytes | str) -> StageOutput:
+    """A ``StageOutput`` from its JSON; anything else raises ``ValueError``."""
+    data = json.loads(blob)
+    fields = {f.name: f.type for f in dataclasses.fields(StageOutput)}
+    if not isinstance(data, dict) or set(data) != set(fields):
+        raise ValueError("not a StageOutput record")
+    for k, v in data.items():
+        want = int if fields[k] in (int, "int") else str
+        if type(v) is not want:
+            raise ValueError(f"StageOutput.{k} must be {want.__name__}")
+    return StageOutput(**data)
+
+
+def guard_record(key: str) -> bool:
+    """Before Prefect reads the cache record ``key`` from its local result storage: a record that is
+    not mmpipe's JSON stage result (a pickle planted in a shared PREFECT_HOME) is deleted unread,
+    so the lookup is a miss and the stage runs again. Returns whether one was deleted."""
+    path = Path(PREFECT_LOCAL_STORAGE_PATH.value()) / key
+    try:
+        with open(path, "rb") as f:
+            content = f.read(1 << 20)  # a StageOutput record is a few hundred bytes
+    except OSError:  # no record: a miss anyway
+        return False
+    try:
+        record = json.loads(content)
+        ok = record["metadata"]["serializer"]["type"] == STAGE_OUTPUT_SERIALIZER
+        stage_output_from_json(record["result"])
+    except Exception:
+        ok = False
+    if not ok:
+        path.unlink(missing_ok=True)
+    return not ok
 
 
 def _key_extra(ctx: TaskRunContext, stage: str, cfg: PipelineConfig) -> str:
@@ -158,18 +234,13 @@ def summary_rows(stats: dict[str, Any], cached: bool) -> list[dict[str, Any]]:
 def publish(task, task_run, state) -> None:
     """on_completion hook (fires on Completed and on Cached): stats table + markdown summary.
 
-    Also records in ``RUN_DIR/<stage>/status.json`` whether this run took the stage from cache.
+    (``status.json`` is written by ``run_cached``: a cache hit's output may name another run folder.)
     """
     out = state.result(raise_on_failure=False)
     if not isinstance(out, StageOutput):
         return
     stats = tables.read_json(out.paths.stats)
     cached = state.name == "Cached"
-    tables.write_json(
-        {"cached": cached, "task_run_id": str(task_run.id), "flow_run_id": str(task_run.flow_run_id),
-         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-        out.paths.status,
-    )
     create_table_artifact(
         key=f"{out.stage}-summary",
         table=summary_rows(stats, cached),
@@ -218,10 +289,63 @@ def publish_run(task, task_run, state) -> None:
                          description="the run's self-contained HTML report")
 
 
-def run_cached(task, *args: Any, **kwargs: Any) -> StageOutput:
-    """Call a stage task; if the cached result's files were deleted or overwritten, run it again."""
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link to ``src`` (a copy across file systems), replaced atomically.
+
+    A link is safe: every writer replaces files by rename, never rewrites one in place.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def materialize(out: StageOutput, run_dir: str | os.PathLike) -> StageOutput:
+    """A cache hit computed in another run folder, brought into ``run_dir``: the stage's files
+    (not ``layout.SCRATCH``: shards and checkpoints are rebuilt if ever needed) replace what the
+    stage folder held; the output points here."""
+    src, dst = out.paths.dir, StagePaths.of(run_dir, out.stage).dir
+    if dst.is_dir():
+        for item in dst.iterdir():
+            if item.name not in SCRATCH:
+                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if f.is_file() and not f.is_symlink() and rel.parts[0] not in SCRATCH and rel.name != STATUS_FILE:
+            _link_or_copy(f, dst / rel)
+    return replace(out, run_dir=str(run_dir))
+
+
+def _same_dir(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def record_status(out: StageOutput, cached: bool, task_run_id: Any) -> None:
+    """``RUN_DIR/<stage>/status.json``: whether this run took the stage from cache."""
+    flow = FlowRunContext.get()
+    tables.write_json(
+        {"cached": cached, "task_run_id": str(task_run_id),
+         "flow_run_id": str(flow.flow_run.id) if flow is not None and flow.flow_run is not None else None,
+         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        out.paths.status,
+    )
+
+
+def run_cached(task, cfg: PipelineConfig, *args: Any, **kwargs: Any) -> StageOutput:
+    """Call a stage task for ``cfg``'s run folder; a cache hit made in another run folder has its files
+    copied here; if a cached result's files were deleted or overwritten, the stage runs again."""
     # submit(): the flow's task runner decides where it runs (a thread here, a worker on Dask).
-    out = task.submit(*args, **kwargs).result()
+    fut = task.submit(cfg, *args, **kwargs)
+    out = fut.result()
     if not out.intact():
-        out = task.with_options(refresh_cache=True).submit(*args, **kwargs).result()
+        fut = task.with_options(refresh_cache=True).submit(cfg, *args, **kwargs)
+        out = fut.result()
+    cached = fut.state.name == "Cached"
+    if not _same_dir(out.run_dir, cfg.run_dir):
+        out = materialize(out, cfg.run_dir)
+    record_status(out, cached, fut.task_run_id)
     return out

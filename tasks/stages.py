@@ -11,14 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prefect import Task, task
+from prefect.artifacts import create_table_artifact
 
-from mmcore import evaluate as evaluate_stage
+from mmcore import ablation as ablation_mod
 from mmcore import execute, graph, tables
+from mmcore import split as split_stage
 from mmcore.config import PipelineConfig, dump_config
 from mmcore.graph import Stage
 from mmcore.layout import RunLayout
 from tasks.common import (
     StageOutput,
+    StageOutputSerializer,
     is_transient,
     keyed_extra,
     output_of,
@@ -30,6 +33,8 @@ from tasks.common import (
 
 # Retries only for I/O that may pass (a flaky mount); bad data or bugs fail at once.
 _IO = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, persist_result=True)
+# Results persist as JSON and are read back only as JSON (tasks.common: never a pickle).
+_RESULTS = dict(result_serializer=StageOutputSerializer())
 
 # Artifacts a stage publishes for the UI besides its summary (hooks: a cached task runs no body).
 _HOOKS: dict[str, list[Callable]] = {"evaluate": [publish_metrics], "report": [publish_run]}
@@ -54,6 +59,7 @@ def stage_task(s: Stage) -> Task:
         cache_policy=stage_cache(s.name),
         on_completion=[publish, *_HOOKS.get(s.name, [])],
         **_IO,
+        **_RESULTS,
     )
 
 
@@ -68,9 +74,29 @@ def save_config(cfg: PipelineConfig) -> Path:
     return path
 
 
+@task(name="held-out-test", persist_result=False)
+def held_out(cfg: PipelineConfig, test_split: StageOutput, test_cfg: PipelineConfig) -> Path:
+    """The fixed test set of an ablation: the test rows of ``test_split`` by every key that could leak them."""
+    path = RunLayout(cfg.run_dir).held_out
+    rows = split_stage.held_out_rows(tables.read_parquet(test_split.paths.kept), tables.file_digest(test_cfg.data.manifest))
+    tables.write_parquet(rows, path)
+    return path
+
+
+@task(name="ablation-steps", persist_result=False)
+def ablation_steps(cfg: PipelineConfig, baseline_split: StageOutput) -> int:
+    """Training steps of every variant: the baseline's training length on its own train split."""
+    return ablation_mod.derive_steps(cfg, ablation_mod.n_train_rows(tables.read_json(baseline_split.paths.stats)))
+
+
 @task(name="ablation", persist_result=False)
-def ablation(cfg: PipelineConfig, variants: dict[str, list[str]]) -> Path:
-    """Per-query test metrics of every scheme and seed -> a table with CIs and paired differences."""
+def ablation(cfg: PipelineConfig, variants: dict[str, list[str]], baseline: str) -> Path:
+    """Per-query test metrics of every variant and seed -> one table with CIs, paired differences and
+    each variant's curation; checks the fixed test set and equal compute first."""
     path = RunLayout(cfg.run_dir).ablation
-    tables.write_parquet(evaluate_stage.ablation_from_runs(variants, cfg.evaluate, seed=cfg.seed), path)
+    table = ablation_mod.table(variants, baseline, RunLayout(cfg.run_dir).held_out, cfg.evaluate, seed=cfg.seed)
+    tables.write_parquet(table, path)
+    view = ablation_mod.summary(table)
+    create_table_artifact(key="ablation", table=view.astype(object).where(view.notna(), None).to_dict(orient="records"),
+                          description=f"curation variants at equal steps on one fixed test set (baseline {baseline})")
     return path

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mmcore import graph, report, tables
 from tests.conftest import demo_config
-from tests.test_report import extend_run
+from tests.test_report import build, extend_run
 
 # The flags the issue fixes, plus the ones that keep Chromium from reaching out or writing to $HOME.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -61,8 +61,8 @@ def real_run(tmp_path_factory, synth_small, prefect_harness):
     cfg = demo_config(synth_small / "manifest.csv", tmp / "run")
     real = [s for s in graph.ORDER if graph.ORDER.index(s) <= graph.ORDER.index("split")]
     pipeline(cfg, until=real[-1])
-    extend_run(cfg, synth_small, "evaluate")
-    return cfg, report.build(cfg.run_dir), real
+    extend_run(cfg, "evaluate")
+    return cfg, build(cfg.run_dir, cfg), real
 
 
 def _body_attrs(dom: str) -> dict[str, str]:

@@ -40,7 +40,7 @@ def test_ablate_and_evaluate_on_another_dataset(synth_small, tmp_path):
         for seed in (0, 1):
             assert (run / "ablate" / f"{scheme}-s{seed}" / "evaluate" / "metrics.json").is_file()
     # The report re-renders once the ablation table exists (its cache key covers evaluate/).
-    assert "Augmentation ablation" in (run / "report" / "report.html").read_text()
+    assert "<h3>Ablation</h3>" in (run / "report" / "report.html").read_text()
 
     # The trained model of one variant on another dataset, after the same curation stages.
     other = tmp_path / "other"

@@ -6,8 +6,6 @@ import logging
 import os
 import threading
 
-import pytest
-
 from mmcore import parallel
 
 ROWS = list(range(23))
@@ -63,7 +61,8 @@ def _on_worker(rows: list[int]) -> tuple[list[list[int]], int]:
 
 
 def test_dask_workers_log_records_are_replayed_in_the_task_that_mapped():
-    distributed = pytest.importorskip("distributed")
+    import distributed
+
     seen, logger = _Seen(), logging.getLogger("mmcore.io")
     logger.addHandler(seen)
     try:

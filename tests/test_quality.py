@@ -107,9 +107,9 @@ def test_file_broken_after_probe_is_quarantined_not_raised(root, tmp_path):
     p = probe.run(table, probe.ProbeConfig(), ctx)
     (root / "images" / "later.jpg").write_bytes(b"garbage")
     res = quality.run(p.kept, quality.QualityConfig(), ctx)
-    assert res.quarantined[tables.REASON].tolist() == ["corrupt_image"]
-    # Pillow names the in-memory file by its repr; no memory address reaches the Parquet.
-    assert res.quarantined[tables.DETAIL].tolist() == ["UnidentifiedImageError: cannot identify image file <_io.BytesIO object>"]
+    # Not the bytes the probe read (issue 23): the change is the reason, never a wrong score.
+    assert res.quarantined[tables.REASON].tolist() == ["file_changed"]
+    assert res.quarantined[tables.DETAIL].str.startswith("RefusedImage: file_changed: 7 bytes, the probe read").all()
     assert res.kept[tables.ROW_ID].tolist() == [0]
 
 
@@ -224,7 +224,7 @@ def _tiny_clip(path: Path, captions: list[str]) -> Path:
     """A randomly initialised tiny CLIP and a WordLevel tokenizer, saved like any local HF model."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -240,6 +240,8 @@ def _tiny_clip(path: Path, captions: list[str]) -> Path:
     )
     CLIPModel(cfg).save_pretrained(path)
     fast.save_pretrained(path)
+    # The image preprocessing comes from the folder (mmcore.clip_model.load refuses a folder without it).
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return path
 
 

@@ -15,7 +15,6 @@ from mmcore.base import DataConfig
 from mmcore.errors import ConfigError, InputError
 from mmcore.registry import Registry
 
-
 # --------------------------------------------------------------------------- the registry
 
 

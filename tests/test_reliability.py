@@ -1,7 +1,7 @@
 """Breaking things on purpose: kills mid-run, injected read faults, bad configs, untrusted files.
 
-Every test runs whatever stages ``flows.pipeline.graph.ORDER`` runs today, so each grows stronger as
-stages land. Subprocess runs talk to the session's Prefect test server (``PREFECT_API_URL``), so a
+The runs go through the stages of ``mmcore.graph`` (all of them, or up to the one a test needs).
+Subprocess runs talk to the session's Prefect test server (``PREFECT_API_URL``), so a
 CLI run does not pay for starting its own server and a kill leaves no server behind; their cache
 records go to the session's ``PREFECT_LOCAL_STORAGE_PATH`` like the in-process runs'.
 
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
-import inspect
 import json
 import logging
 import os
@@ -31,20 +29,23 @@ from pathlib import Path
 import pytest
 
 from mmcore import faults, graph, tables
-from tests.conftest import REPO, demo_config
+from mmcore.layout import RunLayout, StagePaths
+from tests.conftest import FAST, REPO, demo_config
 
 CLI_TIMEOUT = 300  # seconds for one CLI run; a busy 2-core CI box needs headroom
 KILL_SEED = 20261124
 N_KILLS = 3
 FAULT_RATE = 0.1
-# Stages worth killing in, most interesting first; the test takes those the flow runs.
+# Stages worth killing in, most interesting first; the first N_KILLS are killed in.
 KILL_STAGES = ("train", "probe", "quality", "split", "evaluate")
-# Overrides that keep a CLI run small, applied only for stages the flow runs and keys that exist.
-FAST = {
-    "train": ("train.steps=6", "train.batch_size=16", "train.num_workers=0", "train.checkpoint_every=2"),
-    "evaluate": ("evaluate.bootstrap=50", "evaluate.robustness=false", "evaluate.spotcheck_n=5"),
-    "report": ("report.thumbnails_per_reason=1", "report.spotcheck_queries=2"),
-}
+# Overrides on top of conftest's FAST that keep a full run small (train long enough to checkpoint mid-way).
+SMALL = (
+    "train.steps=6", "train.batch_size=16", "train.num_workers=0", "train.checkpoint_every=2",
+    "evaluate.bootstrap=50", "evaluate.robustness=false", "evaluate.spotcheck_n=5",
+    "report.thumbnails_per_reason=1", "report.spotcheck_queries=2",
+)
+# The stages that read image files through ``mmcore.faults``, in the order they run.
+IMAGE_READERS = ("probe", "quality")
 
 
 def _record(kind: str, **fields) -> None:
@@ -52,33 +53,6 @@ def _record(kind: str, **fields) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"test": kind, **fields}, default=str) + "\n")
-
-
-def _pipeline() -> tuple[str, ...]:
-
-    return tuple(graph.ORDER)
-
-
-def _fast_overrides() -> list[str]:
-    from mmcore.config import PipelineConfig
-
-    out = []
-    for stage, items in FAST.items():
-        if stage not in _pipeline():
-            continue
-        fields = PipelineConfig.model_fields[stage].annotation.model_fields
-        out += [s for s in items if s.split("=")[0].split(".")[1] in fields]
-    return out
-
-
-def _reads_through_faults(stage: str) -> bool:
-    """Whether a stage's module reads images through ``mmcore.faults`` (``read_bytes``, ``open_binary``)."""
-    src = inspect.getsource(importlib.import_module(f"mmcore.{stage}"))
-    return "faults.read_bytes(" in src or "faults.open_binary(" in src
-
-
-def _image_stages() -> list[str]:
-    return [s for s in _pipeline() if _reads_through_faults(s)]
 
 
 # --------------------------------------------------------------------------- the reader
@@ -162,10 +136,8 @@ def _env(api_url: str, **extra: str) -> dict[str, str]:
 
 
 def _cmd(manifest: Path, out: Path) -> list[str]:
-    """The CLI command of a run with exactly the config ``demo_config(manifest, out, *_fast_overrides())`` builds."""
-    from tests import conftest
-
-    sets = [f"data.manifest={manifest}", *getattr(conftest, "FAST", ()), *_fast_overrides()]
+    """The CLI command of a run with exactly the config ``demo_config(manifest, out, *SMALL)`` builds."""
+    sets = [f"data.manifest={manifest}", *FAST, *SMALL]
     return [sys.executable, "-m", "mmpipe", "run", str(REPO / "configs" / "demo.yaml"),
             *(a for s in sets for a in ("--set", s)), "--out", str(out)]
 
@@ -194,9 +166,9 @@ def _tmp_files(run_dir: Path) -> set[str]:
 
 
 def _check_digests(run_dir: Path) -> None:
-    """Every stage's stats.json names the bytes its Parquet files hold: nothing half-written."""
-    for stage in _pipeline():
-        p = tables.StagePaths.of(run_dir, stage)
+    """Every stage's stats name the bytes its Parquet files hold: nothing half-written."""
+    for stage in graph.ORDER:
+        p = StagePaths.of(run_dir, stage)
         stats = tables.read_json(p.stats)
         assert tables.file_digest(p.kept) == stats["kept_digest"], stage
         assert tables.file_digest(p.quarantine) == stats["quarantine_digest"], stage
@@ -232,13 +204,12 @@ def _group_alive(pgid: int) -> list[str]:
 
 
 def _kill_points(reference: Path) -> list[tuple[str, float]]:
-    """(stage, seconds into it) for each kill: seeded, spread over the stages the flow runs."""
+    """(stage, seconds into it) for each kill: seeded, spread over ``KILL_STAGES``."""
     rng = random.Random(KILL_SEED)
-    stages = [s for s in KILL_STAGES if s in _pipeline()] or list(_pipeline())
     points = []
     for i in range(N_KILLS):
-        stage = stages[i % len(stages)]
-        took = tables.read_json(tables.StagePaths.of(reference, stage).stats)["seconds"]
+        stage = KILL_STAGES[i % len(KILL_STAGES)]
+        took = tables.read_json(StagePaths.of(reference, stage).stats)["seconds"]
         # Early in the stage (a busy machine runs it slower than the reference did); after a mid-way
         # mark, within a second of it.
         delay = rng.uniform(0, 1) if stage in MIDWAY else rng.uniform(0.05, 0.5) * max(took, 0.2)
@@ -248,20 +219,22 @@ def _kill_points(reference: Path) -> list[tuple[str, float]]:
 
 # A file whose appearance means a stage is well under way (train: its first checkpoint), so the
 # kill lands mid-stage and the re-run must resume from it.
-MIDWAY = {"train": "train/checkpoints/last.pt"}
+MIDWAY = {"train": lambda run: run.checkpoint}
 
 
 def _started(run_dir: Path, stage: str) -> Path:
-    """The file whose appearance means ``stage`` has started (or is mid-way, see ``MIDWAY``)."""
+    """The file whose appearance means ``stage`` has started (or is mid-way, see ``MIDWAY``): the
+    flow runs the stages one after another, so a stage starts when the one before it is done."""
+    run = RunLayout(run_dir)
     if stage in MIDWAY:
-        return run_dir / MIDWAY[stage]
-    i = _pipeline().index(stage)
-    return run_dir / "config.yaml" if i == 0 else run_dir / _pipeline()[i - 1] / "status.json"
+        return MIDWAY[stage](run)
+    i = graph.ORDER.index(stage)
+    return run.config if i == 0 else run.stage(graph.ORDER[i - 1]).status
 
 
 def _checkpoint_history(run_dir: Path) -> list[float] | None:
     """``samples_per_s`` of the steps saved in train's last checkpoint (None without one)."""
-    path = run_dir / MIDWAY["train"]
+    path = RunLayout(run_dir).checkpoint
     if not path.is_file():
         return None
     import torch
@@ -284,7 +257,7 @@ def test_sigkill_mid_stage_then_rerun_completes_from_cache_with_identical_artifa
         proc = subprocess.Popen(_cmd(manifest, run_dir), cwd=run_dir.parent, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            trigger, done, t0 = _started(run_dir, stage), run_dir / stage / "status.json", time.monotonic()
+            trigger, done, t0 = _started(run_dir, stage), StagePaths.of(run_dir, stage).status, time.monotonic()
             while not trigger.exists() and proc.poll() is None and time.monotonic() - t0 < CLI_TIMEOUT:
                 time.sleep(0.01)
             # Kill ``delay`` seconds into the stage, or as it finishes if it is faster than that.
@@ -299,23 +272,23 @@ def test_sigkill_mid_stage_then_rerun_completes_from_cache_with_identical_artifa
         while _group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _group_alive(proc.pid), "processes left behind after killing the run"
-        finished = [s for s in _pipeline() if (run_dir / s / "status.json").is_file()]
+        finished = [s for s in graph.ORDER if StagePaths.of(run_dir, s).status.is_file()]
         ckpt = _checkpoint_history(run_dir) if stage == "train" and "train" not in finished else None
         # What a kill in the middle of an atomic write leaves: a torn temporary file. Never read.
-        torn = run_dir / stage / f".{tables.KEPT_FILE}.torn.tmp"
+        torn = StagePaths.of(run_dir, stage).dir / f".{tables.KEPT_FILE}.torn.tmp"
         torn.parent.mkdir(parents=True, exist_ok=True)
         torn.write_bytes(b"PAR1 half a file")
         left = _tmp_files(run_dir)
 
         _run_cli(manifest, run_dir, env)
-        status = {s: tables.read_json(run_dir / s / "status.json")["cached"] for s in _pipeline()}
+        status = {s: tables.read_json(StagePaths.of(run_dir, s).status)["cached"] for s in graph.ORDER}
         assert all(status[s] for s in finished), (stage, delay, status)
         assert not _differences(run_dir, want), (stage, delay, _differences(run_dir, want))
         _check_digests(run_dir)
         assert _tmp_files(run_dir) <= left  # the re-run leaves no temporary file of its own
         if ckpt:
             # Train resumed: the steps before the checkpoint keep the killed run's own timings.
-            timing = tables.read_json(run_dir / "train" / "timing.json")["samples_per_s"]
+            timing = tables.read_json(RunLayout(run_dir).timing)["samples_per_s"]
             assert timing[: len(ckpt)] == [round(x, 3) for x in ckpt], "train started over instead of resuming"
         _record("crash", stage=stage, delay_s=delay, finished_before_kill=finished, cached_on_rerun=status,
                 identical=True, torn_tmp_files=sorted(left), train_resumed_after_steps=len(ckpt or []))
@@ -345,9 +318,6 @@ def test_a_sigkilled_run_does_not_leave_prefects_temporary_server_behind(tmp_pat
 
 @pytest.mark.slow
 def test_ten_percent_read_faults_lose_nothing_and_retries_reach_prefect_logs(synth_small, reference, api_url, tmp_path):
-    readers = _image_stages()
-    if not readers:
-        pytest.skip(f"no stage in graph.ORDER {_pipeline()} reads images through mmcore.faults yet")
     out = tmp_path / "run"
     r = _run_cli(synth_small / "manifest.csv", out,
                  _env(api_url, **{faults.RATE_ENV: str(FAULT_RATE), faults.SEED_ENV: "1"}))
@@ -361,31 +331,28 @@ def test_ten_percent_read_faults_lose_nothing_and_retries_reach_prefect_logs(syn
         logs = client.read_logs(log_filter=LogFilter(name=LogFilterName(any_=["mmcore.io"])), limit=200)
     mine = [lg for lg in logs if "injected fault" in lg.message]
     assert mine and all(lg.task_run_id is not None for lg in mine), "retries are not in Prefect's task logs"
-    _record("faults", rate=FAULT_RATE, stages=readers, retries_printed=printed, retries_in_prefect=len(mine),
+    _record("faults", rate=FAULT_RATE, stages=IMAGE_READERS, retries_printed=printed, retries_in_prefect=len(mine),
             identical=True)
 
 
 def test_a_permanently_unreadable_file_quarantines_its_row_not_the_run(synth_small, prefect_harness, tmp_path,
                                                                        monkeypatch):
-    readers = _image_stages()
-    if not readers:
-        pytest.skip(f"no stage in graph.ORDER {_pipeline()} reads images through mmcore.faults yet")
     from flows.pipeline import pipeline
 
-    kept = tables.read_parquet(tables.StagePaths.of(
-        _run_clean(synth_small, tmp_path / "clean"), "clean").kept)
+    reader = IMAGE_READERS[0]  # the first stage that opens the image files
+    kept = tables.read_parquet(StagePaths.of(_run_clean(synth_small, tmp_path / "clean"), "clean").kept)
     victim = kept[tables.IMAGE].iloc[3]
     row = int(kept[tables.ROW_ID].iloc[3])
     monkeypatch.setenv(faults.PERMANENT_ENV, victim)
     run_dir = tmp_path / "run"
     # workers=1: the stage reads in this process, which sees the variable set above.
-    pipeline(demo_config(synth_small / "manifest.csv", run_dir, "workers=1", *_fast_overrides()), until=readers[0])
-    q = tables.load(run_dir, readers[0], quarantine=True)
+    pipeline(demo_config(synth_small / "manifest.csv", run_dir, "workers=1", *SMALL), until=reader)
+    q = tables.load(run_dir, reader, quarantine=True)
     hit = q[q[tables.ROW_ID] == row]
     assert len(hit) == 1 and hit[tables.REASON].iloc[0] == "read_error", hit
-    stats = tables.read_json(tables.StagePaths.of(run_dir, readers[0]).stats)
+    stats = tables.read_json(StagePaths.of(run_dir, reader).stats)
     assert stats["n_kept"] + stats["n_quarantined"] == stats["n_rows"]
-    _record("permanent_fault", stage=readers[0], file=victim, quarantined_as="read_error")
+    _record("permanent_fault", stage=reader, file=victim, quarantined_as="read_error")
 
 
 def _run_clean(synth_small: Path, run_dir: Path) -> Path:
@@ -398,34 +365,27 @@ def _run_clean(synth_small: Path, run_dir: Path) -> Path:
 def test_a_corrupted_or_truncated_artifact_is_never_used_its_stage_runs_again(synth_small, prefect_harness, tmp_path):
     from flows.pipeline import pipeline
 
-    stages = _pipeline()[:2]
+    stages = graph.ORDER[:2]
     run_dir = tmp_path / "run"
-    cfg = demo_config(synth_small / "manifest.csv", run_dir, *_fast_overrides())
+    cfg = demo_config(synth_small / "manifest.csv", run_dir, *SMALL)
     pipeline(cfg, until=stages[-1])
     want = _parquets(run_dir)
-    first = tables.StagePaths.of(run_dir, stages[0]).kept
+    first = StagePaths.of(run_dir, stages[0]).kept
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # torn by a crash outside our writer
-    last = tables.StagePaths.of(run_dir, stages[-1]).quarantine
+    last = StagePaths.of(run_dir, stages[-1]).quarantine
     data = bytearray(last.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit, same size: only the digest can tell
     last.write_bytes(bytes(data))
     pipeline(cfg, until=stages[-1])
     assert _parquets(run_dir) == want
-    assert not any(tables.read_json(run_dir / s / "status.json")["cached"] for s in (stages[0], stages[-1]))
-    _record("corrupt_artifact", truncated=f"{stages[0]}/kept.parquet", bit_flipped=f"{stages[-1]}/quarantine.parquet",
+    assert not any(tables.read_json(StagePaths.of(run_dir, s).status)["cached"] for s in (stages[0], stages[-1]))
+    _record("corrupt_artifact", truncated=str(first.relative_to(run_dir)), bit_flipped=str(last.relative_to(run_dir)),
             restored=True)
 
 
 # --------------------------------------------------------------------------- bad configs
 
 
-def _split_has_ratios() -> bool:
-    from mmcore.config import PipelineConfig
-
-    return "ratios" in PipelineConfig.model_fields["split"].annotation.model_fields
-
-
-_SKIP_RATIOS = pytest.mark.skipif("not _split_has_ratios()", reason="split section has no ratios field yet")
 BAD_CONFIGS = [
     pytest.param("clean:\n  min_chars: lots\n", [], r"clean.min_chars: input should be a valid integer", id="wrong-type"),
     pytest.param("clean:\n  min_char: 3\n", [], r"unknown config key 'clean.min_char'", id="unknown-key"),
@@ -434,7 +394,7 @@ BAD_CONFIGS = [
     pytest.param("", ["seed=-1"], r"seed: input should be greater than or equal to 0", id="negative-seed"),
     pytest.param("clean: 5\n", [], r"clean: input should be a valid dictionary", id="section-not-a-mapping"),
     pytest.param("split:\n  ratios: {train: 0.5, val: 0.2, test: 0.2}\n", [], r"split.ratios must sum to 1",
-                 id="ratios-sum", marks=_SKIP_RATIOS),
+                 id="ratios-sum"),
     pytest.param("", ["data.manifest=missing.csv"], r"data.manifest: file not found", id="missing-manifest"),
     pytest.param("", ["data.root=no_such_folder"], r"data.root: not found", id="missing-image-root"),
     pytest.param("", ["train.model_path=no_such_model"], r"train.model_path: not found", id="missing-model-folder"),
@@ -493,10 +453,8 @@ def test_a_pickle_bomb_checkpoint_is_refused_without_running_its_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         torch.load(ckpt, map_location="cpu", weights_only=True)
     assert not marker.exists()
-    try:
-        from mmcore.trainloop import load_checkpoint
-    except ImportError:
-        pytest.skip("mmcore.trainloop.load_checkpoint does not exist yet")
+    from mmcore.trainloop import load_checkpoint
+
     with pytest.raises(Exception) as e:
         load_checkpoint(ckpt)
     assert not marker.exists(), "loading a checkpoint executed pickled code"
@@ -515,10 +473,8 @@ def test_a_model_folder_with_pickled_weights_is_refused_without_running_its_code
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         CLIPModel.from_pretrained(model, local_files_only=True)  # what the project's loaders call
     assert not marker.exists()
-    try:
-        from mmcore.clip_model import Encoder
-    except ImportError:
-        pytest.skip("mmcore.clip_model.Encoder does not exist yet")
+    from mmcore.clip_model import Encoder
+
     (model / "tokenizer.json").write_text("{}")
     (model / "preprocess.json").write_text(json.dumps({"image_size": 16, "mean": [0, 0, 0], "std": [1, 1, 1],
                                                        "context_length": 16}))
@@ -610,25 +566,20 @@ def test_paths_outside_the_dataset_root_are_never_opened_and_nothing_is_written_
     before = _snapshot(tmp_path)
     watched = [outside / n for n in ("secret.png", "abs.png", "linked.png")] + [data / "images" / "pipe.png"]
     with _FifoWatch(watched) as watch:
-        pipeline(load_config(None, [f"data.manifest={data / 'manifest.csv'}", f"out={run_dir}", *_fast_overrides()]),
+        pipeline(load_config(None, [f"data.manifest={data / 'manifest.csv'}", f"out={run_dir}", *SMALL]),
                  until="quality")
     outside_opened = sorted(watch.opened - {"pipe.png"})
     assert not outside_opened, f"opened outside the dataset root: {outside_opened}"
     after = _snapshot(tmp_path)
     changed = {p for p in after if before.get(p) != after[p]}
     assert changed and all(p == "run" or p.startswith("run/") for p in changed), sorted(changed)
-    for stage in [s for s in _pipeline() if s in ("clean", "probe", "quality")]:
-        stats = tables.read_json(tables.StagePaths.of(run_dir, stage).stats)
+    for stage in graph.ORDER[: graph.ORDER.index("quality") + 1]:
+        stats = tables.read_json(StagePaths.of(run_dir, stage).stats)
         assert stats["n_kept"] + stats["n_quarantined"] == stats["n_rows"], stage
-    reasons = {}
-    if "probe" in _pipeline():
-        q = tables.load(run_dir, "probe", quarantine=True).set_index(tables.IMAGE)[tables.REASON]
-        reasons = q.to_dict()
-        assert all(reasons.get(p) == "outside_root" for p in evil), reasons
+    q = tables.load(run_dir, "probe", quarantine=True).set_index(tables.IMAGE)[tables.REASON]
+    reasons = q.to_dict()
+    assert all(reasons.get(p) == "outside_root" for p in evil), reasons
     _record("untrusted", unsafe_paths=len(evil), opened_outside=outside_opened, written_outside_run=[],
             quarantined=reasons)
-    if "probe" in _pipeline():
-        if not _reads_through_faults("probe"):
-            pytest.xfail("probe reads with a blocking open(): a FIFO in the dataset hangs the run (the watcher "
-                         f"unblocked it: {reasons.get('images/pipe.png')}); route reads through faults.read_bytes")
-        assert reasons.get("images/pipe.png") == "read_error", reasons
+    # probe reads through faults.open_binary, which refuses a FIFO at once instead of blocking on it.
+    assert reasons.get("images/pipe.png") == "read_error", reasons

@@ -1,8 +1,8 @@
 """The report: every section from a run's artifacts, numbers equal to the stats, staleness.
 
-Stages that have not landed in the flow yet are written here as small realistic artifacts (shaped
-as their issues specify) from the real synthetic images; numbers are always read back from the
-artifacts, never hard-coded.
+The run is real up to split (``mmcore.execute.run_stage``, as the task layer runs a stage); train
+and evaluate, which need torch and minutes, are written as small realistic artifacts shaped as
+those stages write them. Numbers are always read back from the artifacts, never hard-coded.
 """
 
 from __future__ import annotations
@@ -19,98 +19,35 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mmcore import clean, graph, report, spotcheck, tables
-from mmcore.base import StageContext
+from mmcore import execute, graph, report, spotcheck, tables
 from mmcore.config import dump_config
-from mmcore.images import resolve_path
+from mmcore.layout import RunLayout
 from mmcore.provenance import code_digest
 from mmcore.stale import extra_digest, format_stale, stale
 from tests.conftest import demo_config
 
 SPLITS = ("train", "val", "test")
+REAL = ("clean", "probe", "quality", "split")  # run for real here; train and evaluate are written
 
 
 # --------------------------------------------------------------------------- building a run
 
 
-def _write(cfg, stage: str, inp: pd.DataFrame, input_digest: str, res: tables.StageResult, cached: bool = False) -> dict:
-    """What the lead's task layer does: write the stage with the digests stale() compares."""
+def _write_status(cfg, stage: str, cached: bool) -> None:
+    """What the task layer's hook records: whether this run took the stage from cache."""
+    tables.write_json({"cached": cached, "task_run_id": "t-" + stage, "flow_run_id": "f-1", "finished": "2026-01-01T00:00:00Z"},
+                      RunLayout(cfg.run_dir).stage(stage).status)
+
+
+def _write_made_up(cfg, stage: str, inp: pd.DataFrame, input_digest: str, res: tables.StageResult) -> dict:
+    """A stage's made-up result written with the digests ``execute.run_stage`` records."""
     extra = extra_digest(stage, cfg)
     if extra is not None:
         res = tables.StageResult(res.kept, res.quarantined, {**res.stats, "extra_digest": extra})
-    stats = tables.write_stage(
+    return tables.write_stage(
         cfg.run_dir, stage, res, input_ids=inp[tables.ROW_ID].to_numpy(), input_digest=input_digest, seconds=0.25,
-        config_digest=tables.json_digest(cfg.section(stage).model_dump(mode="json")), code_digest=code_digest(f"mmcore.{stage}"),
+        config_digest=execute.config_digest(cfg, stage), code_digest=code_digest(graph.stage(stage).module),
     )
-    tables.write_json({"cached": cached, "task_run_id": "t-" + stage, "flow_run_id": "f-1", "finished": "2026-01-01T00:00:00Z"},
-                      cfg.run_dir / stage / "status.json")
-    return stats
-
-
-def _planted(data: Path, stage: str) -> dict[int, str]:
-    p = pd.read_csv(data / "planted.csv")
-    return dict(zip(p.loc[p["stage"] == stage, "row_id"], p.loc[p["stage"] == stage, "reason"]))
-
-
-def _fake_probe(df: pd.DataFrame, root: Path, data: Path) -> tables.StageResult:
-    planted = _planted(data, "probe")
-    info, bad = [], {}
-    for rid, rel in zip(df[tables.ROW_ID], df[tables.IMAGE]):
-        try:
-            path = resolve_path(root, rel)
-            with Image.open(path) as im:
-                w, h, fmt, mode = *im.size, im.format, im.mode
-            info.append((w, h, fmt, mode, 1, path.stat().st_size, tables.file_digest(path)))
-        except Exception:
-            bad[rid] = "corrupt_image"
-            info.append((0, 0, "", "", 0, 0, ""))
-    df = df.copy()
-    df[["width", "height", "format", "mode", "n_frames", "file_size", "content_digest"]] = pd.DataFrame(info, index=df.index)
-    df["res_bucket"] = np.where(np.minimum(df["width"], df["height"]) >= 128, "128+", "<128")
-    df["aspect_bucket"] = np.where(df["width"] > df["height"] * 1.2, "wide", np.where(df["height"] > df["width"] * 1.2, "tall", "square"))
-    reasons = df[tables.ROW_ID].map(lambda r: planted.get(r) or bad.get(r))
-    checks = [(r, reasons == r, f"planted {r}") for r in sorted(set(reasons.dropna()))]
-    res = tables.partition(df, checks)
-    return tables.StageResult(res.kept, res.quarantined, {"n_images_read": int(len(df))})
-
-
-CHECKS = ("too_small", "extreme_aspect", "too_dark", "too_bright", "blurry", "low_information", "duplicate_image")
-THRESHOLDS = {c: 0.2 for c in CHECKS}
-
-
-def _fake_quality(df: pd.DataFrame, data: Path) -> tables.StageResult:
-    planted = _planted(data, "quality")
-    rng = np.random.default_rng(1)
-    df = df.copy()
-    for c in CHECKS:
-        df[f"{c}_score"] = rng.uniform(0.25, 1.0, len(df))
-    for rid, reason in planted.items():
-        if reason in CHECKS:
-            df.loc[df[tables.ROW_ID] == rid, f"{reason}_score"] = 0.05
-    for c in CHECKS:
-        df[f"is_{c}"] = df[f"{c}_score"] < THRESHOLDS[c]
-    res = tables.partition(df, [(c, df[f"is_{c}"], f"{c}_score < {THRESHOLDS[c]}") for c in CHECKS])
-    return tables.StageResult(res.kept, res.quarantined, {"thresholds": THRESHOLDS, "checks_run": list(CHECKS)})
-
-
-def _fake_split(df: pd.DataFrame) -> tables.StageResult:
-    df = df.copy()
-    groups = pd.factorize(df[tables.GROUP])[0]
-    order = np.random.default_rng(0).permutation(groups.max() + 1)
-    share = order / max(order.size, 1)
-    gsplit = np.where(share < 0.7, 0, np.where(share < 0.85, 1, 2))
-    df["split"] = np.array(SPLITS, dtype=object)[gsplit[groups]]
-    df["split_group"] = groups
-    df["stratum"] = df[tables.LABEL].astype(str) + "|" + df[tables.DOMAIN].astype(str)
-    df["sample_weight"] = 1.0
-    splits = {s: {"rows": int((df["split"] == s).sum()), "groups": int(df.loc[df["split"] == s, "split_group"].nunique()),
-                  "ratio": round(float((df["split"] == s).mean()), 4), "target": t, "deviation": 0.0}
-              for s, t in zip(SPLITS, (0.7, 0.15, 0.15))}
-    dists = {dim: {s: {str(k): int(v) for k, v in df.loc[df["split"] == s, col].value_counts().sort_index().items()} for s in SPLITS}
-             for dim, col in (("stratum", "stratum"), ("label", tables.LABEL), ("domain", tables.DOMAIN))}
-    stats = {"mode": "random", "n_groups": int(groups.max() + 1), "splits": splits, "distributions": dists,
-             "leakage": {"content_digest": 0, "dup_cluster": 0, "group": 0}, "caption_overlap": 0, "warnings": []}
-    return tables.StageResult(df, tables.empty_quarantine(df), stats)
 
 
 def _fake_train(df: pd.DataFrame, run_dir: Path) -> tables.StageResult:
@@ -121,10 +58,11 @@ def _fake_train(df: pd.DataFrame, run_dir: Path) -> tables.StageResult:
         "logit_scale": 14.3 + steps * 0.05, "val_i2t_r5": np.where(steps % 20 == 0, steps / 100, np.nan),
     })
     sps = 400 + 10 * np.sin(steps)
-    tables.write_parquet(h, run_dir / "train" / "history.parquet")
-    tables.write_json({"step": steps.tolist(), "samples_per_s": sps.tolist()}, run_dir / "train" / "timing.json")
+    run = RunLayout(run_dir)
+    tables.write_parquet(h, run.history)
+    tables.write_json({"step": steps.tolist(), "samples_per_s": sps.tolist()}, run.timing)
     stats = {"device": "cpu", "steps": 60, "final_loss": float(h["loss"].iloc[-1]), "samples_per_s": float(sps.mean()),
-             "val_i2t_r5": 0.6, "model_dir": str(run_dir / "train" / "model")}
+             "val_i2t_r5": 0.6, "model_dir": str(run.model)}
     return tables.StageResult(df, tables.empty_quarantine(df), stats)
 
 
@@ -143,7 +81,7 @@ def _split_metrics(rng, labels):
 
 def _fake_evaluate(df: pd.DataFrame, run_dir: Path, image_root: Path) -> tables.StageResult:
     rng = np.random.default_rng(2)
-    out = run_dir / "evaluate"
+    run = RunLayout(run_dir)
     labels = sorted(df[tables.LABEL].dropna().unique().tolist())
     m = {s: _split_metrics(rng, labels) for s in ("test", "val")}
     m["test"]["per_domain"] = {d: {**_split_metrics(rng, labels), "in_training": d == "flat"} for d in ("flat", "textured")}
@@ -151,54 +89,62 @@ def _fake_evaluate(df: pd.DataFrame, run_dir: Path, image_root: Path) -> tables.
                                              "out_of_domain_values": ["textured"]}
     m["chance"] = {s: {"i2t_r1": 1 / 30, "i2t_r5": 5 / 30, "t2i_r5": 5 / 30, "acc1": 1 / len(labels)} for s in ("test", "val")}
     m["n_queries"] = {s: {"images": 30, "texts": 30} for s in ("test", "val")}
-    tables.write_json(m, out / "metrics.json")
+    tables.write_json(m, run.metrics)
     rows = [{"degradation": "clean", "severity": 0.0, "metric": k, **m["test"]["retrieval"][k], "relative_drop": 0.0} for k in ("i2t_r5", "t2i_r5")]
     for d, sevs in (("blur", [0.01, 0.02, 0.04]), ("jpeg", [50, 20, 8]), ("noise", [0.05, 0.1])):
         for s in sevs:
             for k in ("i2t_r5", "t2i_r5"):
                 c = _ci(rng)
                 rows.append({"degradation": d, "severity": float(s), "metric": k, **c, "relative_drop": 1 - c["value"] / m["test"]["retrieval"][k]["value"]})
-    tables.write_parquet(pd.DataFrame(rows), out / "robustness.parquet")
+    tables.write_parquet(pd.DataFrame(rows), run.robustness)
     test = df[df["split"] == "test"]
     sheet = spotcheck.build(rng.normal(size=(len(test), 8)), rng.normal(size=(len(test), 8)), test[tables.IMAGE].tolist(), test[tables.ROW_ID].tolist(),
                             test[tables.TEXT].tolist(), test[tables.ROW_ID].tolist(), 8, seed=0)
-    tables.write_bytes(sheet.to_csv(index=False).encode(), out / "spotcheck.csv")
+    tables.write_bytes(sheet.to_csv(index=False).encode(), run.spotcheck_csv)
     tables.write_parquet(pd.DataFrame({  # shaped as evaluate.ablation_table
         "scheme": ["none", "light"], "metric": ["i2t_r5", "i2t_r5"], "value": [0.4, 0.45], "low": [0.35, 0.4], "high": [0.45, 0.5],
         "diff": [0.0, 0.05], "diff_low": [0.0, 0.01], "diff_high": [0.0, 0.09], "p_value": [1.0, 0.02], "significant": [False, True],
-    }), out / "ablation.parquet")
+    }), run.ablation)
     stats = {f"test_{k}": v["value"] for k, v in m["test"]["retrieval"].items()}
     return tables.StageResult(df, tables.empty_quarantine(df), stats)
 
 
 def make_run(tmp: Path, data: Path, until: str = "evaluate", *overrides: str) -> tuple[Path, object]:
-    """A run folder of the synthetic set in ``data``: real clean, realistic later stages, up to ``until``."""
+    """A run folder of the synthetic set in ``data``: real stages up to split, made-up later ones, up to ``until``."""
     cfg = demo_config(data / "manifest.csv", tmp / "run", *overrides)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    tables.write_bytes(dump_config(cfg).encode(), cfg.run_dir / "config.yaml")
-    extend_run(cfg, data, until)
+    tables.write_bytes(dump_config(cfg).encode(), RunLayout(cfg.run_dir).config)
+    extend_run(cfg, until)
     return cfg.run_dir, cfg
 
 
-def extend_run(cfg, data: Path, until: str = "evaluate") -> None:
-    """Write the stages after the last one in ``cfg.run_dir`` (clean: the real one) up to ``until``."""
-    ctx = StageContext(data=cfg.data, run_dir=cfg.run_dir, seed=cfg.seed)
-    fakes = {
-        "clean": lambda df: clean.run(df, cfg.clean, ctx),
-        "probe": lambda df: _fake_probe(df, cfg.data.image_root, data),
-        "quality": lambda df: _fake_quality(df, data),
-        "split": _fake_split,
+def extend_run(cfg, until: str = "evaluate") -> None:
+    """Run or write the stages after the last one in ``cfg.run_dir`` up to ``until`` (clean as if from cache)."""
+    made_up = {
         "train": lambda df: _fake_train(df, cfg.run_dir),
         "evaluate": lambda df: _fake_evaluate(df, cfg.run_dir, cfg.data.image_root),
     }
-    table, digest = clean.read_manifest(cfg.data), tables.file_digest(cfg.data.manifest)
+    assert set(REAL) | set(made_up) == set(graph.stage(report.STAGE).reads)
+    ctx = execute.context(cfg, progress=False)
+    run = RunLayout(cfg.run_dir)
     for stage in graph.ORDER[: graph.ORDER.index(until) + 1]:
-        paths = tables.StagePaths.of(cfg.run_dir, stage)
-        if paths.stats.is_file():
-            stats = tables.read_json(paths.stats)
+        s = graph.stage(stage)
+        if s.input is None:
+            table, digest = execute.read_source(cfg, stage)
+        else:  # the kept table of its graph input: evaluate reads split's, not train's
+            table, digest = tables.load(cfg.run_dir, s.input), tables.read_json(run.stage(s.input).stats)["kept_digest"]
+        if run.stage(stage).stats.is_file():
+            continue
+        if stage in REAL:
+            execute.run_stage(stage, cfg, table, digest, extra_digest(stage, cfg), ctx=ctx)
         else:
-            stats = _write(cfg, stage, table, digest, fakes[stage](table), cached=stage == "clean")
-        table, digest = tables.load(cfg.run_dir, stage), stats["kept_digest"]
+            _write_made_up(cfg, stage, table, digest, made_up[stage](table))
+        _write_status(cfg, stage, cached=stage == "clean")
+
+
+def build(run_dir: Path, cfg) -> Path:
+    """The report as ``mmpipe report`` builds it: with the run config's report section, image root and name."""
+    return report.build(run_dir, cfg.report, cfg.data.image_root, cfg.run_name)
 
 
 # --------------------------------------------------------------------------- reading the page back
@@ -259,6 +205,10 @@ def parse(path: Path) -> Page:
     return Page(path.read_text())
 
 
+def parse_text(text: str) -> Page:
+    return Page(text)
+
+
 def as_number(text: str) -> float:
     return float(text.replace(",", ""))
 
@@ -270,7 +220,7 @@ def as_number(text: str) -> float:
 def full_run(tmp_path_factory, synth_small):
     run_dir, cfg = make_run(tmp_path_factory.mktemp("report"), synth_small)
     t0 = time.perf_counter()
-    path = report.build(run_dir)
+    path = build(run_dir, cfg)
     return run_dir, cfg, path, time.perf_counter() - t0
 
 
@@ -377,8 +327,8 @@ def test_spotcheck_gallery_shows_queries_with_their_top5(full_run):
 
 
 def test_missing_stages_show_as_not_run(tmp_path, synth_small):
-    run_dir, _ = make_run(tmp_path, synth_small, until="clean")
-    page = parse(report.build(run_dir))
+    run_dir, cfg = make_run(tmp_path, synth_small, until="clean")
+    page = parse(build(run_dir, cfg))
     assert page.sections == {"funnel": "ok", "provenance": "ok", **{s: "not-run" for s in ("scores", "split", "training", "metrics", "spotcheck")}}
     assert "Not run: <code>train</code>" in (run_dir / "report" / "report.html").read_text()
     md = report.summary_markdown(run_dir)
@@ -404,17 +354,59 @@ def test_a_malformed_artifact_costs_one_section_not_the_report(tmp_path, synth_s
     assert 'id="metrics" data-status="error"' in page and "cannot read Parquet" in page
 
 
+def test_stats_of_the_wrong_shape_cost_the_sections_reading_those_figures(tmp_path, synth_small):
+    run_dir, cfg = make_run(tmp_path, synth_small, until="split")
+    path = RunLayout(run_dir).stage("split").stats
+    tables.write_json({**tables.read_json(path), "leakage": "none"}, path)
+    page, statuses = report.render(run_dir, cfg.report, cfg.data.image_root, cfg.run_name)
+    # The funnel and provenance read the common counters only; the split section reads the leakage counts.
+    assert statuses["split"] == "error" and statuses["funnel"] == statuses["scores"] == statuses["provenance"] == "ok"
+    assert "split/stats.json: leakage: Input should be a valid dictionary, got &#x27;none&#x27;" in page
+    assert parse_text(page).value("split.n_kept") == tables.read_json(path)["n_kept"]
+
+
 def test_run_passes_rows_through_and_gives_the_bytes_build_gives(tmp_path, synth_small):
     run_dir, cfg = make_run(tmp_path, synth_small, until="quality")
-    built = report.build(run_dir).read_bytes()
+    built = build(run_dir, cfg).read_bytes()
+    assert f"<title>mmpipe report: {cfg.run_name}</title>" in built.decode()
     table = tables.load(run_dir, "quality")
-    res = report.run(table, cfg.report, StageContext(data=cfg.data, run_dir=run_dir, seed=0))
+    res = report.run(table, cfg.report, execute.context(cfg))
     assert res.kept is table and res.quarantined.empty and {"reason", "detail"} <= set(res.quarantined.columns)
     assert res.stats["report_path"] == str(run_dir / "report" / "report.html")
     assert res.stats["sections"] == {"funnel": "ok", "scores": "ok", "provenance": "ok",
                                      **{s: "not-run" for s in ("split", "training", "metrics", "spotcheck")}}
     # No timestamp in the page and no metadata in the PNGs: the same run gives the same bytes.
     assert (run_dir / "report" / "report.html").read_bytes() == built
+
+
+def test_editing_any_report_module_changes_the_report_code_digest_only(monkeypatch, tmp_path):
+    """Provenance follows the report's imports into every module of its package, and no earlier stage's
+    imports reach the report: a report edit re-runs the report and takes every other stage from cache."""
+    from mmcore import provenance
+
+    package = Path(report.__file__).parent
+    modules = sorted(f"mmcore.report.{p.stem}" for p in package.glob("*.py") if p.stem != "__init__") + ["mmcore.report"]
+    assert {"mmcore.report.page", "mmcore.report.sections", "mmcore.report.stats", "mmcore.report.plots"} <= set(modules)
+    digest = provenance.code_digest.__wrapped__  # uncached: the source lookup is patched below
+    real = provenance._source
+    before = {s.name: digest(s.module) for s in graph.STAGES.values()}
+    for module in modules:
+        edited = tmp_path / f"{module}.py"
+        edited.write_text(real(module).read_text() + "\n# edited\n")
+        monkeypatch.setattr(provenance, "_source", lambda name, m=module, e=edited: e if name == m else real(name))
+        after = {s.name: digest(s.module) for s in graph.STAGES.values()}
+        assert [s for s in graph.ORDER if after[s] != before[s]] == [report.STAGE], module
+    monkeypatch.setattr(provenance, "_source", real)
+
+
+def test_the_report_package_imports_no_config_and_nothing_above_mmcore():
+    import ast
+
+    for path in Path(report.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name != "mmcore.config" and name.split(".")[0] not in ("flows", "tasks", "mmpipe", "prefect"), (path.name, name)
 
 
 def test_report_config_is_validated():
@@ -451,17 +443,34 @@ def test_a_just_written_run_is_fresh(full_run):
 
 def test_a_config_change_makes_that_stage_and_all_later_ones_stale(full_run):
     run_dir, cfg, _, _ = full_run
-    changed = cfg.model_copy(update={"split": cfg.split.model_copy(update={"seed_offset": 1})}) if "seed_offset" in type(cfg.split).model_fields else None
-    if changed is None:  # any field of the section will do: use the first whose value we can change
-        changed = demo_config(cfg.data.manifest, run_dir, "clean.min_chars=7")
-        first = "clean"
-    else:
-        first = "split"
+    changed = demo_config(cfg.data.manifest, run_dir, "quality.phash_radius=5")
+    assert changed.quality != cfg.quality
     by = {r["stage"]: r for r in stale(run_dir, changed)}
-    i = graph.ORDER.index(first)
+    i = graph.ORDER.index("quality")
     assert all(by[s]["status"] == "fresh" for s in graph.ORDER[:i])
-    assert by[first]["status"] == "stale" and f"config section '{first}' changed" in by[first]["why"]
-    assert all(by[s]["status"] == "stale" and f"upstream stage '{first}' is stale" in by[s]["why"] for s in graph.ORDER[i + 1 : -1])
+    assert by["quality"]["status"] == "stale" and "config section 'quality' changed" in by["quality"]["why"]
+    # Every later stage names each stage it reads that is stale (evaluate: split and train, not quality).
+    for s in graph.ORDER[i + 1 : -1]:
+        assert by[s]["status"] == "stale", s
+        for r in graph.stage(s).reads:
+            assert (f"upstream stage '{r}' is stale" in by[s]["why"]) == (graph.ORDER.index(r) >= i), (s, r, by[s]["why"])
+    assert by["evaluate"]["why"].count("upstream stage") == 2
+    assert by["report"]["status"] == "not run"
+
+
+def test_the_report_stage_is_stale_with_a_stale_stage_it_reads_not_with_one_that_did_not_run(tmp_path, synth_small):
+    run_dir, cfg = make_run(tmp_path, synth_small, until="quality")
+    table, digest = tables.load(run_dir, "quality"), tables.read_json(RunLayout(run_dir).stage("quality").stats)["kept_digest"]
+    execute.run_stage("report", cfg, table, digest, extra_digest("report", cfg))
+    by = {r["stage"]: r for r in stale(run_dir, cfg)}
+    assert [by[s]["status"] for s in ("split", "train", "evaluate")] == ["not run"] * 3
+    assert by["report"]["status"] == "fresh", by["report"]["why"]  # split, train, evaluate did not run
+
+    changed = demo_config(cfg.data.manifest, run_dir, "probe.max_pixels=1000001")
+    by = {r["stage"]: r for r in stale(run_dir, changed)}
+    assert by["report"]["status"] == "stale"
+    assert "upstream stage 'probe' is stale" in by["report"]["why"] and "upstream stage 'quality' is stale" in by["report"]["why"]
+    assert "upstream stage 'clean'" not in by["report"]["why"] and "split" not in by["report"]["why"]
 
 
 def test_a_changed_manifest_or_rewritten_artifact_is_stale(tmp_path, synth_small):

@@ -19,11 +19,29 @@ from mmcore import graph, tables
 from mmcore.base import StrictModel
 from mmcore.provenance import versions
 from mmcore.report import plots
+from mmcore.report.ablation import headline_plot
 from mmcore.report.markup import (
-    Thumbs, badge, caption, cell, charts, ci_text, details, esc, figure, fmt, is_ci, json_attr, kv_table, missing,
-    not_run, num, ordered, short, stat_card, table,
+    Thumbs,
+    badge,
+    caption,
+    cell,
+    charts,
+    details,
+    esc,
+    figure,
+    fmt,
+    is_ci,
+    json_attr,
+    kv_table,
+    missing,
+    not_run,
+    num,
+    ordered,
+    short,
+    stat_card,
+    table,
 )
-from mmcore.report.stats import STAGE, UPSTREAM, Run, SplitShare
+from mmcore.report.stats import STAGE, UPSTREAM, QualityStats, Run, SplitShare, SplitStats, TrainStats
 from mmcore.tables import DETAIL, IMAGE, REASON, ROW_ID, TEXT, TEXT_RAW
 
 OK, NOT_RUN, ERROR = "ok", "not-run", "error"
@@ -128,7 +146,7 @@ def _sample(df: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 def _quality_scores(run: Run) -> str:
-    qstats = run.stats("quality")
+    qstats = run.stats("quality", QualityStats)
     out = []
     parts = [t for t in (run.table("quality", suffix="_score"), run.table("quality", True, suffix="_score")) if t is not None and len(t.columns)]
     scores = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
@@ -205,7 +223,7 @@ def _counted_splits(run: Run) -> dict[str, SplitShare]:
 
 
 def split(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
-    st = run.stats("split")
+    st = run.stats("split", SplitStats)
     if st is None:
         return Section(NOT_RUN, not_run("split"))
     out = []
@@ -262,7 +280,7 @@ def _throughput(run: Run, n: int) -> np.ndarray | None:
 
 
 def training(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
-    st = run.stats("train")
+    st = run.stats("train", TrainStats)
     hist_path = run.layout.history
     if st is None and not hist_path.is_file():
         return Section(NOT_RUN, not_run("train"))
@@ -436,7 +454,10 @@ def _comparisons(run: Run) -> str:
     """The augmentation ablation table and other datasets' metrics, where the run has them."""
     out = []
     if run.layout.ablation.is_file():
-        out.append(f"<h3>Augmentation ablation</h3>{_ablation(tables.read_parquet(run.layout.ablation))}")
+        a = tables.read_parquet(run.layout.ablation)
+        uri = headline_plot(a)  # curation variants (mmpipe ablate --variants): the metric against rows kept
+        chart = figure(uri, "one point per variant, the same test rows and training steps") if uri else ""
+        out.append(f"<h3>Ablation</h3>{chart}{_ablation(a)}")
     for p in run.layout.external_metrics():
         em = tables.read_json(p)
         name = p.parent.name
@@ -576,7 +597,7 @@ def headline(run: Run) -> str:
         for m, leaf in headline_metrics(test).items():
             if m in ("i2t_r5", "t2i_r5", "acc1") and leaf.get("value") is not None:
                 cards.append((f"test {m}", f"{leaf['value']:.3f}"))
-    tr = run.stats("train")
+    tr = run.stats("train", TrainStats)
     if tr is not None and tr.device is not None:
         cards.append(("device", tr.device))
     return "".join(stat_card(k, v) for k, v in cards)

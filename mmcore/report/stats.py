@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -95,11 +95,6 @@ class TrainStats(StageStats):
     samples_per_s: float | None = None
 
 
-# Stages whose own figures the report reads by name; the others' are shown as they are.
-SHAPES: dict[str, type[StageStats]] = {"quality": QualityStats, "split": SplitStats, "train": TrainStats}
-assert set(SHAPES) <= set(graph.STAGES), sorted(SHAPES)
-
-
 class StageStatus(_Shape):
     """``status.json``, written by the task layer: whether this run took the stage from cache."""
 
@@ -109,6 +104,8 @@ class StageStatus(_Shape):
 
 # --------------------------------------------------------------------------- reading the run
 
+S = TypeVar("S", bound=StageStats)
+
 
 @dataclass
 class Run:
@@ -116,20 +113,25 @@ class Run:
 
     layout: RunLayout
     config_error: str = ""  # why the run's config.yaml does not validate, as the caller found it
-    _stats: dict[str, StageStats | None] = field(default_factory=dict)
+    _raw: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    _stats: dict[tuple[str, type], StageStats | None] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
         return self.layout.root
 
-    def stats(self, stage: str) -> StageStats | None:
-        """A stage's stats in its declared shape (``SHAPES``), or ``None`` if the stage has not run."""
-        if stage not in self._stats:
+    def stats(self, stage: str, shape: type[S] = StageStats) -> S | None:
+        """A stage's stats in ``shape`` (the common counters, or a stage's own ``QualityStats`` ...),
+        or ``None`` if the stage has not run. Only the sections reading a stage's own figures ask
+        for its shape, so a stats file with odd own figures costs those sections only."""
+        if stage not in self._raw:
             p = self.layout.stage(stage).stats
-            shape = SHAPES.get(stage, StageStats)
-            where = str(p.relative_to(self.dir))
-            self._stats[stage] = shape.parse(tables.read_json(p), where) if p.is_file() else None
-        return self._stats[stage]
+            self._raw[stage] = tables.read_json(p) if p.is_file() else None
+        if (stage, shape) not in self._stats:
+            raw = self._raw[stage]
+            where = self.rel(self.layout.stage(stage).stats)
+            self._stats[stage, shape] = shape.parse(raw, where) if raw is not None else None
+        return self._stats[stage, shape]
 
     def ran(self, stages: Iterable[str] = graph.ORDER) -> list[str]:
         return [s for s in stages if self.stats(s) is not None]

@@ -1,0 +1,556 @@
+"""Hostile and huge inputs (issue 23): each finding planted as a real file, then all of them in one run.
+
+Every test plants the input the way an attacker would (a sparse file, an EPS named .jpg, a YAML
+bomb, a pickle in the result storage) and checks the class of input is refused, cheaply, with a
+reason. ``test_hostile_manifest_end_to_end`` runs ``mmpipe run`` on a manifest holding all of them.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import resource
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mmcore import faults, images, probe, quality, spotcheck, split, tables
+from mmcore.base import DataConfig, StageContext
+from mmcore.config import load_config
+from mmcore.errors import ConfigError, InputError
+
+REPO = Path(__file__).resolve().parents[1]
+SPARSE_BYTES = 8 << 30  # 8 GB, 0 bytes on disk
+
+
+# --------------------------------------------------------------------------- planted files
+
+
+def eps_bytes() -> bytes:
+    return (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n"
+            b"newpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n")
+
+
+def rle_bmp(width: int, height: int, end_marker: bool) -> bytes:
+    """An 8-bit RLE BMP of a few encoded rows; without the end-of-bitmap escape (00 01) when asked."""
+    row = b"\xff\x01" * (width // 255) + b"\x00\x00"
+    pix = row * 4 + (b"\x00\x01" if end_marker else b"")
+    offset = 14 + 40 + 256 * 4
+    head = b"BM" + struct.pack("<IHHI", offset + len(pix), 0, 0, offset)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pix), 2835, 2835, 256, 0)
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    return head + info + palette + pix
+
+
+def many_ifd_tiff(n: int) -> bytes:
+    frames = [Image.new("L", (1, 1), i % 256) for i in range(n)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def png16(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side), 40000, np.uint16)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _photo(seed: int, size=(96, 64)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(arr).resize(size, Image.Resampling.BILINEAR)
+
+
+def _save(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def plant(root: Path) -> dict[str, tuple[str, str, str]]:
+    """Hostile files under ``root/images``: name -> (path, stage, reason it must get)."""
+    d = root / "images"
+    d.mkdir(parents=True, exist_ok=True)
+    out: dict[str, tuple[str, str, str]] = {}
+
+    def put(name: str, rel: str, data: bytes, stage: str, reason: str) -> None:
+        (root / rel).write_bytes(data)
+        out[name] = (rel, stage, reason)
+
+    put("eps_as_jpg", "images/eps.jpg", eps_bytes(), "probe", "unsupported_format")
+    rgb = _photo(1, (32, 32))
+    put("ico", "images/icon.jpg", _save(rgb, "ICO"), "probe", "unsupported_format")
+    put("tga", "images/tga.jpg", _save(rgb, "TGA"), "probe", "unsupported_format")
+    put("pcx", "images/pcx.png", _save(rgb, "PCX"), "probe", "unsupported_format")
+    with open(d / "sparse.jpg", "wb") as f:  # a "video named .jpg": JPEG magic, then 8 GB of holes
+        f.write(b"\xff\xd8\xff\xe0")
+        f.truncate(SPARSE_BYTES)
+    out["sparse_8gb"] = ("images/sparse.jpg", "probe", "file_too_large")
+    put("rle_bmp_no_end", "images/rle.bmp", rle_bmp(1500, 1500, end_marker=False), "probe", "corrupt_image")
+    put("rle_bmp_huge", "images/rle_huge.bmp", rle_bmp(5000, 5000, end_marker=True), "probe", "too_many_pixels")
+    return out
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> tuple[Path, dict[str, tuple[str, str, str]]]:
+    root = tmp_path_factory.mktemp("hostile") / "data"
+    return root, plant(root)
+
+
+def _ctx(root: Path, tmp: Path) -> StageContext:
+    manifest = root / "manifest.csv"
+    manifest.touch()
+    return StageContext(data=DataConfig(manifest=manifest, root=root), run_dir=tmp / "run", seed=0, workers=1, progress=False)
+
+
+def _probe(root: Path, paths: list[str], tmp: Path, cfg: probe.ProbeConfig | None = None):
+    table = pd.DataFrame({tables.ROW_ID: range(len(paths)), tables.IMAGE: paths, tables.TEXT: "a photo"})
+    return probe.run(table, cfg or probe.ProbeConfig(), _ctx(root, tmp))
+
+
+def _fake_gs(tmp: Path) -> tuple[Path, Path]:
+    """A stand-in ``gs`` first on PATH that records being called."""
+    bin_dir, marker = tmp / "bin", tmp / "gs-was-called"
+    bin_dir.mkdir(exist_ok=True)
+    gs = bin_dir / "gs"
+    gs.write_text(f"#!/bin/sh\necho called >> {marker}\nexit 1\n")
+    gs.chmod(0o755)
+    return bin_dir, marker
+
+
+# --------------------------------------------------------------------------- 1. dangerous decoders
+
+
+def test_dangerous_formats_never_reach_their_decoders(hostile, tmp_path, monkeypatch):
+    root, planted = hostile
+    bin_dir, marker = _fake_gs(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    names = ["eps_as_jpg", "ico", "tga", "pcx"]
+    res = _probe(root, [planted[n][0] for n in names], tmp_path)
+    assert res.kept.empty and set(res.quarantined[tables.REASON]) == {"unsupported_format"}
+    for n in names:  # every other decoder: the report's thumbnails, shards, evaluate, spot-check
+        with pytest.raises(images.RefusedImage, match="unsupported_format"):
+            images.load_rgb(root / planted[n][0], max_side=64)
+    # Even a direct Pillow open in this process cannot hand an EPS to Ghostscript.
+    with pytest.raises(Exception):
+        with Image.open(io.BytesIO(eps_bytes())) as im:
+            im.load()
+    assert not marker.exists()
+
+
+def test_quality_decodes_only_the_probed_format(hostile, tmp_path):
+    root, planted = hostile
+    table = pd.DataFrame({tables.ROW_ID: [0], tables.IMAGE: [planted["tga"][0]], "orientation": [1],
+                          "format": ["JPEG"], "width": [32], "height": [32], "file_size": [(root / planted["tga"][0]).stat().st_size]})
+    m = quality.measure(table, quality.QualityConfig(), str(root))
+    assert m[quality.ERROR].tolist() == ["file_changed"]  # a TGA where the probe saw a JPEG
+
+
+# --------------------------------------------------------------------------- 2. huge files
+
+
+def test_sparse_8gb_file_is_refused_unread_in_a_memory_capped_process(hostile):
+    root, planted = hostile
+    code = f"""
+import resource, time
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # an 8 GB read would die here
+import pandas as pd
+from mmcore import faults, images, probe
+t = time.perf_counter()
+rows = pd.DataFrame({{"row_id": [0], "image_path": [{planted['sparse_8gb'][0]!r}]}})
+m = probe.measure(rows, probe.ProbeConfig(), {str(root)!r})
+assert m["probe_error"].tolist() == ["file_too_large"], m.to_dict()
+try:
+    images.load_rgb({str(root / planted['sparse_8gb'][0])!r})
+except faults.ReadError as e:
+    assert e.reason == "file_too_large"
+else:
+    raise AssertionError("read")
+print(time.perf_counter() - t)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split()[-1]) < 5
+
+
+def test_byte_limit_set_small_refuses_and_hashing_is_chunked(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(_save(_photo(2, (200, 200)), "PNG"))
+    size = (tmp_path / "images" / "a.png").stat().st_size
+    res = _probe(tmp_path, ["images/a.png"], tmp_path, probe.ProbeConfig(max_file_bytes=size - 1))
+    assert res.quarantined[tables.REASON].tolist() == ["file_too_large"]
+    with pytest.raises(faults.ReadError) as e:
+        faults.read_bytes(tmp_path / "images" / "a.png", max_bytes=100)
+    assert e.value.reason == "file_too_large"
+    ok = _probe(tmp_path, ["images/a.png"], tmp_path, probe.ProbeConfig(max_file_bytes=size))
+    assert ok.kept["content_digest"].tolist() == [tables.file_digest(tmp_path / "images" / "a.png")]
+
+
+def test_memory_error_while_decoding_costs_the_row_not_the_run(tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        (tmp_path / "images" / f"{i}.png").write_bytes(_save(_photo(i), "PNG"))
+    real = images.decode_reduced
+
+    def explode(data, *a, **kw):
+        if len(data) == (tmp_path / "images" / "0.png").stat().st_size:
+            raise MemoryError()
+        return real(data, *a, **kw)
+
+    monkeypatch.setattr(images, "decode_reduced", explode)
+    rows = pd.DataFrame({tables.ROW_ID: [0, 1], tables.IMAGE: ["images/0.png", "images/1.png"]})
+    m = quality.measure(rows, quality.QualityConfig(), str(tmp_path))
+    assert m[quality.ERROR].tolist() == ["file_too_large", ""]
+
+
+# --------------------------------------------------------------------------- 4. symlinks, files changed
+
+
+def test_fingerprint_follows_symlinks_and_stays_inside_the_root(tmp_path):
+    from mmcore.digests import files_fingerprint
+
+    root = tmp_path / "data"
+    (root / "store").mkdir(parents=True)
+    (root / "images").mkdir()
+    (root / "store" / "blob").write_bytes(b"one")
+    os.symlink(root / "store" / "blob", root / "images" / "a.jpg")
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"x")
+    os.symlink(outside, root / "images" / "out.jpg")
+    before = files_fingerprint(root, ["images/a.jpg", "images/out.jpg"])
+    (root / "store" / "blob").write_bytes(b"three")  # the link itself is untouched
+    assert files_fingerprint(root, ["images/a.jpg", "images/out.jpg"]) != before
+    after = files_fingerprint(root, ["images/a.jpg", "images/out.jpg"])
+    outside.write_bytes(b"changed outside")  # never stat'ed: no difference
+    assert files_fingerprint(root, ["images/a.jpg", "images/out.jpg"]) == after
+
+
+def test_file_changed_between_probe_and_quality_is_a_reason(tmp_path):
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        (tmp_path / "images" / f"{i}.png").write_bytes(_save(_photo(i, (96, 64)), "PNG"))
+    p = _probe(tmp_path, [f"images/{i}.png" for i in range(3)], tmp_path)
+    # 0: a 900-megapixel-style swap (bigger file); 1: another format; 2: untouched.
+    (tmp_path / "images" / "0.png").write_bytes(png16(2000))
+    (tmp_path / "images" / "1.png").write_bytes(_save(_photo(1, (96, 64)), "JPEG"))
+    res = quality.run(p.kept, quality.QualityConfig(), _ctx(tmp_path, tmp_path))
+    reasons = dict(zip(res.quarantined[tables.IMAGE], res.quarantined[tables.REASON]))
+    assert (reasons["images/0.png"], reasons["images/1.png"]) == ("file_changed", "file_changed")
+    # Same bytes count, other dimensions: the decoded size is checked against the probe's.
+    policy = images.DecodePolicy(size=(10, 10), format="PNG")
+    with pytest.raises(images.RefusedImage, match="file_changed: 20x10"):
+        images.open_image(io.BytesIO(_save(Image.new("L", (20, 10)), "PNG")), policy)
+
+
+# --------------------------------------------------------------------------- 9. small inputs, huge cost
+
+
+def test_16bit_png_decodes_without_int64_copies():
+    data = png16(3000)  # 9 MP, a few KB
+    tracemalloc.start()
+    images.decode_reduced(data, 96)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # Pillow's own array export peaks at 4 bytes a pixel; the int64 path added 16 more (two 72 MB copies).
+    assert peak < 9_000_000 * 4.5, peak
+
+
+def test_rle_bmp_and_deep_tiff_cost_is_bounded(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "rle.bmp").write_bytes(rle_bmp(1500, 1500, end_marker=False))
+    (tmp_path / "images" / "ok.bmp").write_bytes(rle_bmp(600, 20, end_marker=True))
+    (tmp_path / "images" / "huge.bmp").write_bytes(rle_bmp(5000, 5000, end_marker=True))
+    (tmp_path / "images" / "deep.tif").write_bytes(many_ifd_tiff(images.MAX_FRAMES + 200))
+    t = time.perf_counter()
+    res = _probe(tmp_path, ["images/rle.bmp", "images/ok.bmp", "images/huge.bmp", "images/deep.tif"], tmp_path)
+    assert time.perf_counter() - t < 10
+    reasons = dict(zip(res.quarantined[tables.IMAGE], res.quarantined[tables.REASON]))
+    assert reasons == {"images/rle.bmp": "corrupt_image", "images/huge.bmp": "too_many_pixels"}
+    assert res.kept.set_index(tables.IMAGE).loc["images/deep.tif", "n_frames"] == images.MAX_FRAMES
+
+
+def test_default_pixel_limit_is_pillows():
+    assert probe.ProbeConfig().max_pixels == images.DEFAULT_MAX_PIXELS == Image.MAX_IMAGE_PIXELS
+
+
+# --------------------------------------------------------------------------- 5. run lock, run identity, run folder
+
+
+def test_second_run_into_a_held_run_folder_fails_in_one_line(tmp_path):
+    from mmcore import runlock
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with runlock.hold(tmp_path / "run", data) as run_id:
+        with pytest.raises(runlock.RunFolderBusy, match=rf"in use by another mmpipe run \(pid {os.getpid()}, run {run_id}"):
+            with runlock.hold(tmp_path / "run", data):
+                pass
+    with runlock.hold(tmp_path / "run", data):  # released on exit
+        pass
+    for bad in ("/", data, tmp_path):
+        with pytest.raises(InputError, match="expected a folder of its own"):
+            runlock.check_run_dir(bad, data)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        runlock.check_run_dir(tmp_path / "file", data)
+
+
+# --------------------------------------------------------------------------- 6. spreadsheet formulas
+
+
+def test_spotcheck_csv_cells_cannot_start_a_formula():
+    caps = ["=HYPERLINK(\"http://x\",\"y\")", "+1+1", "-2", "@SUM(A1)", "'=already", "\tTAB", "plain"]
+    emb = np.eye(len(caps), dtype=np.float32)
+    sheet = spotcheck.build(emb, emb, [f"-img{i}.jpg" for i in range(len(caps))], range(len(caps)), caps,
+                            range(len(caps)), n=len(caps), seed=0)
+    for cell in pd.read_csv(io.StringIO(sheet.to_csv(index=False)), dtype=str, keep_default_na=False)[["query", "retrieved"]].stack():
+        assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), cell
+    assert {spotcheck.cell_text(spotcheck.spreadsheet_safe(c)) for c in caps} == set(caps)
+    page = spotcheck.to_html(sheet, lambda p: Image.new("RGB", (4, 4)))
+    assert "+1+1" in page and "&#x27;+1+1" not in page
+
+
+# --------------------------------------------------------------------------- 7. persisted results are JSON
+
+
+def test_planted_pickle_result_is_never_unpickled(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tasks.common import StageOutput, StageOutputSerializer, guard_record
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    out = StageOutput("clean", "/r", "sha256:a", "sha256:b", 3, 1)
+    ser = StageOutputSerializer()
+    assert ser.loads(ser.dumps(out)) == out
+    with pytest.raises(ValueError):
+        ser.loads(json.dumps({"__class__": "os.system"}).encode())
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "storage"}):
+        (tmp_path / "storage").mkdir()
+        good = {"metadata": {"serializer": {"type": ser.type}}, "result": ser.dumps(out).decode()}
+        (tmp_path / "storage" / "k1").write_text(json.dumps(good))
+        assert not guard_record("k1") and (tmp_path / "storage" / "k1").exists()
+        import base64
+
+        bad = {"metadata": {"serializer": {"type": "pickle", "picklelib": "cloudpickle"}},
+               "result": base64.b64encode(pickle.dumps(Evil())).decode()}
+        for key, content in (("k2", json.dumps(bad).encode()), ("k3", pickle.dumps(Evil()))):
+            (tmp_path / "storage" / key).write_bytes(content)
+            assert guard_record(key) and not (tmp_path / "storage" / key).exists()
+    assert not marker.exists()
+
+
+def test_disk_full_is_not_retried():
+    from tasks.common import is_transient
+
+    def state(exc):
+        return SimpleNamespace(result=lambda raise_on_failure=False: exc)
+
+    assert not is_transient(None, None, state(OSError(errno.ENOSPC, "No space left on device")))
+    assert is_transient(None, None, state(OSError(errno.EIO, "I/O error")))
+
+
+# --------------------------------------------------------------------------- 10. splits that collapse
+
+
+def _split_table(n: int, digest: str | None = None, group: str | None = None) -> pd.DataFrame:
+    df = pd.DataFrame({tables.ROW_ID: np.arange(n), tables.TEXT: [f"caption number {i}" for i in range(n)],
+                       "content_digest": digest if digest is not None else [f"sha256:{i}" for i in range(n)],
+                       "res_bucket": "<256"})
+    if group is not None:
+        df[tables.GROUP] = group
+    return df
+
+
+def test_empty_digests_and_blank_groups_are_no_key():
+    ctx = SimpleNamespace(seed=0)
+    for df in (_split_table(100, digest=""), _split_table(100, group=""), _split_table(100, group="  ")):
+        res = split.run(df, split.SplitConfig(), ctx)
+        assert res.stats["n_multi_row_groups"] == 0
+        assert res.stats["max_ratio_deviation"] < 0.05
+
+
+def test_a_split_that_collapses_fails_loudly_naming_the_group():
+    ctx = SimpleNamespace(seed=0)
+    df = _split_table(100, group=["big"] * 80 + [f"g{i}" for i in range(20)])
+    with pytest.raises(InputError, match=r"split: achieved ratios .* group 0 holds 80 of 100 rows .*group 'big' on 80 rows.*allow_imbalance"):
+        split.run(df, split.SplitConfig(), ctx)
+    res = split.run(df, split.SplitConfig(allow_imbalance=True), ctx)
+    assert res.stats["warnings"]
+
+
+# --------------------------------------------------------------------------- 11. YAML bombs
+
+
+def test_yaml_bombs_and_deep_nesting_are_one_line_errors(tmp_path):
+    bomb = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        bomb.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(bomb) + "\ndata: {manifest: *i}\n")
+    (tmp_path / "deep.yaml").write_text("[" * 10000 + "]" * 10000)
+    (tmp_path / "long.yaml").write_text("data: {manifest: m.csv}\nseed: '" + "x" * 1_000_000 + "'\n")
+    for name, match in (("bomb", "expands to more than"), ("deep", "nested"), ("long", r"^seed: .*got '")):
+        t = time.perf_counter()
+        with pytest.raises(ConfigError, match=match) as e:
+            load_config(tmp_path / f"{name}.yaml")
+        assert time.perf_counter() - t < 5 and len(str(e.value)) < 600 and "\n" not in str(e.value), name
+
+
+# --------------------------------------------------------------------------- low findings
+
+
+def test_corrupt_checkpoint_does_not_block_training(tmp_path):
+    from mmcore.trainloop import load_checkpoint
+
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 torn")
+    assert load_checkpoint(tmp_path / "last.pt") == {}
+
+
+def test_terminal_escapes_are_shown_not_sent():
+    from mmpipe.cli import _terminal_safe
+
+    assert _terminal_safe("a\x1b]0;pwned\x07b\u202ec\nd") == "a\\x1b]0;pwned\\x07b\\u202ec\nd"
+
+
+def test_not_an_image_detail_never_echoes_file_bytes(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "secret.jpg").write_bytes(b"root:$6$hash:19000:0:99999:7:::\n")
+    res = _probe(tmp_path, ["images/secret.jpg"], tmp_path)
+    assert res.quarantined[tables.REASON].tolist() == ["not_an_image"]
+    assert "root" not in res.quarantined[tables.DETAIL].iloc[0]
+
+
+def test_new_reasons_are_declared_and_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    for stage, reasons in (("probe", probe.REASONS), ("quality", quality.REASONS)):
+        for code in ("file_too_large", "unsupported_format", "too_many_pixels"):
+            assert code in reasons
+        for code in reasons:
+            assert f"| {stage} | `{code}` |" in readme, (stage, code)
+    assert "file_changed" in quality.REASONS
+
+
+def test_cli_refuses_an_out_that_is_a_file_and_a_bad_external_name(tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("image_path,caption\n")
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # never reached
+    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", str(REPO / "configs" / "demo.yaml"), "--set",
+                        f"data.manifest={manifest}", "--out", str(tmp_path / "out")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: run folder") and r.stderr.count("\n") == 1, r.stderr
+    from mmcore.evaluate import check_name
+
+    for name in ("../..", "..", "a/b", ".hidden", ""):
+        with pytest.raises(InputError, match="dataset name must match"):
+            check_name(name)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+MAX_RSS_BYTES = 3 << 30  # stated bound for the whole run's largest process (the 8 GB file alone would break it)
+
+
+@pytest.mark.slow
+def test_hostile_manifest_end_to_end(tmp_path, prefect_harness):
+    """``mmpipe run`` on a manifest of every hostile input: it completes, each hostile row has its reason,
+    memory stays under MAX_RSS_BYTES, and nothing is written outside the run folder."""
+    from prefect.settings import PREFECT_API_URL
+
+    from mmcore import synth
+
+    data = tmp_path / "data"
+    synth.generate(data, n=120, seed=3)
+    planted = plant(data)
+    more = {
+        "png16_at_limit": ("images/png16.png", png16(9000), "quality", None),  # 81 MP of 16-bit: decoded, cheaply
+        "deep_tiff": ("images/deep.tif", many_ifd_tiff(images.MAX_FRAMES + 50), "probe", None),
+    }
+    for name, (rel, blob, _, _) in more.items():
+        (data / rel).write_bytes(blob)
+    os.symlink(data / "images" / "eps.jpg", data / "images" / "link_to_eps.jpg")
+    planted["symlink_to_eps"] = ("images/link_to_eps.jpg", "probe", "unsupported_format")
+    m = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    text_col = "caption" if "caption" in m.columns else m.columns[1]
+    extra = [{"image_path": rel, text_col: f"a hostile file called {name} on a table"} for name, (rel, _, _) in planted.items()]
+    extra += [{"image_path": rel, text_col: f"a hostile file called {name} on a table"} for name, (rel, *_) in more.items()]
+    extra += [{"image_path": m["image_path"].iloc[0], text_col: "=HYPERLINK(\"http://evil\") \x1b]0;pwned\x07 a red circle"}]
+    first = m.iloc[0].to_dict()  # a valid timestamp, label and domain: only the file is hostile
+    extra = [{**first, **row} for row in extra]
+    m = pd.concat([m, pd.DataFrame(extra)], ignore_index=True).fillna("")
+    m.to_csv(data / "manifest.csv", index=False)
+    before = _tree(data)
+
+    work, tmpdir = tmp_path / "cwd", tmp_path / "tmp"
+    work.mkdir()
+    tmpdir.mkdir()
+    bin_dir, marker = _fake_gs(tmp_path)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TMPDIR": str(tmpdir),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    sets = ["train.steps=2", "train.batch_size=8", "train.num_workers=0", "evaluate.bootstrap=20",
+            "evaluate.robustness=false", "evaluate.spotcheck_n=3", "report.thumbnails_per_reason=4",
+            "split.allow_imbalance=true"]
+    cmd = [sys.executable, "-m", "mmpipe", "run", str(REPO / "configs" / "demo.yaml"), "--set",
+           f"data.manifest={data / 'manifest.csv'}", *(a for s in sets for a in ("--set", s)), "--out", str(work / "run")]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - t
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    assert peak < MAX_RSS_BYTES, peak
+
+    run = work / "run"
+    q = pd.concat([tables.read_parquet(run / s / "quarantine.parquet").assign(stage=s) for s in ("probe", "quality")])
+    got = dict(zip(q[tables.IMAGE], zip(q["stage"], q[tables.REASON])))
+    for name, (rel, stage, reason) in planted.items():
+        assert got.get(rel) == (stage, reason), (name, got.get(rel))
+    kept = tables.read_parquet(run / "quality" / "kept.parquet")
+    assert set(kept[tables.IMAGE]) >= {"images/png16.png", "images/deep.tif"}
+    csv = (run / "evaluate" / "spotcheck.csv").read_text()
+    assert "\n=" not in csv and ",=" not in csv
+    assert not marker.exists()
+    assert _tree(data) == before, "the dataset folder changed"
+    assert sorted(p.name for p in work.iterdir()) == ["run"]
+    assert not [p for p in tmpdir.rglob("*") if p.is_file()], list(tmpdir.rglob("*"))
+    r2 = subprocess.run([sys.executable, "-m", "mmpipe", "inspect", str(run), "clean", "--rows", "200"], cwd=work,
+                        env=env, capture_output=True, text=True, timeout=120)
+    assert r2.returncode == 0 and "\x1b" not in r2.stdout and "\x07" not in r2.stdout
+    (tmp_path / "e2e.json").write_text(json.dumps({"seconds": seconds, "peak_rss": peak}))
+    print(f"hostile end-to-end: {seconds:.1f} s, peak RSS {peak / 2**20:.0f} MiB")
+
+
+def test_huge_non_ascii_caption_is_too_long_before_normalisation(tmp_path):
+    from mmcore import clean
+
+    manifest = tmp_path / "m.csv"
+    manifest.touch()
+    ctx = StageContext(data=DataConfig(manifest=manifest), run_dir=tmp_path / "run", seed=0, workers=1, progress=False)
+    huge = "ü é " * 1_000_000  # 4 M non-ASCII characters: ftfy over all of it takes minutes
+    table = pd.DataFrame({tables.ROW_ID: [0, 1], "image_path": ["a.jpg", "b.jpg"], "text": [huge, "a red circle on a table"]})
+    t = time.perf_counter()
+    res = clean.run(table, clean.CleanConfig(), ctx)
+    assert time.perf_counter() - t < 10
+    assert res.quarantined[tables.REASON].tolist() == ["caption_too_long"]
+    assert res.quarantined[tables.DETAIL].iloc[0].startswith("4000000 chars")
