@@ -33,13 +33,22 @@ def pipeline(cfg: PipelineConfig, until: str = "report") -> dict[str, StageOutpu
 
 @flow(name="mmpipe-evaluate-external", flow_run_name="mmpipe-evaluate-{name}", log_prints=True,
       validate_parameters=False)
-def evaluate_external(run_dir: Path, other: PipelineConfig, name: str) -> Path:
-    """Evaluate a run's model on another dataset, curated with the run's own clean, probe and quality
-    settings (cached like any run); writes ``RUN_DIR/evaluate/external/NAME/metrics.json``."""
-    own = load_config(RunLayout(run_dir).config)
+def evaluate_external(run_dir: Path, other: PipelineConfig, name: str, model: Path | None = None) -> Path:
+    """Evaluate a model on another dataset, curated by clean, probe and quality (cached like any run);
+    writes ``RUN_DIR/evaluate/external/NAME/metrics.json``.
+
+    Without ``model``: the run's own model, and the run's curation and evaluation settings. With
+    ``model`` (a bare model folder): ``run_dir`` is a new folder for the results, and the other
+    dataset's config gives the settings.
+    """
+    if model is None:
+        own = load_config(RunLayout(run_dir).config)
+    else:
+        own = other.model_copy(update={"out": Path(run_dir).resolve()})
+        stages.save_config(own)
     curated = own.model_copy(update={"data": other.data, "out": RunLayout(run_dir).curation(name).resolve()})
     quality = pipeline(curated, until="quality")["quality"]
-    return external_evaluate(own, other.data, quality, name)
+    return external_evaluate(own, other.data, quality, name, model)
 
 
 @flow(name="mmpipe-from-config", flow_run_name="mmpipe-from-config", log_prints=True)

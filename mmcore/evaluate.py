@@ -54,8 +54,7 @@ REASONS = {"decode_failed": "the image could not be read or decoded when embeddi
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a {}.", "an image of a {}.", "a picture of a {}."]
 # Lower is better for these; every other metric is higher-is-better.
 LOWER_IS_BETTER = ("mean_rank", "median_rank")
-# metrics.json's top-level keys that are not split names.
-NOT_SPLITS = ("chance", "n_queries", "baseline", "n_decode_failed")
+NOT_SPLITS = metrics.NOT_SPLITS
 
 
 
@@ -117,7 +116,7 @@ class Embedded:
     failed: pd.DataFrame  # rows whose image did not decode, with "detail"
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
     if device == "auto":
         import torch
 
@@ -532,7 +531,7 @@ def _evaluate(
     Args:
         baseline: (encoder, its folder) of the model to compare with on the same rows, or (None, None).
     """
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     robust_split = "test" if robust and cfg.robustness and "test" in splits and cfg.degradations else None
     rows_in = table[table[SPLIT].isin(splits)]
     emb = embed(rows_in, encoder, cfg, ctx, robust_split)
@@ -623,9 +622,9 @@ def run(
     spot-check sheet under ``RUN_DIR/evaluate/``.
     """
     splits = _check(table, cfg, "evaluate")
-    baseline = _baseline_encoder(cfg, ctx, _resolve_device(cfg.device)) if baseline_encoder is None else (baseline_encoder, None)
+    baseline = _baseline_encoder(cfg, ctx, resolve_device(cfg.device)) if baseline_encoder is None else (baseline_encoder, None)
     if encoder is None:
-        encoder = _load_encoder(ctx, _resolve_device(cfg.device))
+        encoder = _load_encoder(ctx, resolve_device(cfg.device))
     out_dir = ctx.stage_dir(STAGE)
     result, emb, scored, rob = _evaluate(table, cfg, ctx, encoder, splits, robust=True, out_dir=out_dir, baseline=baseline)
     tables.write_parquet(_embeddings_table(emb), out_dir / EMBEDDINGS_FILE)
@@ -673,9 +672,9 @@ def run_external(
     if SPLIT not in table.columns:
         table = table.assign(**{SPLIT: "test"})
     splits = _check(table, cfg, f"evaluate external {name!r}")
-    baseline = _baseline_encoder(cfg, ctx, _resolve_device(cfg.device)) if baseline_encoder is None else (baseline_encoder, None)
+    baseline = _baseline_encoder(cfg, ctx, resolve_device(cfg.device)) if baseline_encoder is None else (baseline_encoder, None)
     if encoder is None:
-        encoder = _load_encoder(ctx, _resolve_device(cfg.device))
+        encoder = _load_encoder(ctx, resolve_device(cfg.device))
     out_dir = RunLayout(ctx.run_dir).external(name)
     result, emb, _, _ = _evaluate(table, cfg, ctx, encoder, splits, robust=False, out_dir=out_dir, baseline=baseline)
     result["n_decode_failed"] = int(len(emb.failed))

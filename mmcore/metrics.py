@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# metrics.json's top-level keys that are not split names (evaluate writes it, the report reads it).
+NOT_SPLITS = ("chance", "n_queries", "baseline", "n_decode_failed")
+
 NDCG_K = 10
 
 

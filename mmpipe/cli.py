@@ -323,26 +323,41 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> No
 @app.command()
 @_one_line_errors
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder with a trained model (train/model).")],
-    data: Annotated[Path, typer.Option(help="Config of another dataset (its data section is used).")],
+    path: Annotated[Path, typer.Argument(
+        help="A run folder with a trained model (train/model), or a model folder: one saved by mmpipe or "
+        "any local Hugging Face CLIP folder (save_pretrained of the model and its processor).")],
+    data: Annotated[Path, typer.Option(help="Config of the dataset to evaluate on (its data section is used).")],
     name: Annotated[Optional[str], typer.Option(help="Name for the results; default: that config's run_name.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="With a model folder: the folder for the results; default runs/<name>-<model folder name>.")] = None,
 ) -> None:
-    """Evaluate the run's model on another dataset, after the same clean, probe and quality stages.
+    """Evaluate a model on a dataset, after the clean, probe and quality stages (cached).
 
-    Writes RUN_DIR/evaluate/external/NAME/metrics.json (with CIs) beside the run's own metrics.
+    With a run folder: the run's model, curated and scored with the run's settings, written to
+    RUN_DIR/evaluate/external/NAME/metrics.json beside the run's own metrics; with the run's
+    evaluate.baseline on, the model it was fine-tuned from is scored on the same rows.
+    With a model folder (e.g. a pretrained CLIP before fine-tuning): the dataset config's settings,
+    written to OUT/evaluate/external/NAME/metrics.json.
     """
     from mmcore import clean
     from mmcore import evaluate as evaluate_mod
     from mmcore.config import check_paths, load_config
 
-    run = RunLayout(run_dir.resolve())
-    if not run.config.is_file():
-        raise MMPipeError(f"not a run folder (no {run.config.name}): {run_dir}")
-    if not run.model.is_dir():
-        raise MMPipeError(f"evaluate: no trained model at {run.model}; run the train stage first")
     other = load_config(data)
-    name = name or other.run_name
-    evaluate_mod.check_name(name)  # before anything is written under the run folder
+    name = evaluate_mod.check_name(name or other.run_name)  # before anything is written
+    run = RunLayout(path.resolve())
+    model: Path | None = None
+    if run.config.is_file():
+        if not run.model.is_dir():
+            raise MMPipeError(f"evaluate: no trained model at {run.model}; run the train stage first")
+    elif path.is_dir():
+        from mmcore import clip_model
+
+        clip_model.check(path, None, "evaluate")  # not a CLIP-family folder: a one-line error, nothing written
+        model = path.resolve()
+        run = RunLayout((out or Path("runs") / f"{name}-{path.resolve().name}").resolve())
+    else:
+        raise MMPipeError(f"evaluate: {path} is neither a run folder (no {run.config.name}) nor a model folder")
     clean.check_columns(other.data)
     check_paths(other)
     _setup_prefect_env()
@@ -350,7 +365,7 @@ def evaluate(
     from flows.server import temporary_server
 
     with temporary_server():
-        path = evaluate_external(run.root, other, name)
+        path = evaluate_external(run.root, other, name, model)
     typer.echo(evaluate_mod.summary_markdown(tables.read_json(path)))
     typer.echo(f"metrics: {path}")
 

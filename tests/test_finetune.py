@@ -317,6 +317,12 @@ def test_evaluate_runs_on_a_bare_hugging_face_folder(openai_clip, demo, tmp_path
     assert 0 <= m["test"]["retrieval"]["t2i_r5"]["value"] <= 1
     c = m["baseline"]["test"]["retrieval"]["t2i_r5"]  # the same model: no difference
     assert c["diff"]["value"] == 0 and c["diff"]["low"] == 0 == c["diff"]["high"]
+    # The report shows the comparison: starting model, this model, the paired difference.
+    from mmcore import report
+
+    html = report.build(tmp_path).read_text()
+    assert 'data-key="evaluate.baseline.test.retrieval.t2i_r5.diff" data-value="0' in html
+    assert "Against the starting model (test)" in html and ">baseline split<" not in html
 
 
 def test_quality_alignment_score_uses_the_same_loader(openai_clip, demo):
@@ -399,3 +405,34 @@ def test_mmpipe_train_exits_2_with_one_line_and_writes_nothing(case, demo, opena
     assert err.startswith("error: ") and "\n" not in err
     assert pytest.importorskip("re").search(msg, err), err
     assert not (run / "train").exists()
+
+
+# --------------------------------------------------------------------------- mmpipe evaluate on a bare folder
+
+
+@pytest.mark.slow
+def test_mmpipe_evaluate_runs_on_a_bare_hugging_face_folder(openai_clip, demo, tmp_path):
+    """`mmpipe evaluate MODEL_FOLDER --data CFG`: the pretrained model before any fine-tuning, through
+    the command line and the cached flow; a folder that is not a CLIP model is one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    _, data = demo
+    cfg = tmp_path / "domain.yaml"
+    cfg.write_text(yaml.safe_dump({"run_name": "domain", "data": {"manifest": str(data.manifest), "label_column": "label"},
+                                   "evaluate": {"bootstrap": 20, "spotcheck_n": 2, "robustness": False}}))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mmpipe", "evaluate", *map(str, args)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600, env=env)
+
+    r = cli(openai_clip, "--data", cfg, "--out", tmp_path / "pretrained")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = tables.read_json(RunLayout(tmp_path / "pretrained").external("domain") / METRICS_FILE)
+    assert 0 <= m["test"]["retrieval"]["i2t_r5"]["value"] <= 1 and "i2t_r5" in r.stdout
+    (tmp_path / "not-a-model").mkdir()
+    r = cli(tmp_path / "not-a-model", "--data", cfg, "--out", tmp_path / "nothing")
+    assert r.returncode == 2 and r.stderr.startswith("error: evaluate:") and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "nothing").exists()

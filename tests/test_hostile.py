@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mmcore import faults, images, probe, quality, spotcheck, split, tables
+from mmcore import faults, images, probe, quality, split, spotcheck, tables
 from mmcore.base import DataConfig, StageContext
 from mmcore.config import load_config
 from mmcore.errors import ConfigError, InputError
@@ -526,8 +526,11 @@ def test_hostile_manifest_end_to_end(tmp_path, prefect_harness):
     got = dict(zip(q[tables.IMAGE], zip(q["stage"], q[tables.REASON])))
     for name, (rel, stage, reason) in planted.items():
         assert got.get(rel) == (stage, reason), (name, got.get(rel))
-    kept = tables.read_parquet(run / "quality" / "kept.parquet")
-    assert set(kept[tables.IMAGE]) >= {"images/png16.png", "images/deep.tif"}
+    # Costly but valid: passed the probe, then scored by quality's checks (a 1x1 or flat image fails one).
+    assert set(tables.read_parquet(run / "probe" / "kept.parquet")[tables.IMAGE]) >= {"images/png16.png", "images/deep.tif"}
+    for rel in ("images/png16.png", "images/deep.tif"):
+        assert got.get(rel, ("quality", "too_small"))[1] in quality.REASONS and got.get(rel, ("", ""))[1] not in (
+            "corrupt_image", "file_too_large", "file_changed"), (rel, got.get(rel))
     csv = (run / "evaluate" / "spotcheck.csv").read_text()
     assert "\n=" not in csv and ",=" not in csv
     assert not marker.exists()

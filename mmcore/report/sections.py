@@ -17,6 +17,7 @@ from pydantic import Field
 
 from mmcore import graph, tables
 from mmcore.base import StrictModel
+from mmcore.metrics import NOT_SPLITS
 from mmcore.provenance import versions
 from mmcore.report import plots
 from mmcore.report.ablation import headline_plot
@@ -450,6 +451,29 @@ def _ablation(a: pd.DataFrame) -> str:
     return table(head, rows, "metrics")
 
 
+def _baseline(m: Mapping[str, Any], key: str) -> str:
+    """``metrics.json["baseline"]``: the model training started from against this one on the same rows,
+    per split (and per domain): both with CIs and the paired bootstrap difference, CI and p-value."""
+    block = _mapping(m.get("baseline"))
+    out = []
+    for s in [s for s in ("test", "val", "train") if isinstance(block.get(s), Mapping)]:
+        parts = {"": block[s], **{f" · {d}": v for d, v in _mapping(block[s].get("per_domain")).items()}}
+        rows = []
+        for where, body in parts.items():
+            for group in ("retrieval", "zeroshot"):
+                leaves = _mapping(_mapping(body).get(group))
+                for metric in _metric_order([k for k, v in leaves.items() if isinstance(v, Mapping) and is_ci(v.get("diff"))]):
+                    c = leaves[metric]
+                    k = f"{key}.{s}{where.replace(' · ', '.per_domain.')}.{group}.{metric}"
+                    p = c["diff"].get("p_value")
+                    rows.append([f"<td>{esc(metric + where)}</td>", cell(f"{k}.baseline", c.get("baseline")),
+                                 cell(f"{k}.model", c.get("model")), cell(f"{k}.diff", c["diff"]), cell(None, p)])
+        if rows:
+            out.append(f"<h4>Against the starting model ({esc(s)}) <small>{esc(str(block.get('model', '')))}</small></h4>"
+                       + table(["metric", "starting model", "this model", "difference [95% CI]", "p"], rows, "metrics"))
+    return "".join(out)
+
+
 def _comparisons(run: Run) -> str:
     """The augmentation ablation table and other datasets' metrics, where the run has them."""
     out = []
@@ -464,6 +488,7 @@ def _comparisons(run: Run) -> str:
         for s in [s for s in ("test", "val", "train") if isinstance(em.get(s), Mapping)]:
             out.append(f"<h3>External: {esc(name)} ({esc(s)})</h3>")
             out.append(_split_metrics(em[s], f"evaluate.external.{name}.{s}", _mapping(_mapping(em.get("chance")).get(s))))
+        out.append(_baseline(em, f"evaluate.external.{name}.baseline"))
     return "".join(out)
 
 
@@ -476,7 +501,7 @@ def metrics(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
     m = tables.read_json(path)
     chance = _mapping(m.get("chance"))
     splits = [s for s in ("test", "val", "train") if isinstance(m.get(s), Mapping)]
-    splits += [s for s, v in m.items() if s not in splits and s not in ("chance", "n_queries") and isinstance(v, Mapping)]
+    splits += [s for s, v in m.items() if s not in splits and s not in NOT_SPLITS and isinstance(v, Mapping)]
     out = []
     for s in splits:
         body = m[s]
@@ -487,6 +512,7 @@ def metrics(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
         zs = _mapping(body.get("zeroshot"))
         if s == splits[0] and zs.get("confusion") and zs.get("classes"):
             out.append(charts(figure(plots.heatmap(np.asarray(zs["confusion"]), zs["classes"], f"Zero-shot confusion ({s})"), "zero-shot confusion matrix")))
+    out.append(_baseline(m, "evaluate.baseline"))
     first = splits[0] if splits else None
     if first and isinstance(m[first].get("per_domain"), Mapping):
         out.append(f"<h3>Cross-domain ({esc(first)})</h3>{_per_domain(m[first]['per_domain'], f'evaluate.{first}.per_domain')}")
