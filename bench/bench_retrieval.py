@@ -73,7 +73,8 @@ def main() -> None:
         print(json.dumps(worker(a.worker[0], int(a.worker[1]), int(a.worker[2]))))
         return
     rows = [_run("dense", a.dense_n, a.chunk), _run("chunked", a.dense_n, a.chunk), _run("chunked", a.n, a.chunk)]
-    import numpy, torch  # noqa: E401 - versions for the record
+    import numpy  # noqa: E401 - versions for the record
+    import torch
 
     dense, small = rows[0], rows[1]
     lines = [

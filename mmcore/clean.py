@@ -6,9 +6,11 @@ text) or ``html.unescape`` (text with ``&``), so a million rows take seconds.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import functools
 import html
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +28,13 @@ from mmcore import tables
 from mmcore.base import DataConfig, StageContext, StrictModel
 from mmcore.errors import InputError
 from mmcore.registry import Registry
-from mmcore.tables import IMAGE, LABEL, DOMAIN, GROUP, ROW_ID, TEXT, TEXT_RAW, TIME, StageResult
+from mmcore.tables import DOMAIN, GROUP, IMAGE, LABEL, ROW_ID, TEXT, TEXT_RAW, TIME, StageResult
 
 STAGE = "clean"
 
 # Reason codes, in the order the checks run (a row gets the first it fails).
 REASONS = {
+    "invalid_encoding": "a cell of the row is not valid UTF-8 (the undecodable bytes read as U+FFFD)",
     "empty_image_path": "the image path is empty or missing",
     "empty_caption": "the caption is empty or only whitespace",
     "caption_too_short": "fewer than clean.min_chars characters or clean.min_words words",
@@ -84,9 +87,70 @@ class Reader:
 READERS: Registry[Reader] = Registry("format", error=InputError, unknown="unsupported")
 
 
+# A column the readers add: why a row's bytes did not decode ("" when they did). clean.run turns it
+# into the reason invalid_encoding and drops it; a manifest may not have a column of that name.
+BAD_BYTES = "_mmpipe_invalid_encoding"
+# pyarrow parses CSV in blocks (1 MB by default) and refuses a row longer than one: a bigger block,
+# and the whole file as one block when a row is longer still (caption_too_long then catches it).
+_CSV_BLOCK = 16 << 20
+_MAX_BLOCK = (1 << 31) - 1
+
+
+def _no_duplicates(names: list[str], path: Path) -> list[str]:
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise InputError(f"data.manifest: duplicate column names {', '.join(map(repr, dups))} in {path}; "
+                         "expected each column name once")
+    return names
+
+
 def _header(path: Path, delimiter: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        return next(csv.reader(f, delimiter=delimiter), [])
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which is not part of the first name.
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        return _no_duplicates(next(csv.reader(f, delimiter=delimiter), []), path)
+
+
+def _utf8(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray | None]:
+    """A binary or string column as valid UTF-8 strings, and which rows had undecodable bytes (None: none)."""
+    large = pa.types.is_large_string(col.type) or pa.types.is_large_binary(col.type)
+    target = pa.large_string() if large else pa.string()
+    try:
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            return col.cast(target), None  # the cast validates UTF-8
+        col.validate(full=True)
+        return col, None
+    except pa.ArrowInvalid:
+        pass
+    # Only a column that failed pays for decoding cell by cell.
+    values = col.cast(pa.large_binary() if large else pa.binary()).to_pylist()
+    bad = np.zeros(len(values), bool)
+    out: list[str | None] = []
+    for i, b in enumerate(values):
+        try:
+            out.append(None if b is None else b.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(b.decode("utf-8", "replace"))
+            bad[i] = True
+    return pa.chunked_array([pa.array(out, target)], target), bad
+
+
+def _from_arrow(t: pa.Table, path: Path) -> pd.DataFrame:
+    """The table as pandas, its text columns decoded; rows with undecodable bytes say so in ``BAD_BYTES``."""
+    _no_duplicates(t.column_names, path)
+    why = np.full(t.num_rows, "", dtype=object)
+    for i, name in enumerate(t.column_names):
+        col = t.column(i)
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type)
+                or pa.types.is_large_binary(col.type)):
+            continue
+        col, bad = _utf8(col)
+        t = t.set_column(i, name, col)
+        if bad is not None:
+            why[bad & (why == "")] = f"invalid UTF-8 in column {name!r}"
+    df = t.to_pandas()
+    if (why != "").any():
+        df[BAD_BYTES] = pd.Series(why, dtype="str")
+    return df
 
 
 def _read_delimited(path: Path, delimiter: str) -> pd.DataFrame:
@@ -94,10 +158,18 @@ def _read_delimited(path: Path, delimiter: str) -> pd.DataFrame:
     header = _header(path, delimiter)
     if not header:
         raise InputError(f"manifest {path} is empty; expected a header row")
-    # Every column as a string, empty cells as "", so "NA" captions and ids keep their text.
-    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=False)
+    # Every column as bytes (decoded per column, bad cells per row), empty cells as "", so "NA"
+    # captions and ids keep their text.
+    convert = pacsv.ConvertOptions(column_types={c: pa.binary() for c in header}, strings_can_be_null=False)
     parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
-    return pacsv.read_csv(path, convert_options=convert, parse_options=parse).to_pandas()
+    try:
+        t = pacsv.read_csv(path, pacsv.ReadOptions(block_size=_CSV_BLOCK), parse, convert)
+    except pa.ArrowInvalid as e:
+        if "straddl" not in str(e):
+            raise
+        block = min(max(path.stat().st_size + 1, _CSV_BLOCK), _MAX_BLOCK)
+        t = pacsv.read_csv(path, pacsv.ReadOptions(block_size=block), parse, convert)
+    return _from_arrow(t, path)
 
 
 def _delimited(delimiter: str) -> Reader:
@@ -105,16 +177,34 @@ def _delimited(delimiter: str) -> Reader:
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
-    return pq.read_table(path).to_pandas()
+    # Parquet does not validate UTF-8 on write: a string column may hold any bytes.
+    _parquet_columns(path)  # duplicate names fail pyarrow's read with a less helpful message
+    return _from_arrow(pq.read_table(path), path)
 
 
 def _parquet_columns(path: Path) -> list[str]:
-    return list(pq.read_schema(path).names)
+    return _no_duplicates(list(pq.read_schema(path).names), path)
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:
     """One JSON object per line (``.json`` too: a manifest is a stream of records)."""
-    return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return pd.read_json(io.StringIO(raw.decode("utf-8")), lines=True, dtype=False, convert_dates=False)
+    except UnicodeDecodeError:
+        pass
+    lines = [ln for ln in raw.split(b"\n") if ln.strip()]
+    why = []
+    for ln in lines:
+        try:
+            ln.decode("utf-8")
+            why.append("")
+        except UnicodeDecodeError:
+            why.append("invalid UTF-8 in the line")
+    text = "\n".join(ln.decode("utf-8", "replace") for ln in lines)
+    df = pd.read_json(io.StringIO(text), lines=True, dtype=False, convert_dates=False)
+    df[BAD_BYTES] = pd.Series(why, index=df.index, dtype="str")
+    return df
 
 
 _PARQUET, _JSONL = Reader(_read_parquet, _parquet_columns), Reader(_read_jsonl)
@@ -149,6 +239,7 @@ def read_manifest(data: DataConfig) -> pd.DataFrame:
     except Exception as e:
         raise _unparsable(path, e) from None
     df = df.reset_index(drop=True)
+    _no_duplicates([str(c) for c in df.columns], path)
     if ROW_ID in df.columns:
         raise InputError(f"data.manifest: column {ROW_ID!r} is reserved for mmpipe ({path}); rename it")
     df.insert(0, ROW_ID, np.arange(len(df), dtype=np.int64))
@@ -163,9 +254,11 @@ def manifest_columns(data: DataConfig) -> list[str]:
     """The manifest's column names, read from its header only where the format allows (for checks before a run)."""
     path, reader = _manifest_file(data)
     if reader.columns is None:
-        return [c for c in read_manifest(data).columns if c != ROW_ID]
+        return [c for c in read_manifest(data).columns if c not in (ROW_ID, BAD_BYTES)]
     try:
         return reader.columns(path)
+    except InputError:
+        raise
     except Exception as e:
         raise _unparsable(path, e) from None
 
@@ -367,7 +460,8 @@ _RAW_LENGTH_FACTOR = 16
 
 def run(table: pd.DataFrame, cfg: CleanConfig, ctx: StageContext) -> StageResult:
     """Map columns, normalise captions, and quarantine rows with the reasons in ``REASONS``."""
-    df = map_columns(table, ctx.data)
+    bad_bytes = table[BAD_BYTES].fillna("").astype("str") if BAD_BYTES in table.columns else None
+    df = map_columns(table.drop(columns=[BAD_BYTES], errors="ignore"), ctx.data)
     df.insert(df.columns.get_loc(TEXT) + 1, TEXT_RAW, df[TEXT])
     # Length first: normalising a 50 MB caption (ftfy) takes minutes. Normalisation only drops
     # control characters and repeated spaces, so a caption this far over max_chars stays too long;
@@ -400,7 +494,10 @@ def run(table: pd.DataFrame, cfg: CleanConfig, ctx: StageContext) -> StageResult
 
     key = df[IMAGE] + "\x00" + df[TEXT].str.casefold()
     empty_text = n_chars == 0
+    if bad_bytes is None:
+        bad_bytes = pd.Series("", index=idx, dtype="str")
     checks = [
+        ("invalid_encoding", pd.Series(bad_bytes.to_numpy() != "", idx), pd.Series(bad_bytes.to_numpy(), idx)),
         ("empty_image_path", df[IMAGE] == "", "image path is empty"),
         ("empty_caption", empty_text, "caption is empty after normalisation"),
         (

@@ -13,6 +13,9 @@ from pathlib import Path
 
 # The run.
 CONFIG_FILE = "config.yaml"  # the resolved config the run was made with
+RUN_FILE = "run.json"  # the run's identity: id, start, planned stages (mmcore.runlock)
+LOCK_FILE = ".mmpipe.lock"  # held while a run writes the folder; a second run fails in one line
+SUPERSEDED_DIR = ".superseded"  # .superseded/<run id>/: stages of an earlier run this run did not redo
 
 # Every stage (the artifact contract of ``mmcore.tables``).
 KEPT_FILE = "kept.parquet"

@@ -34,8 +34,7 @@ from pydantic import Field, field_validator, model_validator
 from mmcore import checks, faults, images, parallel, tables
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import ConfigError, MMPipeError, row_detail
-from mmcore.tables import broadcast, distinct_paths
-from mmcore.tables import IMAGE, ROW_ID, TEXT, StageResult
+from mmcore.tables import IMAGE, ROW_ID, TEXT, StageResult, broadcast, distinct_paths
 
 STAGE = "quality"
 

@@ -27,16 +27,11 @@ from typing import TYPE_CHECKING
 
 from mmcore import graph, tables
 from mmcore.errors import InputError, MMPipeError
-from mmcore.layout import RunLayout
+from mmcore.layout import LOCK_FILE, RUN_FILE, SUPERSEDED_DIR, RunLayout
 from mmcore.stale import STALE, stale
 
 if TYPE_CHECKING:
     from mmcore.config import PipelineConfig
-
-# TODO(lead): these three names belong in mmcore.layout (its owner adds them; the test there lists them).
-LOCK_FILE = ".mmpipe.lock"
-RUN_FILE = "run.json"
-SUPERSEDED_DIR = ".superseded"
 
 
 class RunFolderBusy(InputError):

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -146,11 +145,16 @@ class StageOutputSerializer(Serializer):
     type: str = STAGE_OUTPUT_SERIALIZER
 
     def dumps(self, obj: Any) -> bytes:
+        if isinstance(obj, BaseException):  # a failed run's state: its error as text, never a pickle
+            return json.dumps({"error": type(obj).__name__, "message": str(obj)[:2000]}, sort_keys=True).encode()
         if not isinstance(obj, StageOutput):
             raise TypeError(f"only a StageOutput is persisted, got {type(obj).__name__}")
         return json.dumps(dataclasses.asdict(obj), sort_keys=True).encode()
 
-    def loads(self, blob: bytes) -> StageOutput:
+    def loads(self, blob: bytes) -> StageOutput | RuntimeError:
+        data = json.loads(blob)
+        if isinstance(data, dict) and set(data) == {"error", "message"}:
+            return RuntimeError(f"{data['error']}: {data['message']}")  # text only: no class is looked up
         return stage_output_from_json(blob)
 
 

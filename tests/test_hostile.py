@@ -557,3 +557,305 @@ def test_huge_non_ascii_caption_is_too_long_before_normalisation(tmp_path):
     assert time.perf_counter() - t < 10
     assert res.quarantined[tables.REASON].tolist() == ["caption_too_long"]
     assert res.quarantined[tables.DETAIL].iloc[0].startswith("4000000 chars")
+
+
+# --------------------------------------------------------------------------- 8. row-level manifest damage
+
+
+def _clean_manifest(path: Path):
+    """read_manifest + clean.run on one manifest file, as the clean task runs them."""
+    from mmcore import clean
+
+    data = DataConfig(manifest=path)
+    ctx = StageContext(data=data, run_dir=path.parent / "run", seed=0, workers=1, progress=False)
+    return clean.run(clean.read_manifest(data), clean.CleanConfig(), ctx)
+
+
+GOOD_ROWS = [("b.jpg", "a blue circle on a wooden table"), ("c.jpg", "a green square on a grey mat")]
+
+
+def _bad_utf8_parquet(path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = pa.array([b"a red caf\xe9 on a table", *(t.encode() for _, t in GOOD_ROWS)], pa.binary())
+    text = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())  # Parquet does not validate UTF-8
+    pq.write_table(pa.table({"image_path": ["a.jpg", *(p for p, _ in GOOD_ROWS)], "text": text}), path)
+
+
+@pytest.mark.parametrize("name", ["manifest.csv", "manifest.tsv", "manifest.jsonl", "manifest.parquet"])
+def test_undecodable_bytes_cost_their_row_not_the_manifest(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        _bad_utf8_parquet(path)
+    elif name.endswith(".jsonl"):
+        lines = [b'{"image_path": "a.jpg", "text": "a red caf\xe9 on a table"}']
+        lines += [json.dumps({"image_path": p, "text": t}).encode() for p, t in GOOD_ROWS]
+        path.write_bytes(b"\n".join(lines) + b"\n")
+    else:
+        sep = b"\t" if name.endswith(".tsv") else b","
+        rows = [b"image_path" + sep + b"text", b"a.jpg" + sep + b"a red caf\xe9 on a table"]
+        rows += [p.encode() + sep + t.encode() for p, t in GOOD_ROWS]
+        path.write_bytes(b"\n".join(rows) + b"\n")
+    res = _clean_manifest(path)
+    q = res.quarantined
+    assert q[tables.REASON].tolist() == ["invalid_encoding"] and q[tables.ROW_ID].tolist() == [0]
+    assert "UTF-8" in q[tables.DETAIL].iloc[0]
+    assert "\ufffd" in q[tables.TEXT_RAW].iloc[0]  # the bytes shown as U+FFFD, not dropped
+    assert res.kept[tables.TEXT].tolist() == [t for _, t in GOOD_ROWS]
+    from mmcore import clean
+
+    assert clean.BAD_BYTES not in res.kept.columns and clean.BAD_BYTES not in q.columns
+
+
+@pytest.mark.parametrize("block", [None, 1 << 20])  # clean's block; pyarrow's default (the whole-file fallback)
+def test_a_csv_row_over_pyarrows_block_is_read_then_too_long(tmp_path, monkeypatch, block):
+    from mmcore import clean
+
+    if block is not None:
+        monkeypatch.setattr(clean, "_CSV_BLOCK", block)
+    path = tmp_path / "manifest.csv"
+    huge = "word " * 2_000_000  # 10 MB in one row: pyarrow's 1 MB default block refused the file
+    body = "".join(f"{p},{t}\n" for p, t in GOOD_ROWS)
+    path.write_text(f"image_path,text\n{body}a.jpg,{huge}\n" + "d.jpg,a yellow star on a white wall\n" * 3)
+    t = time.perf_counter()
+    res = _clean_manifest(path)
+    assert time.perf_counter() - t < 10
+    q = res.quarantined.set_index(tables.ROW_ID)
+    assert q.loc[2, tables.REASON] == "caption_too_long"
+    assert len(res.kept) == 3  # the two good rows and the first yellow star (the others are duplicates)
+
+
+def test_an_excel_bom_is_not_part_of_the_first_column_name(tmp_path):
+    from mmcore import clean
+
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(b"\xef\xbb\xbfimage_path,text\r\n" + b"".join(f"{p},{t}\r\n".encode() for p, t in GOOD_ROWS))
+    data = DataConfig(manifest=path)
+    assert clean.manifest_columns(data) == ["image_path", "text"]
+    clean.check_columns(data)
+    assert _clean_manifest(path).kept[tables.IMAGE].tolist() == [p for p, _ in GOOD_ROWS]
+    jsonl = tmp_path / "manifest.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b"\n".join(json.dumps({"image_path": p, "text": t}).encode() for p, t in GOOD_ROWS))
+    assert len(_clean_manifest(jsonl).kept) == 2
+
+
+def test_duplicate_column_names_are_a_one_line_error_naming_them(tmp_path):
+    from mmcore import clean
+
+    csv_path = tmp_path / "manifest.csv"
+    csv_path.write_text("image_path,text,text,id,id\na.jpg,one,two,1,2\n")
+    for fn in (clean.manifest_columns, clean.read_manifest):
+        with pytest.raises(InputError, match=r"duplicate column names 'id', 'text' in .*manifest\.csv"):
+            fn(DataConfig(manifest=csv_path))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq_path = tmp_path / "manifest.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a.jpg"]), pa.array(["x"]), pa.array(["y"])],
+                                        names=["image_path", "text", "text"]), pq_path)
+    for fn in (clean.manifest_columns, clean.read_manifest):
+        with pytest.raises(InputError, match="duplicate column names 'text'"):
+            fn(DataConfig(manifest=pq_path))
+    # Through the CLI: exit 2, one line, before Prefect starts.
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # never reached
+    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", str(REPO / "configs" / "demo.yaml"), "--set",
+                        f"data.manifest={csv_path}", "--out", str(tmp_path / "run")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: data.manifest: duplicate column names"), r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- 3 and mathtext: the report
+
+
+def _metrics_run(run_dir: Path, classes: list[str], confusion: np.ndarray) -> Path:
+    """A run folder holding only evaluate's metrics.json with a zero-shot block."""
+    from mmcore.layout import RunLayout
+
+    metrics = {"test": {"i2t_r1": {"value": 0.5, "low": 0.4, "high": 0.6},
+                        "zeroshot": {"acc1": {"value": 0.3, "low": 0.2, "high": 0.4},
+                                     "classes": classes, "confusion": confusion.tolist()}}}
+    tables.write_bytes(json.dumps(metrics).encode(), RunLayout(run_dir).metrics)
+    return run_dir
+
+
+_HEATMAP_CHILD = """
+import json, resource, sys, numpy as np
+from mmcore.report import page
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+html, statuses = page.render(sys.argv[1])
+print(json.dumps({"base": base, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "status": statuses["metrics"], "bytes": len(html)}))
+"""
+
+
+def test_a_1000_class_confusion_matrix_costs_little_memory(tmp_path):
+    n = 1000
+    rng = np.random.default_rng(0)
+    conf = rng.integers(0, 3, (n, n)) + np.diag(rng.integers(1, 60, n))
+    _metrics_run(tmp_path / "run", [f"class {i}" for i in range(n)], conf)
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", _HEATMAP_CHILD, str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    seconds = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    grown = (out["peak"] - out["base"]) * 1024
+    print(f"1,000-class confusion: report peak RSS {out['peak'] / 1024:.0f} MiB (+{grown / 2**20:.0f} MiB), {seconds:.1f} s")
+    assert out["status"] == "ok"
+    assert grown < 600 * 2**20  # drawn whole it took 24 GB; the heatmap draws the top 50 classes
+    assert out["bytes"] < 5 * 2**20
+
+
+def test_heatmap_draws_the_top_classes_and_lists_the_most_confused_pairs(tmp_path):
+    from mmcore.report import plots
+
+    n = 120
+    conf = np.eye(n, dtype=int) * np.arange(1, n + 1)[:, None]  # support grows with the index
+    conf[7, 3] = 5
+    top = plots.top_classes(conf)
+    assert len(top) == plots.HEATMAP_CLASSES and top[0] == n - 1 and set(top) == set(range(n - 50, n))
+    from mmcore.report import page
+
+    html, statuses = page.render(_metrics_run(tmp_path / "run", [f"c{i}" for i in range(n)], conf))
+    assert statuses["metrics"] == "ok"
+    assert f"50 of {n} classes" in html and "Most confused pairs" in html and "<td>c7</td><td>c3</td>" in html
+
+
+@pytest.mark.parametrize("name", ["$x$", "costs $5", r"$\frac{$", "a $$ b", r"$\undefinedmacro$"])
+def test_dollar_signs_in_class_names_and_captions_are_text_not_mathtext(tmp_path, name):
+    from mmcore.report import page, plots
+
+    classes = [name, "dog", "cat"]
+    html, statuses = page.render(_metrics_run(tmp_path / "run", classes, np.eye(3, dtype=int) * 4))
+    assert statuses["metrics"] == "ok", html[html.find('id="metrics"'):][:600]
+    # Every chart helper that shows data text: labels, titles, legends.
+    assert plots.barh({name: 3, "ok": 1}, title=name).startswith("data:image/png")
+    assert plots.scatter(np.arange(4), np.arange(4), title=name, groups=np.array([name, name, "b", "b"]))
+    assert plots.stacked_shares([(name, {"train": {name: 3, "x": 1}})])
+
+
+def _png(path: Path, size=(40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _photo(1, size).save(path, "PNG")
+    return path
+
+
+def test_report_thumbnails_decode_only_what_the_runs_probe_policy_allows(tmp_path, monkeypatch):
+    from mmcore.layout import RunLayout
+    from mmcore.report import page, sections
+    from mmcore.report.markup import Thumbs
+
+    root = tmp_path / "data"
+    _png(root / "ok.png")
+    (root / "photo.jpg").write_bytes(_save(_photo(2), "JPEG"))
+    (root / "eps.jpg").write_bytes(eps_bytes())
+    (root / "big.png").write_bytes(png16(300))
+    bin_dir, marker = _fake_gs(tmp_path)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    # The policy comes from the run's saved config (its probe section), never from mmcore.config.
+    run_dir = tmp_path / "run"
+    RunLayout(run_dir).config.parent.mkdir(parents=True, exist_ok=True)
+    RunLayout(run_dir).config.write_text("probe:\n  formats: [PNG]\n  max_pixels: 20000\n  max_file_bytes: 4000\n")
+    policy = page._run_policy(RunLayout(run_dir))
+    assert (policy.formats, policy.max_pixels, policy.max_bytes) == (("PNG",), 20000, 4000)
+    RunLayout(run_dir).config.write_text("probe: !!python/object:os.system {}\n")  # not yaml.safe: defaults
+    assert page._run_policy(RunLayout(run_dir)) == images.DEFAULT_POLICY
+
+    thumbs = Thumbs(root, 96, 50_000_000, policy)
+    assert thumbs("ok.png").startswith("<img")
+    assert "no preview:<br>unsupported_format" in thumbs("photo.jpg")  # a JPEG, but the run accepts PNG only
+    assert "no preview:<br>unsupported_format" in thumbs("eps.jpg")
+    assert "no preview:<br>too_many_pixels" in Thumbs(root, 96, 50_000_000, images.DecodePolicy(("PNG",), 20000))("big.png")
+    assert "no preview:<br>file_too_large" in Thumbs(root, 96, 50_000_000, images.DecodePolicy(("PNG",), max_bytes=100))("ok.png")
+    assert not marker.exists()
+
+    # A row a probe refused is never opened: its reason is the note (the file here would decode).
+    opened = []
+    monkeypatch.setattr(Thumbs, "_make", lambda self, rel: opened.append(rel) or "<img>")
+    thumbs = Thumbs(root, 96, 50_000_000, policy)
+    row = {tables.IMAGE: "ok.png", tables.REASON: "corrupt_image", tables.TEXT: "a photo"}
+    assert "no preview:<br>corrupt_image" in sections._thumb(thumbs, "probe", row)
+    assert "no preview:<br>file_changed" in sections._thumb(thumbs, "quality", {**row, tables.REASON: "file_changed"})
+    assert sections._thumb(thumbs, "clean", {**row, tables.REASON: "caption_too_short"}) == "<img>"
+    assert opened == ["ok.png"]
+
+
+def test_spotcheck_section_shows_the_text_a_formula_cell_stands_for(tmp_path):
+    from mmcore.layout import RunLayout
+    from mmcore.report import page
+
+    run = RunLayout(tmp_path / "run")
+    rows = [{"query_id": "t000", "query_kind": "text", "query": spotcheck.spreadsheet_safe("=HYPERLINK(\"x\")"),
+             "rank": r, "retrieved": f"img{r}.png", "row_id": r, "verdict": ""} for r in range(1, 6)]
+    run.spotcheck_csv.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(run.spotcheck_csv, index=False)
+    html, statuses = page.render(run.root)
+    assert statuses["spotcheck"] == "ok"
+    assert '<div class="qcap">=HYPERLINK(&quot;x&quot;)</div>' in html and "&#x27;=HYPERLINK" not in html
+
+
+# --------------------------------------------------------------------------- 12. low findings
+
+
+def test_a_rerun_on_other_data_with_a_shorter_until_retires_the_older_later_stages(tmp_path, synth_small):
+    from mmcore import execute, graph, report, runlock
+    from mmcore.config import dump_config
+    from mmcore.layout import SUPERSEDED_DIR, RunLayout
+    from mmcore.stale import extra_digest
+    from tests.conftest import demo_config
+    from tests.test_report import REAL, make_run
+
+    run_dir, cfg = make_run(tmp_path, synth_small, "evaluate")
+    layout = RunLayout(run_dir)
+    planned = tuple(s.name for s in graph.plan("split"))
+    assert "train" not in planned and "evaluate" not in planned
+    # The same run again with a shorter --until: its later stages are still this data's, and stay.
+    with runlock.hold(run_dir, cfg.data.image_root, planned) as run_id:
+        assert runlock.retire_stale(cfg, planned, run_id) == []
+    assert layout.metrics.is_file()
+
+    # Other data (a third of the rows) into the same folder, up to split, as the flow does it.
+    other = tmp_path / "other" / "manifest.csv"
+    other.parent.mkdir()
+    pd.read_csv(synth_small / "manifest.csv", dtype=str, keep_default_na=False).head(100).to_csv(other, index=False)
+    cfg2 = demo_config(other, tmp_path / "run", f"data.root={synth_small}")
+    assert cfg2.run_dir == cfg.run_dir
+    with runlock.hold(run_dir, cfg2.data.image_root, planned) as run_id:
+        moved = runlock.retire_stale(cfg2, planned, run_id)
+        tables.write_bytes(dump_config(cfg2).encode(), layout.config)
+        ctx = execute.context(cfg2, progress=False)
+        table, digest = execute.read_source(cfg2, "clean")
+        for stage in REAL:
+            s = graph.stage(stage)
+            if s.input is not None:
+                table, digest = tables.load(run_dir, s.input), tables.read_json(layout.stage(s.input).stats)["kept_digest"]
+            execute.run_stage(stage, cfg2, table, digest, extra_digest(stage, cfg2), ctx=ctx)
+    assert set(moved) == {"train", "evaluate"}
+    for name in moved:  # moved aside, not deleted, and no longer where the report and inspect read
+        assert (run_dir / SUPERSEDED_DIR / run_id / name).is_dir() and not layout.stage_dir(name).exists()
+    html, statuses = report.render(run_dir, cfg2.report, cfg2.data.image_root, cfg2.run_name)
+    assert statuses["training"] == statuses["metrics"] == statuses["spotcheck"] == "not-run"
+    assert tables.read_json(layout.stage("clean").stats)["n_rows"] == 100
+
+
+@pytest.mark.slow
+def test_an_error_inside_a_task_is_one_line_without_prefects_traceback(tmp_path):
+    """`mmpipe run` whose clean task fails on the manifest: stderr ends with one `error:` line, no traceback."""
+    manifest = tmp_path / "manifest.csv"
+    # The header check before Prefect passes (row_id is mmpipe's own column); reading the rows in the
+    # clean task refuses it.
+    manifest.write_text("image_path,text,scene_id,timestamp,label,domain,row_id\n"
+                        "a.jpg,a red circle on a table,s1,2024-01-01,circle,flat,7\n")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect")}
+    env.pop("PREFECT_API_URL", None)
+    r = subprocess.run([sys.executable, "-m", "mmpipe", "run", str(REPO / "configs" / "demo.yaml"), "--set",
+                        f"data.manifest={manifest}", "--set", f"data.root={tmp_path}", "--out", str(tmp_path / "run"),
+                        "--until", "clean"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert lines[-1].startswith("error: data.manifest: column 'row_id' is reserved"), r.stderr[-3000:]
+    assert sum(ln.startswith("error:") for ln in lines) == 1
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout

@@ -7,6 +7,7 @@ value), so tests can check the page against the artifacts.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from mmcore import faults
-from mmcore.images import load_rgb, pixel_limit, resolve_path
+from mmcore.images import DEFAULT_POLICY, DecodePolicy, RefusedImage, load_rgb, pixel_limit, refusal_reason, resolve_path
 from mmcore.tables import TEXT, TEXT_RAW
 
 esc = html.escape
@@ -156,12 +157,29 @@ def caption(row: Mapping[str, Any]) -> str:
     return "(empty caption)"
 
 
-class Thumbs:
-    """JPEG data-URI thumbnails of dataset images; a file that cannot be shown gets a note instead."""
+# Notes for reasons a person reads better in words; any other reason is shown as its code.
+_NOTES = {"missing_file": "file not found", "outside_root": "outside the dataset root"}
 
-    def __init__(self, root: Path | None, side: int, max_pixels: int) -> None:
+
+def _note(rel: str, why: str) -> str:
+    return f'<div class="noimg" title="{esc(rel, quote=True)}">no preview:<br>{esc(_NOTES.get(why, why))}</div>'
+
+
+class Thumbs:
+    """JPEG data-URI thumbnails of dataset images; a file that cannot be shown gets a note instead.
+
+    Images are decoded only as ``policy`` allows (the run's probe formats, byte limit and pixel
+    limit, the latter no higher than ``max_pixels``); a refused one shows its reason code.
+    """
+
+    def __init__(self, root: Path | None, side: int, max_pixels: int, policy: DecodePolicy = DEFAULT_POLICY) -> None:
         self.root, self.side, self.max_pixels = root, side, max_pixels
+        self.policy = dataclasses.replace(policy, max_pixels=min(policy.max_pixels, max_pixels))
         self._cache: dict[str, str] = {}
+
+    def refused(self, rel: Any, reason: str) -> str:
+        """The note for an image a stage found undecodable: never opened here."""
+        return _note("" if rel is None else str(rel), str(reason))
 
     def __call__(self, rel: Any, alt: str = "") -> str:
         rel = "" if rel is None or (isinstance(rel, float) and math.isnan(rel)) else str(rel)
@@ -172,7 +190,7 @@ class Thumbs:
 
     def _make(self, rel: str) -> str:
         def note(why: str) -> str:
-            return f'<div class="noimg" title="{esc(rel, quote=True)}">no preview:<br>{esc(why)}</div>'
+            return _note(rel, why)
 
         if not rel:
             return note("no image path")
@@ -180,15 +198,19 @@ class Thumbs:
             return note("image root unknown")
         try:
             path = resolve_path(self.root, rel)
-            with pixel_limit(self.max_pixels):
-                im = load_rgb(path, max_side=self.side)
+            with pixel_limit(self.policy.max_pixels):
+                im = load_rgb(path, max_side=self.side, policy=self.policy)
+        except RefusedImage as e:  # a format, size or byte count the run's probe policy refuses
+            return note(e.reason)
         except faults.ReadError as e:  # the retrying reader's reason code
-            return note("file not found" if e.reason == "missing_file" else "not a readable file")
+            if e.reason in ("missing_file", "file_too_large"):
+                return note(e.reason)
+            return note("not a readable file")
         except Exception as e:  # the very images quarantined for being unreadable are shown as notes
             name = type(e).__name__
             if name == "UnsafePath":
                 return note("outside the dataset root")
-            return note("too many pixels" if "DecompressionBomb" in name else f"cannot decode ({name})")
+            return note(refusal_reason(e) or f"cannot decode ({name})")  # a bomb or MemoryError: its reason code
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=82)
         uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()

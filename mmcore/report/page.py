@@ -8,11 +8,13 @@ metadata, so the same run gives the same bytes.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
-from mmcore import graph, tables
+from mmcore import graph, images, tables
 from mmcore.base import StageContext
 from mmcore.errors import InputError
 from mmcore.layout import RunLayout
@@ -93,6 +95,37 @@ window.addEventListener("load", function () {
 """
 
 
+_CONFIG_BYTES = 1 << 20  # a resolved config is a few KB; a larger file is not read for the probe section
+
+
+def decode_policy(probe: Mapping | None) -> images.DecodePolicy:
+    """The decoding policy of a run's ``probe`` section (``formats``, ``max_pixels``, ``max_file_bytes``).
+
+    Missing or malformed values keep the defaults: the report never decodes more than they allow.
+    """
+    probe = probe if isinstance(probe, Mapping) else {}
+    d = images.DEFAULT_POLICY
+    formats = probe.get("formats")
+    formats = tuple(formats) if isinstance(formats, list) and formats and all(isinstance(f, str) for f in formats) else d.formats
+
+    def positive(key: str, default: int) -> int:
+        v = probe.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else default
+
+    return images.DecodePolicy(formats, positive("max_pixels", d.max_pixels), positive("max_file_bytes", d.max_bytes))
+
+
+def _run_policy(layout: RunLayout) -> images.DecodePolicy:
+    """The policy of the run's saved config.yaml (its ``probe`` mapping), defaults without one."""
+    try:
+        if layout.config.stat().st_size > _CONFIG_BYTES:
+            return images.DEFAULT_POLICY
+        doc = yaml.safe_load(layout.config.read_text(errors="replace"))
+    except (OSError, yaml.YAMLError, RecursionError):
+        return images.DEFAULT_POLICY
+    return decode_policy(doc.get("probe") if isinstance(doc, Mapping) else None)
+
+
 def _section(sid: str, run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
     try:
         return SECTIONS[sid][1](run, cfg, thumbs)
@@ -106,6 +139,7 @@ def render(
     image_root: str | os.PathLike | None = None,
     run_name: str | None = None,
     config_error: str = "",
+    decode: images.DecodePolicy | None = None,
 ) -> tuple[str, dict[str, str]]:
     """The report page and each section's status (``ok``, ``not-run`` or ``error``).
 
@@ -114,10 +148,12 @@ def render(
         image_root: where row image paths are relative to; without it images show as a note.
         run_name: the page's title; default: the run folder's name.
         config_error: why the run's config.yaml does not validate, shown with it.
+        decode: how thumbnails may decode images; default: the probe section of the run's config.yaml.
     """
     run = Run(RunLayout(Path(run_dir)), config_error=config_error)
     cfg = cfg if cfg is not None else ReportConfig()
-    thumbs = Thumbs(Path(image_root) if image_root is not None else None, cfg.thumbnail_side, cfg.max_thumbnail_pixels)
+    policy = decode if decode is not None else _run_policy(run.layout)
+    thumbs = Thumbs(Path(image_root) if image_root is not None else None, cfg.thumbnail_side, cfg.max_thumbnail_pixels, policy)
     sections = {sid: _section(sid, run, cfg, thumbs) for sid in SECTIONS}
     try:
         head = headline(run)
@@ -147,6 +183,7 @@ def build(
     image_root: str | os.PathLike | None = None,
     run_name: str | None = None,
     config_error: str = "",
+    decode: images.DecodePolicy | None = None,
 ) -> Path:
     """Write ``RUN_DIR/report/report.html`` from the run's artifacts; safe to call any time.
 
@@ -155,7 +192,7 @@ def build(
     """
     if not Path(run_dir).is_dir():
         raise InputError(f"report: run folder not found: {run_dir}")
-    page, _ = render(run_dir, cfg, image_root, run_name, config_error)
+    page, _ = render(run_dir, cfg, image_root, run_name, config_error, decode)
     path = RunLayout(Path(run_dir)).report
     tables.write_bytes(page.encode(), path)
     return path

@@ -22,7 +22,11 @@ from matplotlib.figure import Figure
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 _RC = {"axes.spines.top": False, "axes.spines.right": False, "font.size": 8, "axes.titlesize": 9, "axes.titlelocation": "left",
        "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7, "legend.frameon": False,
-       "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.6, "axes.axisbelow": True}
+       "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.6, "axes.axisbelow": True,
+       # Labels, titles and legends come from data (class names, captions, variants): "$x$" is text,
+       # never mathtext (a stray "$" made the whole chart, and its section, fail to render).
+       "text.parse_math": False}
+HEATMAP_CLASSES = 50  # a confusion matrix shows at most this many classes (by support): its figure grows with classes²
 _CHAR_IN = 0.055  # width of one tick-label character at 7 pt, in inches
 
 
@@ -226,11 +230,25 @@ def severity_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarr
     return to_uri(fig)
 
 
+def top_classes(matrix: np.ndarray, n: int = HEATMAP_CLASSES) -> np.ndarray:
+    """The indices of the ``n`` classes with the most support (true rows), most first; ties by index."""
+    support = np.asarray(matrix, dtype=float).sum(1)
+    return np.argsort(-support, kind="stable")[:n]
+
+
 @_styled
-def heatmap(matrix: np.ndarray, labels: Sequence[str], title: str = "", xlabel: str = "predicted", ylabel: str = "true") -> str:
-    """A confusion matrix, row-normalised colours, counts written in the cells."""
+def heatmap(matrix: np.ndarray, labels: Sequence[str], title: str = "", xlabel: str = "predicted", ylabel: str = "true",
+            max_classes: int = HEATMAP_CLASSES) -> str:
+    """A confusion matrix, row-normalised colours, counts written in the cells.
+
+    Above ``max_classes`` only the classes with the most support are drawn (rows and columns), so
+    the figure's size stays bounded (1,000 classes drawn whole took 24 GB); shares stay of the full row.
+    """
     m = np.asarray(matrix, dtype=float)
     share = m / np.maximum(m.sum(1, keepdims=True), 1)
+    if len(labels) > max_classes:
+        keep = np.sort(top_classes(m, max_classes))
+        m, share, labels = m[np.ix_(keep, keep)], share[np.ix_(keep, keep)], [labels[i] for i in keep]
     margin = _label_margin(labels) + 0.2
     side = 0.3 * len(labels) + 0.4
     fig, (ax,) = _figure(side + margin + 0.2, side + margin + 0.3, left=margin, bottom=margin, right=0.2, top=0.3)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from mmcore import graph, tables
+from mmcore import graph, images, tables
 from mmcore.base import StrictModel
 from mmcore.metrics import NOT_SPLITS
 from mmcore.provenance import versions
@@ -43,6 +43,7 @@ from mmcore.report.markup import (
     table,
 )
 from mmcore.report.stats import STAGE, UPSTREAM, QualityStats, Run, SplitShare, SplitStats, TrainStats
+from mmcore.spotcheck import cell_text
 from mmcore.tables import DETAIL, IMAGE, REASON, ROW_ID, TEXT, TEXT_RAW
 
 OK, NOT_RUN, ERROR = "ok", "not-run", "error"
@@ -80,6 +81,18 @@ def _reason_meaning(stage: str, reason: str) -> str:
         return importlib.import_module(graph.stage(stage).module).REASONS.get(reason, "")
     except Exception:  # a stage module that does not import should not break its report
         return ""
+
+
+# Rows whose image these stages found undecodable: a note with the reason, never a decode.
+_UNDECODED = ("probe",)
+
+
+def _thumb(thumbs: Thumbs, stage: str, row: Mapping[str, Any]) -> str:
+    """A thumbnail only for a row whose image was decodable; else the stage's reason as the note."""
+    reason = str(row.get(REASON, ""))
+    if stage in _UNDECODED or reason in images.REASONS:
+        return thumbs.refused(row.get(IMAGE), reason)
+    return thumbs(row.get(IMAGE), caption(row))
 
 
 def funnel(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
@@ -126,7 +139,7 @@ def funnel(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
                 for row in q[q[REASON] == r].head(cfg.thumbnails_per_reason).to_dict("records"):
                     cap = caption(row)
                     cards += (
-                        f'<figure class="card">{thumbs(row.get(IMAGE), cap)}<figcaption>'
+                        f'<figure class="card">{_thumb(thumbs, s, row)}<figcaption>'
                         f'<span class="rowid">row {esc(str(row.get(ROW_ID, "?")))}</span> {esc(cap)}'
                         f'<span class="detail">{esc(str(row.get(DETAIL, "") or ""))}</span></figcaption></figure>'
                     )
@@ -492,6 +505,21 @@ def _comparisons(run: Run) -> str:
     return "".join(out)
 
 
+def _confusion(m: np.ndarray, classes: list[str], split: str, n_pairs: int = 20) -> str:
+    """The zero-shot confusion heatmap; with more classes than it draws, also the most confused pairs as a table."""
+    n, cap = len(classes), plots.HEATMAP_CLASSES
+    note = "" if n <= cap else f" ({cap} of {n:,} classes: those with the most rows)"
+    out = charts(figure(plots.heatmap(m, classes, f"Zero-shot confusion ({split})"), "zero-shot confusion matrix" + note))
+    if n > cap and m.shape == (n, n):
+        off = m.copy()
+        np.fill_diagonal(off, 0)
+        top = np.argsort(-off, axis=None, kind="stable")[:n_pairs]
+        rows = [[classes[i], classes[j], int(off[i, j])] for i, j in zip(*np.unravel_index(top, off.shape)) if off[i, j] > 0]
+        if rows:
+            out += f"<h4>Most confused pairs ({esc(split)})</h4>" + table(["true", "predicted", "rows"], rows)
+    return out
+
+
 def metrics(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
     path = run.layout.metrics
     if not path.is_file():
@@ -511,7 +539,7 @@ def metrics(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
         out.append(_split_metrics(body, f"evaluate.{s}", _mapping(chance.get(s))))
         zs = _mapping(body.get("zeroshot"))
         if s == splits[0] and zs.get("confusion") and zs.get("classes"):
-            out.append(charts(figure(plots.heatmap(np.asarray(zs["confusion"]), zs["classes"], f"Zero-shot confusion ({s})"), "zero-shot confusion matrix")))
+            out.append(_confusion(np.asarray(zs["confusion"], dtype=float), [str(c) for c in zs["classes"]], s))
     out.append(_baseline(m, "evaluate.baseline"))
     first = splits[0] if splits else None
     if first and isinstance(m[first].get("per_domain"), Mapping):
@@ -546,6 +574,7 @@ def spotcheck(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
         query = g["query"].iloc[0]
 
         def show(value: str, is_image: bool) -> str:
+            value = cell_text(value)  # the sheet escapes formula starts for spreadsheets; show the text itself
             return thumbs(value, value) if is_image else f'<div class="qcap">{esc(value)}</div>'
 
         cells = "".join(f'<td><div class="rank">#{esc(str(r.rank))} <small>row {esc(str(r.row_id))}</small></div>{show(r.retrieved, kind != "image")}</td>'
