@@ -225,7 +225,6 @@ def agreement(out: Path, n: int = 600) -> pd.DataFrame:
                 tp_pairs = sum(1 for g in pairs if g & found)
                 prec = len(found & truth) / len(found) if found else float("nan")
                 rec = tp_pairs / len(pairs) if pairs else float("nan")
-                found_n = len(found)
             else:
                 prec = len(found & truth) / len(found) if found else float("nan")
                 rec = len(found & truth) / len(truth) if truth else float("nan")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 # --------------------------------------------------------------------------- synthetic manifest
 
 
-def _fill(template: str, cols: dict[str, "pa.Array"]):
+def _fill(template: str, cols: dict):
     """Format a ``str.format`` template over arrays, vectorised (pyarrow joins, no Python loop)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -208,7 +208,7 @@ def worker(mode: str, manifest: str, sk_n: int, clean_module: str | None) -> dic
         clock("normalize_no_fix", lambda: clean.normalize_captions(text, False))
         clock("features", lambda: clean._caption_features(norm))
         return out
-    res = clock("clean", lambda: clean.run(df, clean.CleanConfig(), ctx))
+    res = clock("clean", lambda table=df: clean.run(table, clean.CleanConfig(), ctx))
     out.update(rows=len(df), kept=len(res.kept),
                reasons={k: int(v) for k, v in res.quarantined["reason"].value_counts().items()})
     if mode == "clean":
