@@ -42,7 +42,7 @@ from mmcore.config import PipelineConfig, load_config, preset_names
 from mmcore.errors import ConfigError, InputError, LeakageError
 from mmcore.layout import RunLayout
 from mmcore.report.ablation import HEADLINE
-from mmcore.split import CONTENT_DIGEST, SPLIT, STRATUM, read_held_out
+from mmcore.split import CONTENT_DIGEST, MANIFEST_DIGEST, SPLIT, STRATUM, read_held_out
 from mmcore.tables import GROUP, ROW_ID
 
 # The stages whose kept rows the table reports (train's and evaluate's are not curation).
@@ -209,14 +209,15 @@ def n_train_rows(split_stats: dict[str, Any]) -> int:
 # --------------------------------------------------------------------------- checks and the table
 
 
-def check_no_leakage(held: pd.DataFrame, variant_split: pd.DataFrame, name: str) -> dict[str, int]:
-    """No row of a variant's train or val shares a row_id (same manifest), content digest or group with the
-    fixed test set; a shared one raises LeakageError naming the variant."""
+def check_no_leakage(held: pd.DataFrame, variant_split: pd.DataFrame, name: str, manifest_digest: str) -> dict[str, int]:
+    """No row of a variant's train or val shares a content digest, or (same manifest: ids of another
+    manifest mean nothing) a row_id or group, with the fixed test set; a shared one raises LeakageError."""
     trained = variant_split[variant_split[SPLIT].isin(["train", "val"])]
+    same = held[MANIFEST_DIGEST].eq(manifest_digest).to_numpy(bool)
     counts = {}
-    for col in (CONTENT_DIGEST, GROUP):
+    for col, rows in ((CONTENT_DIGEST, slice(None)), (GROUP, same), (ROW_ID, same)):
         if col in trained.columns:
-            values = set(held[col].dropna().astype("str")) - {"", "None", "nan", "<NA>"}
+            values = set(held.loc[rows, col].dropna().astype("str")) - {"", "None", "nan", "<NA>"}
             counts[col] = int(trained[col].astype("str").isin(values).sum())
     leaks = {k: v for k, v in counts.items() if v}
     if leaks:
@@ -282,7 +283,8 @@ def table(
     held = read_held_out(held_out)
     ids = None
     for name, dirs in runs.items():
-        check_no_leakage(held, tables.read_parquet(tables.StagePaths.of(dirs[0], "split").kept), name)
+        manifest = tables.file_digest(load_config(RunLayout(dirs[0]).config).data.manifest)
+        check_no_leakage(held, tables.read_parquet(tables.StagePaths.of(dirs[0], "split").kept), name, manifest)
         for d in dirs:
             got = scored_test_rows(d)
             if ids is None:

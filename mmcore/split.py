@@ -412,9 +412,10 @@ def _near(hashes: np.ndarray, held: np.ndarray, radius: int, chunk: int = 2048) 
 
 
 def held_out_mask(df: pd.DataFrame, held: pd.DataFrame, cfg: SplitConfig, ctx: StageContext) -> tuple[pd.Series, pd.Series]:
-    """Rows to keep off train and val: those matching a held-out row (row_id, within the same manifest;
-    group; content digest; pHash within ``fixed_test_radius``) or in ``holdout_domains``, and every row
-    grouped with one (same keys as the split's groups), so that nothing near the test set is trained on."""
+    """Rows to keep off train and val: those matching a held-out row (row_id and group, within the same
+    manifest, whose ids they are; content digest; pHash within ``fixed_test_radius``) or in
+    ``holdout_domains``, and every row grouped with one (same keys as the split's groups), so that
+    nothing near the test set is trained on."""
     same_manifest = held[MANIFEST_DIGEST].eq(tables.file_digest(ctx.data.manifest)).to_numpy(bool)
     hit = np.zeros(len(df), bool)
     why = np.full(len(df), "", dtype=object)
@@ -424,9 +425,9 @@ def held_out_mask(df: pd.DataFrame, held: pd.DataFrame, cfg: SplitConfig, ctx: S
         hit[:] |= mask
 
     mark(df[ROW_ID].isin(held.loc[same_manifest, ROW_ID]).to_numpy(bool), "row_id in the fixed test set")
-    for col in (GROUP, CONTENT_DIGEST):
+    for col, rows in ((GROUP, same_manifest), (CONTENT_DIGEST, slice(None))):
         if col in df.columns:
-            values = set(held[col].dropna().astype("str")) - {"", "None", "nan", "<NA>"}
+            values = set(held.loc[rows, col].dropna().astype("str")) - {"", "None", "nan", "<NA>"}
             mark(df[col].astype("str").isin(values).to_numpy(bool), f"{col} in the fixed test set")
     if PHASH in df.columns:
         pos, hashes = _phash_ints(df[PHASH])

