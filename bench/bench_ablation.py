@@ -122,7 +122,7 @@ def main() -> None:
         _markdown(view),
         "",
         "Every metric (value, 95% CI, paired difference with CI and p-value): "
-        "`runs/bench_ablation/ablation/evaluate/ablation.parquet`.",
+        f"`{run.ablation.relative_to(REPO) if run.ablation.is_relative_to(REPO) else run.ablation}`.",
         "",
         "```json",
         json.dumps({"seconds": seconds, "mismatched_share_of_train": noise}, indent=2),

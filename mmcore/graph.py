@@ -54,6 +54,9 @@ class Stage:
     summary: str  # one line, for the README and --help
     writes: tuple[str, ...] = ()  # its own files besides kept, quarantine and stats (mmcore.layout names)
     extra: Extra | None = None
+    # Its output names the run (title, folder): cached per run folder and run name, never brought over
+    # from another folder's run of the same inputs.
+    per_run: bool = False
 
     @property
     def module(self) -> str:
@@ -149,7 +152,7 @@ _STAGES = (
     Stage("report", "ReportConfig", LAST_RUN, ("clean", "probe", "quality", "split", "train", "evaluate"),
           "one self-contained HTML page: funnel, reasons, galleries, curves, metrics",
           writes=(layout.REPORT_FILE,),
-          extra=Extra("the run's stats, curves and evaluation files", _run_files)),
+          extra=Extra("the run's stats, curves and evaluation files", _run_files), per_run=True),
 )
 STAGES: dict[str, Stage] = {s.name: s for s in _STAGES}
 ORDER: tuple[str, ...] = tuple(STAGES)

@@ -104,6 +104,8 @@ def stage_cache(stage: str) -> CachePolicy:
         ]
         if s.input is None:
             parts.append(tables.file_digest(cfg.data.manifest))
+        if s.per_run:
+            parts += [str(cfg.run_dir), cfg.run_name]
         if s.extra is not None:
             parts.append(_key_extra(ctx, stage, cfg))
         digest = tables.text_digest(*parts)

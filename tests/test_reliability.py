@@ -115,7 +115,7 @@ def test_permanent_errors_raise_read_error_with_a_reason(tmp_path, monkeypatch, 
     # ReadError crosses worker processes with its reason.
     back = pickle.loads(pickle.dumps(e.value))
     assert isinstance(back, faults.ReadError) and back.reason == "read_error"
-    assert set(faults.REASONS) == {"missing_file", "permission_denied", "read_error"}
+    assert set(faults.REASONS) == {"missing_file", "permission_denied", "read_error", "file_too_large"}
 
 
 # --------------------------------------------------------------------------- CLI runs
@@ -128,8 +128,13 @@ def api_url(prefect_harness) -> str:
     return PREFECT_API_URL.value()
 
 
-def _env(api_url: str, **extra: str) -> dict[str, str]:
+def _env(api_url: str, results: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a CLI run. ``results``: its own Prefect result storage, so its cache holds only
+    what runs of this test computed (cache keys hold no path: another test's run of the same inputs
+    would otherwise answer for it, and an injected fault would never fire)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMPIPE_FAULT")}
+    if results is not None:
+        env["PREFECT_LOCAL_STORAGE_PATH"] = str(results)
     env.update(PREFECT_API_URL=api_url, PREFECT_LOGGING_EXTRA_LOGGERS="mmcore", PYTHONUNBUFFERED="1",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", **extra)
     return env
@@ -185,7 +190,7 @@ def reference(synth_small, tmp_path_factory, prefect_harness) -> Path:
     from prefect.settings import PREFECT_API_URL
 
     out = tmp_path_factory.mktemp("reference") / "run"
-    _run_cli(synth_small / "manifest.csv", out, _env(PREFECT_API_URL.value()))
+    _run_cli(synth_small / "manifest.csv", out, _env(PREFECT_API_URL.value(), out.parent / "results"))
     _check_digests(out)
     return out
 
@@ -250,8 +255,8 @@ def test_sigkill_mid_stage_then_rerun_completes_from_cache_with_identical_artifa
 ):
     manifest = synth_small / "manifest.csv"
     want = _parquets(reference)
-    env = _env(api_url)
     for n, (stage, delay) in enumerate(_kill_points(reference)):
+        env = _env(api_url, tmp_path / f"results{n}")
         run_dir = tmp_path / f"kill{n}" / "run"
         run_dir.parent.mkdir()
         proc = subprocess.Popen(_cmd(manifest, run_dir), cwd=run_dir.parent, env=env, start_new_session=True,
@@ -320,7 +325,7 @@ def test_a_sigkilled_run_does_not_leave_prefects_temporary_server_behind(tmp_pat
 def test_ten_percent_read_faults_lose_nothing_and_retries_reach_prefect_logs(synth_small, reference, api_url, tmp_path):
     out = tmp_path / "run"
     r = _run_cli(synth_small / "manifest.csv", out,
-                 _env(api_url, **{faults.RATE_ENV: str(FAULT_RATE), faults.SEED_ENV: "1"}))
+                 _env(api_url, tmp_path / "results", **{faults.RATE_ENV: str(FAULT_RATE), faults.SEED_ENV: "1"}))
     assert not _differences(out, _parquets(reference))
     printed = (r.stdout + r.stderr).count("injected fault")
     assert printed > 0, "no retry was logged"
@@ -337,6 +342,8 @@ def test_ten_percent_read_faults_lose_nothing_and_retries_reach_prefect_logs(syn
 
 def test_a_permanently_unreadable_file_quarantines_its_row_not_the_run(synth_small, prefect_harness, tmp_path,
                                                                        monkeypatch):
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+
     from flows.pipeline import pipeline
 
     reader = IMAGE_READERS[0]  # the first stage that opens the image files
@@ -345,8 +352,10 @@ def test_a_permanently_unreadable_file_quarantines_its_row_not_the_run(synth_sma
     row = int(kept[tables.ROW_ID].iloc[3])
     monkeypatch.setenv(faults.PERMANENT_ENV, victim)
     run_dir = tmp_path / "run"
-    # workers=1: the stage reads in this process, which sees the variable set above.
-    pipeline(demo_config(synth_small / "manifest.csv", run_dir, "workers=1", *SMALL), until=reader)
+    # workers=1: the stage reads in this process, which sees the variable set above. The injected
+    # fault is in no cache key: an earlier run of the same inputs must not answer for this one.
+    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
+        pipeline(demo_config(synth_small / "manifest.csv", run_dir, "workers=1", *SMALL), until=reader)
     q = tables.load(run_dir, reader, quarantine=True)
     hit = q[q[tables.ROW_ID] == row]
     assert len(hit) == 1 and hit[tables.REASON].iloc[0] == "read_error", hit
@@ -455,10 +464,9 @@ def test_a_pickle_bomb_checkpoint_is_refused_without_running_its_code(tmp_path):
     assert not marker.exists()
     from mmcore.trainloop import load_checkpoint
 
-    with pytest.raises(Exception) as e:
-        load_checkpoint(ckpt)
+    # Refused, not run: training starts over instead of failing on every re-run (hardening #23).
+    assert load_checkpoint(ckpt) == {}
     assert not marker.exists(), "loading a checkpoint executed pickled code"
-    assert "weights_only" in str(e.value) or isinstance(e.value, pickle.UnpicklingError)
 
 
 def test_a_model_folder_with_pickled_weights_is_refused_without_running_its_code(tmp_path):
