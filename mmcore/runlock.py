@@ -27,11 +27,15 @@ from typing import TYPE_CHECKING
 
 from mmcore import graph, tables
 from mmcore.errors import InputError, MMPipeError
-from mmcore.layout import LOCK_FILE, RUN_FILE, SUPERSEDED_DIR, RunLayout
+from mmcore.layout import ABLATE_DIR, LOCK_FILE, RUN_FILE, SUPERSEDED_DIR, RunLayout
 from mmcore.stale import STALE, stale
 
 if TYPE_CHECKING:
     from mmcore.config import PipelineConfig
+
+
+# Folders of a run folder that a run writes, moves aside or replaces.
+_RUN_OWNED = frozenset({*graph.ORDER, ABLATE_DIR, SUPERSEDED_DIR})
 
 
 class RunFolderBusy(InputError):
@@ -45,13 +49,18 @@ def check_run_dir(run_dir: str | os.PathLike, data_root: str | os.PathLike | Non
     out = Path(os.path.realpath(run_dir))
     if out == Path(out.anchor):
         raise InputError(f"run folder {run_dir} is the file system root; expected a folder of its own (--out runs/NAME)")
+    if out == Path(os.path.realpath(Path.home())):
+        raise InputError(f"run folder {run_dir} is the home folder; expected a folder of its own (--out runs/NAME)")
     if data_root is not None:
         root = Path(os.path.realpath(data_root))
-        if root == out or out in root.parents:
-            raise InputError(
-                f"run folder {run_dir} is the dataset folder {data_root} or above it; expected a folder of its own "
-                "(--out runs/NAME)"
-            )
+        if root == out:
+            raise InputError(f"run folder {run_dir} is the dataset folder {data_root}; expected a folder of its own "
+                             "(--out runs/NAME)")
+        # Above the dataset is fine (the demo keeps its data in RUN_DIR/data), unless the dataset lies
+        # in a folder the run writes, moves or replaces (a stage's folder, ablate/, .superseded/).
+        if out in root.parents and root.relative_to(out).parts[0] in _RUN_OWNED:
+            raise InputError(f"dataset folder {data_root} lies in {root.relative_to(out).parts[0]}/ of run folder "
+                             f"{run_dir}, which the run writes; put the run folder elsewhere (--out runs/NAME)")
 
 
 @contextlib.contextmanager

@@ -463,6 +463,22 @@ def test_cli_refuses_an_out_that_is_a_file_and_a_bad_external_name(tmp_path):
             check_name(name)
 
 
+def test_run_folder_checks_refuse_root_home_and_the_dataset_but_allow_the_demo_layout(tmp_path):
+    from mmcore.runlock import check_run_dir
+
+    data = tmp_path / "run" / "data"
+    data.mkdir(parents=True)
+    check_run_dir(tmp_path / "run", data)  # `mmpipe demo`: the data lives in RUN_DIR/data
+    check_run_dir(tmp_path / "elsewhere", data)
+    for bad, match in (("/", "file system root"), (Path.home(), "home folder"), (data, "is the dataset folder")):
+        with pytest.raises(InputError, match=match):
+            check_run_dir(bad, data)
+    inside = tmp_path / "run2" / "clean" / "images"  # a folder a stage writes
+    inside.mkdir(parents=True)
+    with pytest.raises(InputError, match="lies in clean/ of run folder"):
+        check_run_dir(tmp_path / "run2", inside)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
