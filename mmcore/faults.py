@@ -69,6 +69,12 @@ def _short(path: str | os.PathLike) -> str:
     return "/".join(Path(path).parts[-2:])
 
 
+def injection() -> str:
+    """The fault-injection settings in force ('' when none): a run with injected faults must never
+    share cached results with a normal run, nor leave its results for one (the task layer keys on it)."""
+    return ";".join(f"{k}={os.environ[k]}" for k in (RATE_ENV, SEED_ENV, PERMANENT_ENV) if os.environ.get(k))
+
+
 def _injected(path: str | os.PathLike, attempt: int) -> OSError | None:
     """The fault the injector raises on this attempt, or None (always None unless the env asks)."""
     permanent = os.environ.get(PERMANENT_ENV, "")

@@ -106,6 +106,8 @@ def stage_cache(stage: str) -> CachePolicy:
             parts.append(tables.file_digest(cfg.data.manifest))
         if s.per_run:
             parts += [str(cfg.run_dir), cfg.run_name]
+        if faults.injection():  # a test's injected faults: never shared with a normal run's cache
+            parts.append(faults.injection())
         if s.extra is not None:
             parts.append(_key_extra(ctx, stage, cfg))
         digest = tables.text_digest(*parts)

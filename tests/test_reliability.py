@@ -342,8 +342,6 @@ def test_ten_percent_read_faults_lose_nothing_and_retries_reach_prefect_logs(syn
 
 def test_a_permanently_unreadable_file_quarantines_its_row_not_the_run(synth_small, prefect_harness, tmp_path,
                                                                        monkeypatch):
-    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, temporary_settings
-
     from flows.pipeline import pipeline
 
     reader = IMAGE_READERS[0]  # the first stage that opens the image files
@@ -352,10 +350,9 @@ def test_a_permanently_unreadable_file_quarantines_its_row_not_the_run(synth_sma
     row = int(kept[tables.ROW_ID].iloc[3])
     monkeypatch.setenv(faults.PERMANENT_ENV, victim)
     run_dir = tmp_path / "run"
-    # workers=1: the stage reads in this process, which sees the variable set above. The injected
-    # fault is in no cache key: an earlier run of the same inputs must not answer for this one.
-    with temporary_settings({PREFECT_TASKS_REFRESH_CACHE: True}):
-        pipeline(demo_config(synth_small / "manifest.csv", run_dir, "workers=1", *SMALL), until=reader)
+    # workers=1: the stage reads in this process, which sees the variable set above (the injected
+    # fault is in the cache key: no normal run of the same inputs answers for this one, nor the reverse).
+    pipeline(demo_config(synth_small / "manifest.csv", run_dir, "workers=1", *SMALL), until=reader)
     q = tables.load(run_dir, reader, quarantine=True)
     hit = q[q[tables.ROW_ID] == row]
     assert len(hit) == 1 and hit[tables.REASON].iloc[0] == "read_error", hit
