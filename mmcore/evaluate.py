@@ -643,6 +643,9 @@ def run(
         tables.write_bytes(sheet.to_csv(index=False).encode(), out_dir / SPOTCHECK_CSV)
         page = spotcheck.to_html(sheet, lambda p: _load(ctx.data.image_root, p, 224), f"mmpipe spot-check ({sheet_split} split)")
         tables.write_bytes(page.encode(), out_dir / SPOTCHECK_HTML)
+    else:  # no sheet this time: an earlier run's must not pass for this one's
+        (out_dir / SPOTCHECK_CSV).unlink(missing_ok=True)
+        (out_dir / SPOTCHECK_HTML).unlink(missing_ok=True)
 
     bad = table[ROW_ID].isin(set(emb.failed[ROW_ID]))
     detail = table[ROW_ID].map(emb.failed.set_index(ROW_ID)["detail"]).fillna("").astype(str)

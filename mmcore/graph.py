@@ -14,6 +14,7 @@ stage's cache key and is recorded in its stats for the staleness check.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,13 +117,18 @@ def _trained_model(cfg: PipelineConfig, run_dir: Path) -> str:
 
 
 def _run_files(cfg: PipelineConfig, run_dir: Path) -> str:
-    """Everything the report reads: every stage's stats, the training curves, and the evaluation's
-    files (metrics, robustness, spot-check, an ablation table, external datasets' metrics)."""
+    """Everything the report reads: the run's config, every stage's stats and whether this run took it
+    from cache, the training curves, and the evaluation's files (metrics, robustness, spot-check and
+    its verdicts, an ablation table, external datasets' metrics)."""
     run = RunLayout(run_dir)
-    files = [StagePaths.of(run_dir, s).stats for s in ORDER[:-1]]
-    files += [run.history, run.timing, run.metrics, run.robustness, run.spotcheck_csv, run.ablation]
+    files = [run.config, *(StagePaths.of(run_dir, s).stats for s in ORDER[:-1])]
+    files += [run.history, run.timing, run.metrics, run.robustness, run.spotcheck_csv, run.verdicts, run.ablation]
     files += run.external_metrics()
-    return text_digest(*(f"{f.relative_to(run_dir)}={file_digest(f) if f.is_file() else '-'}" for f in files))
+    parts = [f"{f.relative_to(run_dir)}={file_digest(f) if f.is_file() else '-'}" for f in files]
+    for s in ORDER[:-1]:  # the cache badges: only the flag (status.json also holds times and run ids)
+        status = StagePaths.of(run_dir, s).status
+        parts.append(f"{s}.cached={json.loads(status.read_text()).get('cached') if status.is_file() else '-'}")
+    return text_digest(*parts)
 
 
 # --------------------------------------------------------------------------- the graph

@@ -66,7 +66,7 @@ class ProbeConfig(StrictModel):
     formats: tuple[str, ...] = Field(
         images.DEFAULT_FORMATS,
         min_length=1,
-        description="Pillow format names accepted; others are unsupported_format (never decoded anywhere).",
+        description="Pillow format names accepted; others are unsupported_format (never decoded: probe, quality and the report keep to them).",
     )
     verify: Literal["structure", "decode"] = Field(
         "structure", description="structure: end markers, no decoding; decode: also a reduced-size decode."

@@ -591,7 +591,7 @@ def run_stage(
         n_val=int(len(val_df)),
         image_size=image_size,
         augment=cfg.augment,
-        model_dir=str(model_dir),
+        model_dir=str(model_dir.relative_to(ctx.run_dir)) if model_dir.is_relative_to(ctx.run_dir) else str(model_dir),
     )
     return StageResult(res.kept, res.quarantined, stats)
 

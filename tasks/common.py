@@ -31,12 +31,12 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
 from mmcore import faults, graph, tables
 from mmcore.config import PipelineConfig
-from mmcore.layout import SCRATCH, STATUS_FILE, RunLayout, StagePaths
+from mmcore.layout import KEPT_FILE, QUARANTINE_FILE, SCRATCH, STATS_FILE, RunLayout, StagePaths
 from mmcore.provenance import code_digest
 from mmcore.stale import extra_digest
 
 # Bump to invalidate every cached stage at once (e.g. after a change to this caching scheme).
-CACHE_SCHEME = "2"  # 2: the run folder left the key
+CACHE_SCHEME = "3"  # 2: the run folder left the key
 
 # The extra digest a task run's cache key was built from, for its body to record in the stats.
 # Prefect calls the key function and then the body in the same context, but passes the body nothing
@@ -58,19 +58,24 @@ class StageOutput:
     quarantine_digest: str
     n_kept: int
     n_quarantined: int
+    stats_digest: str  # its stats.json: config, code and extra digests, so a later run's files are told apart
 
     @property
     def paths(self) -> StagePaths:
         return StagePaths.of(self.run_dir, self.stage)
 
     def intact(self) -> bool:
-        """Artifacts still on disk with the bytes this output recorded (not deleted or overwritten)."""
+        """Artifacts still on disk with the bytes this output recorded: not deleted, not overwritten,
+        and not replaced by a later run of the stage with another config (its stats differ even when
+        its tables do not: train and evaluate keep the same rows whatever their settings)."""
         p = self.paths
         return (
             p.kept.is_file()
             and p.quarantine.is_file()
+            and p.stats.is_file()
             and tables.file_digest(p.kept) == self.kept_digest
             and tables.file_digest(p.quarantine) == self.quarantine_digest
+            and tables.file_digest(p.stats) == self.stats_digest
         )
 
 
@@ -151,6 +156,8 @@ class StageOutputSerializer(Serializer):
     def dumps(self, obj: Any) -> bytes:
         if isinstance(obj, BaseException):  # a failed run's state: its error as text, never a pickle
             return json.dumps({"error": type(obj).__name__, "message": str(obj)[:2000]}, sort_keys=True).encode()
+        if isinstance(obj, Path):  # a task whose result is one file (the external evaluation's metrics)
+            return json.dumps({"path": str(obj)}).encode()
         if not isinstance(obj, StageOutput):
             raise TypeError(f"only a StageOutput is persisted, got {type(obj).__name__}")
         return json.dumps(dataclasses.asdict(obj), sort_keys=True).encode()
@@ -159,6 +166,8 @@ class StageOutputSerializer(Serializer):
         data = json.loads(blob)
         if isinstance(data, dict) and set(data) == {"error", "message"}:
             return RuntimeError(f"{data['error']}: {data['message']}")  # text only: no class is looked up
+        if isinstance(data, dict) and set(data) == {"path"} and isinstance(data["path"], str):
+            return Path(data["path"])
         return stage_output_from_json(blob)
 
 
@@ -188,7 +197,7 @@ def guard_record(key: str) -> bool:
     try:
         record = json.loads(content)
         ok = record["metadata"]["serializer"]["type"] == STAGE_OUTPUT_SERIALIZER
-        stage_output_from_json(record["result"])
+        StageOutputSerializer().loads(record["result"])
     except Exception:
         ok = False
     if not ok:
@@ -224,6 +233,7 @@ def output_of(stage: str, cfg: PipelineConfig, stats: dict[str, Any]) -> StageOu
         quarantine_digest=stats["quarantine_digest"],
         n_kept=stats["n_kept"],
         n_quarantined=stats["n_quarantined"],
+        stats_digest=tables.file_digest(StagePaths.of(cfg.run_dir, stage).stats),
     )
 
 
@@ -297,35 +307,39 @@ def publish_run(task, task_run, state) -> None:
                          description="the run's self-contained HTML report")
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes a hard link to ``src`` (a copy across file systems), replaced atomically.
-
-    A link is safe: every writer replaces files by rename, never rewrites one in place.
-    """
+def _copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src``, replaced atomically. A copy, not a hard link: some writers
+    (``save_pretrained``, a spreadsheet saving the spot-check sheet) rewrite files in place, which
+    would change the other run folder too."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
+    shutil.copy2(src, tmp)
     os.replace(tmp, dst)
 
 
 def materialize(out: StageOutput, run_dir: str | os.PathLike) -> StageOutput:
-    """A cache hit computed in another run folder, brought into ``run_dir``: the stage's files
-    (not ``layout.SCRATCH``: shards and checkpoints are rebuilt if ever needed) replace what the
-    stage folder held; the output points here."""
+    """A cache hit computed in another run folder, brought into ``run_dir``: the stage's own files
+    (kept, quarantine, stats and the graph's ``writes``, not ``layout.SCRATCH``: shards and checkpoints
+    are rebuilt if ever needed) replace this folder's; nothing else of either folder is touched (the
+    user's verdicts, external evaluations). A source changed meanwhile is not brought over."""
     src, dst = out.paths.dir, StagePaths.of(run_dir, out.stage).dir
-    if dst.is_dir():
-        for item in dst.iterdir():
-            if item.name not in SCRATCH:
-                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-    for f in sorted(src.rglob("*")):
-        rel = f.relative_to(src)
-        if f.is_file() and not f.is_symlink() and rel.parts[0] not in SCRATCH and rel.name != STATUS_FILE:
-            _link_or_copy(f, dst / rel)
-    return replace(out, run_dir=str(run_dir))
+    names = [KEPT_FILE, QUARANTINE_FILE, STATS_FILE, *(w for w in graph.stage(out.stage).writes if w not in SCRATCH)]
+    for name in names:
+        if (dst / name).is_dir() and not (dst / name).is_symlink():
+            shutil.rmtree(dst / name)
+        else:
+            (dst / name).unlink(missing_ok=True)
+    for name in names:
+        path = src / name
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file():
+                _copy(f, dst / f.relative_to(src))
+    here = replace(out, run_dir=str(run_dir))
+    if not here.intact():  # the source was rewritten while it was copied
+        raise OSError(f"{out.stage}: the cached files in {src} changed while they were copied; run again")
+    return here
 
 
 def _same_dir(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -15,7 +15,7 @@ from mmcore.config import PipelineConfig
 from mmcore.digests import dir_digest
 from mmcore.layout import METRICS_FILE, RunLayout
 from mmcore.provenance import code_digest
-from tasks.common import CACHE_SCHEME, StageOutput, is_transient
+from tasks.common import CACHE_SCHEME, StageOutput, StageOutputSerializer, guard_record, is_transient
 
 
 def _model(own: PipelineConfig, model: Path | None) -> Path:
@@ -31,16 +31,19 @@ def _baseline(own: PipelineConfig) -> Path | None:
 def _key(ctx: TaskRunContext, params: dict[str, Any]) -> str:
     own: PipelineConfig = params["own"]
     baseline = _baseline(own)
-    return tables.text_digest(
+    key = tables.text_digest(
         CACHE_SCHEME, "evaluate-external", params["name"], code_digest("mmcore.evaluate"),
         own.evaluate.model_dump_json(), params["data"].model_dump_json(), str(own.seed), str(own.run_dir),
         params["curated"].kept_digest, dir_digest(_model(own, params.get("model"))),
         dir_digest(baseline) if baseline is not None else "no baseline",
     )
+    guard_record(key)  # never unpickle: only mmpipe's JSON record may be read under this key
+    return key
 
 
 @task(name="evaluate-external", cache_policy=CachePolicy.from_cache_key_fn(_key) + TASK_SOURCE,
-      retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, persist_result=True)
+      retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, persist_result=True,
+      result_serializer=StageOutputSerializer())
 def external_evaluate(own: PipelineConfig, data: DataConfig, curated: StageOutput, name: str,
                       model: Path | None = None) -> Path:
     """Embed and score the curated rows of another dataset with a model (default: the run's); its metrics file.

@@ -199,16 +199,18 @@ def _status(run_dir, stage) -> bool:
 def test_a_variant_that_only_changes_quality_reruns_from_quality_on(synth_small, tmp_path):
     from flows.pipeline import pipeline
 
-    a = demo_config(synth_small / "manifest.csv", tmp_path / "a")
+    # A setting no other test uses: the first run computes (other tests may have cached the defaults).
+    own = "clean.max_chars=997"
+    a = demo_config(synth_small / "manifest.csv", tmp_path / "a", own)
     pipeline(a, until="quality")
-    b = demo_config(synth_small / "manifest.csv", tmp_path / "b", "quality.thresholds={blurry: 0.5}")
+    b = demo_config(synth_small / "manifest.csv", tmp_path / "b", own, "quality.thresholds={blurry: 0.5}")
     pipeline(b, until="split")
     assert [_status(b.run_dir, s) for s in ("clean", "probe", "quality", "split")] == [True, True, False, False]
     for s in ("clean", "probe"):  # the files are here, with the bytes computed in the other folder
         assert tables.StagePaths.of(b.run_dir, s).kept.read_bytes() == tables.StagePaths.of(a.run_dir, s).kept.read_bytes()
     assert not _status(a.run_dir, "clean")  # the other folder's record is its own
     # Deleted at the source: the stage runs again rather than copying nothing.
-    c = demo_config(synth_small / "manifest.csv", tmp_path / "c")
+    c = demo_config(synth_small / "manifest.csv", tmp_path / "c", own)
     tables.StagePaths.of(a.run_dir, "clean").kept.unlink()
     pipeline(c, until="clean")
     assert not _status(c.run_dir, "clean") and tables.StagePaths.of(c.run_dir, "clean").kept.is_file()
