@@ -373,7 +373,9 @@ def test_a_corrupted_or_truncated_artifact_is_never_used_its_stage_runs_again(sy
 
     stages = graph.ORDER[:2]
     run_dir = tmp_path / "run"
-    cfg = demo_config(synth_small / "manifest.csv", run_dir, *SMALL)
+    # Settings no other test uses (clean and probe): this folder's own files are the only cached copy, so a damaged
+    # one cannot be replaced from another folder's run and the stage must run again.
+    cfg = demo_config(synth_small / "manifest.csv", run_dir, *SMALL, "clean.max_chars=998", "probe.batch_size=97")
     pipeline(cfg, until=stages[-1])
     want = _parquets(run_dir)
     first = StagePaths.of(run_dir, stages[0]).kept
