@@ -8,13 +8,17 @@ extra) however it was run, and ``mmpipe inspect --stale`` judges both alike.
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from mmcore import graph, tables
 from mmcore.base import StageContext
+from mmcore.layout import KEPT_FILE, QUARANTINE_FILE, SCRATCH, STATS_FILE, StagePaths
 from mmcore.provenance import code_digest
 
 if TYPE_CHECKING:
@@ -34,6 +38,37 @@ def read_source(cfg: PipelineConfig, stage: str) -> tuple[pd.DataFrame, str]:
     """A stage whose input is the manifest (``graph``: ``input=None``): its table and the manifest's digest."""
     mod = importlib.import_module(graph.stage(stage).module)
     return mod.read_input(cfg.data), tables.file_digest(cfg.data.manifest)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src``, replaced atomically. A copy, not a hard link: some writers
+    (``save_pretrained``, a spreadsheet saving the spot-check sheet) rewrite files in place, which
+    would change the other run folder too."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def copy_stage(stage: str, src_run: str | os.PathLike, dst_run: str | os.PathLike) -> None:
+    """Copy a stage's own files (kept, quarantine, stats and the graph's ``writes``, not
+    ``layout.SCRATCH``: shards and checkpoints are rebuilt if ever needed) from one run folder to
+    another, replacing the destination's; nothing else of either folder is touched (the user's
+    verdicts, external evaluations)."""
+    src, dst = StagePaths.of(src_run, stage).dir, StagePaths.of(dst_run, stage).dir
+    names = [KEPT_FILE, QUARANTINE_FILE, STATS_FILE, *(w for w in graph.stage(stage).writes if w not in SCRATCH)]
+    for name in names:
+        if (dst / name).is_dir() and not (dst / name).is_symlink():
+            shutil.rmtree(dst / name)
+        else:
+            (dst / name).unlink(missing_ok=True)
+    for name in names:
+        path = src / name
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file():
+                _copy(f, dst / f.relative_to(src))
 
 
 def run_stage(

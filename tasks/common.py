@@ -15,7 +15,6 @@ import dataclasses
 import errno
 import json
 import os
-import shutil
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -29,9 +28,9 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.serializers import Serializer
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
-from mmcore import faults, graph, tables
+from mmcore import execute, faults, graph, tables
 from mmcore.config import PipelineConfig
-from mmcore.layout import KEPT_FILE, QUARANTINE_FILE, SCRATCH, STATS_FILE, RunLayout, StagePaths
+from mmcore.layout import RunLayout, StagePaths
 from mmcore.provenance import code_digest
 from mmcore.stale import extra_digest
 
@@ -307,38 +306,13 @@ def publish_run(task, task_run, state) -> None:
                          description="the run's self-contained HTML report")
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """``dst`` becomes a copy of ``src``, replaced atomically. A copy, not a hard link: some writers
-    (``save_pretrained``, a spreadsheet saving the spot-check sheet) rewrite files in place, which
-    would change the other run folder too."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
 def materialize(out: StageOutput, run_dir: str | os.PathLike) -> StageOutput:
-    """A cache hit computed in another run folder, brought into ``run_dir``: the stage's own files
-    (kept, quarantine, stats and the graph's ``writes``, not ``layout.SCRATCH``: shards and checkpoints
-    are rebuilt if ever needed) replace this folder's; nothing else of either folder is touched (the
-    user's verdicts, external evaluations). A source changed meanwhile is not brought over."""
-    src, dst = out.paths.dir, StagePaths.of(run_dir, out.stage).dir
-    names = [KEPT_FILE, QUARANTINE_FILE, STATS_FILE, *(w for w in graph.stage(out.stage).writes if w not in SCRATCH)]
-    for name in names:
-        if (dst / name).is_dir() and not (dst / name).is_symlink():
-            shutil.rmtree(dst / name)
-        else:
-            (dst / name).unlink(missing_ok=True)
-    for name in names:
-        path = src / name
-        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.is_dir() else [path]
-        for f in files:
-            if f.is_file():
-                _copy(f, dst / f.relative_to(src))
+    """A cache hit computed in another run folder, brought into ``run_dir`` (``execute.copy_stage``);
+    a source changed meanwhile is not brought over."""
+    execute.copy_stage(out.stage, out.run_dir, run_dir)
     here = replace(out, run_dir=str(run_dir))
     if not here.intact():  # the source was rewritten while it was copied
-        raise OSError(f"{out.stage}: the cached files in {src} changed while they were copied; run again")
+        raise OSError(f"{out.stage}: the cached files in {out.paths.dir} changed while they were copied; run again")
     return here
 
 
