@@ -94,6 +94,10 @@ class DecodePolicy:
             if e.reason == "file_too_large" and self.file_bytes is not None:  # grew since the probe
                 raise RefusedImage("file_changed", f"{e.detail}, the probe read {self.file_bytes}") from None
             raise
+        return self.accept(data)
+
+    def accept(self, data: bytes) -> bytes:
+        """``data`` if it is the size the probe read (when it recorded one); else ``file_changed``."""
         if self.file_bytes is not None and len(data) != self.file_bytes:
             raise RefusedImage("file_changed", f"{len(data)} bytes, the probe read {self.file_bytes}")
         return data
@@ -427,7 +431,12 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None, policy: Decod
     decoded at reduced size (``draft``) and the result thumbnailed, so large files cost a fraction
     of a full decode. Only what ``policy`` accepts is decoded (formats, pixels, bytes).
     """
-    with open_image(io.BytesIO(policy.read(path)), policy) as im:  # at its first frame
+    return load_rgb_bytes(policy.read(path), max_side, policy)
+
+
+def load_rgb_bytes(data: bytes, max_side: int | None = None, policy: DecodePolicy = DEFAULT_POLICY) -> Image.Image:
+    """``load_rgb`` for an image's bytes already in memory (a tar member, a Parquet cell)."""
+    with open_image(io.BytesIO(data), policy) as im:  # at its first frame
         o = orientation(im)
         if max_side is not None and im.format in ("JPEG", "MPO"):
             im.draft("RGB", (max_side, max_side))

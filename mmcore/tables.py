@@ -42,6 +42,7 @@ GROUP = "group"
 TIME = "time"
 LABEL = "label"
 DOMAIN = "domain"
+GIVEN_SPLIT = "given_split"  # a split the dataset provides (Karpathy's train/val/test); split.mode "given" keeps it
 
 # Quarantine columns.
 STAGE = "stage"
