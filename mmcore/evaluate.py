@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from mmcore import metrics, spotcheck, tables
+from mmcore.alerts import AlertConfig
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import InputError, row_detail
 from mmcore.images import load_rgb, resolve_path
@@ -79,6 +80,8 @@ class EvaluateConfig(StrictModel):
         None, description="Model folder to compare with; default: the one train started from (train.model_path), "
         "none after training from a preset."
     )
+    alert: AlertConfig = Field(AlertConfig(), description="When a run's metrics count as a regression (a Prefect "
+                               "event an automation can alert on; see tasks/events.py).")
 
     @field_validator("ks")
     @classmethod

@@ -30,6 +30,7 @@ from tasks.common import (
     publish_run,
     stage_cache,
 )
+from tasks.events import publish_events
 
 # Retries only for I/O that may pass (a flaky mount); bad data or bugs fail at once.
 _IO = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, persist_result=True)
@@ -37,7 +38,11 @@ _IO = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, pe
 _RESULTS = dict(result_serializer=StageOutputSerializer())
 
 # Artifacts a stage publishes for the UI besides its summary (hooks: a cached task runs no body).
-_HOOKS: dict[str, list[Callable]] = {"evaluate": [publish_metrics], "report": [publish_run]}
+_HOOKS: dict[str, list[Callable]] = {"evaluate": [publish_metrics, publish_events], "report": [publish_run]}
+# Tags a Prefect tag concurrency limit can hold to the GPUs a worker has (`prefect concurrency-limit
+# create gpu 1`: one GPU stage at a time across every run on the server; no limit, no effect).
+GPU_TAG = "gpu"
+_TAGS: dict[str, list[str]] = {"train": [GPU_TAG], "evaluate": [GPU_TAG]}
 
 
 def stage_task(s: Stage) -> Task:
@@ -58,6 +63,7 @@ def stage_task(s: Stage) -> Task:
         name=s.name,
         cache_policy=stage_cache(s.name),
         on_completion=[publish, *_HOOKS.get(s.name, [])],
+        tags=_TAGS.get(s.name),
         **_IO,
         **_RESULTS,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections import Counter
 
 import pytest
@@ -122,9 +123,21 @@ def test_stage_artifacts_are_published(synth_small, tmp_path):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.pipeline import pipeline
+    from mmcore import alerts
+    from mmcore.layout import RunLayout
+    from tasks import events
 
-    pipeline(demo_config(synth_small / "manifest.csv", tmp_path / "run"))
+    run = tmp_path / "run"
+    pipeline(demo_config(synth_small / "manifest.csv", run, "run_name=events-check"))
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["clean-summary"])))
     assert arts and arts[0].type == "table"
     assert "n_quarantined" in str(arts[-1].data)
+    # evaluate's hook sent its headline metrics as a Prefect event (no deployment: the run's name is the resource).
+    sent = alerts.headline(tables.read_json(RunLayout(run).metrics))
+    assert sent and all(k.startswith("test/") for k in sent)
+    resource_id = events.resource("events-check")["prefect.resource.id"]
+    deadline = time.monotonic() + 30
+    while events.previous_metrics(resource_id) != sent and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert events.previous_metrics(resource_id) == sent

@@ -159,6 +159,7 @@ def _server(tmp_path_factory, database_url: str | None):
         "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
         "PREFECT_CLIENT_MAX_RETRIES": "8",
         "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "0.5",  # default 5 s: events readable sooner
     }
     if database_url is not None:  # PostgreSQL takes concurrent writers: none of SQLite's mitigations
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
@@ -336,6 +337,73 @@ def test_eight_runs_started_at_once_all_complete(server, deployment, worker, syn
     # its own folder. Every folder has its own, complete, identical artifacts either way.
     kept = {tables.file_digest(tables.StagePaths.of(o, "clean").kept) for o in outs}
     assert len(kept) == 1 and all(tables.StagePaths.of(o, "clean").status.is_file() for o in outs)
+
+
+def _evaluated(run_dir: Path, r5: float) -> Path:
+    """A run folder whose evaluate stage measured test i2t R@5 = ``r5`` (the other metrics fixed)."""
+    from mmcore.layout import RunLayout
+
+    block = {"retrieval": {"i2t_r1": {"value": 0.2, "low": 0.1, "high": 0.3}, "i2t_r5": {"value": r5, "low": r5 - 0.05,
+             "high": r5 + 0.05}, "t2i_r5": {"value": 0.45}}, "zeroshot": {"acc1": {"value": 0.6}}}
+    tables.write_json({"test": block, "chance": {"test": {"i2t_r5": 0.01}}}, RunLayout(run_dir).metrics)
+    return run_dir
+
+
+def _wait(predicate, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (got := predicate()):
+            return got
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_regression_fires_the_alert_automation_and_a_small_change_does_not(server, tmp_path):
+    """Three nightly evaluations of one deployment: 0.50, then 0.47 (-3 points: no alert), then 0.40
+    (-7 points, more than evaluate.alert.max_drop = 5): the automation fires once, on the third."""
+    from uuid import uuid4
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from mmcore import alerts
+    from tasks import events
+
+    deployment_id = str(uuid4())  # the resource the events are about; the automation watches only it
+    cfg = alerts.AlertConfig(metric="test/i2t_r5", max_drop=0.05)
+    fired_events = ("prefect.automation.triggered", "prefect.automation.action.triggered")
+
+    with _api(server), get_client(sync_client=True) as client:
+        automation = events.ensure_alert(f"mmpipe-regression-{deployment_id[:8]}", cfg, deployment_id=deployment_id)
+        assert events.ensure_alert(automation.name, cfg, deployment_id=deployment_id).id == automation.id  # updated
+
+        def fired() -> list:
+            flt = EventFilter(event=EventNameFilter(name=list(fired_events)),
+                              resource=EventResourceFilter(id=[f"prefect.automation.{automation.id}"]))
+            return client.read_events(filter=flt, limit=50).events
+
+        resource_id = events.resource("nightly", deployment_id)["prefect.resource.id"]
+        sent = []
+        for i, r5 in enumerate((0.50, 0.47, 0.40)):
+            run = _evaluated(tmp_path / f"night{i}", r5)
+            sent.append(events.publish_evaluation(str(run), cfg, "nightly", deployment_id))
+            # The next night's comparison reads this one back from the server's event store.
+            _wait(lambda: events.previous_metrics(resource_id) == sent[-1]["metrics"], "the evaluation event")
+            if i < 2:
+                time.sleep(2)  # the triggers service has seen the event: no alert may have fired
+                assert fired() == [], f"the automation fired after night {i}: {sent[-1]}"
+
+        assert [p["regressed"] for p in sent] == [False, False, True]
+        assert sent[0]["change"] == {} and sent[0]["previous"] == {}
+        assert sent[1]["change"]["test/i2t_r5"] == pytest.approx(-0.03)
+        assert sent[2]["change"]["test/i2t_r5"] == pytest.approx(-0.07)
+        assert sent[2]["previous"]["test/i2t_r5"] == pytest.approx(0.47)
+        got = _wait(fired, "the automation to fire")
+        assert {e.event for e in got} <= set(fired_events)
+        time.sleep(1)
+        assert len([e for e in fired() if e.event == "prefect.automation.action.triggered"]) == 1
 
 
 def test_deploy_rejects_bad_config_and_cron_in_one_line(tmp_path):
