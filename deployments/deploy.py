@@ -62,23 +62,40 @@ def _api_url() -> str:
     return url
 
 
-def ensure_pool(pool: str) -> bool:
-    """Create the ``process`` work pool ``pool`` if missing; True if it was created."""
+def ensure_pool(pool: str, pool_type: str = "process") -> bool:
+    """Create the work pool ``pool`` of ``pool_type`` if missing; True if it was created.
+
+    An existing pool is used whatever its type (process, docker, kubernetes, a cloud's): its
+    workers run the deployment. A missing one is created with its type's default job template
+    (Prefect's worker metadata; the type's worker package must be known to Prefect).
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
-    from prefect.workers.process import ProcessWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+    from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
 
     with get_client(sync_client=True) as client:
         try:
-            existing = client.read_work_pool(pool)
+            client.read_work_pool(pool)
+            return False
         except ObjectNotFound:
-            template = ProcessWorker.get_default_base_job_template()
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
-            return True
-    if existing.type != "process":
-        raise ConfigError(f"--pool {pool!r}: work pool exists with type {existing.type!r}, expected 'process'")
-    return False
+            pass
+        template = run_coro_as_sync(get_default_base_job_template_for_infrastructure_type(pool_type))
+        if template is None:
+            raise ConfigError(f"--pool-type {pool_type!r}: no job template known for this work pool type; create the "
+                              f"pool first (prefect work-pool create {pool} --type {pool_type})")
+        client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type, base_job_template=template))
+    return True
+
+
+def _git_config(config: Path, git: str) -> str:
+    """The config's path inside the repository (runs of a git deployment start in a fresh clone)."""
+    try:
+        return config.relative_to(REPO).as_posix()
+    except ValueError:
+        raise ConfigError(f"--git: the config must be a file of this repository (runs read it from the clone of "
+                          f"{git}), got {config}") from None
 
 
 def deploy(
@@ -88,15 +105,24 @@ def deploy(
     name: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     until: str = "report",
+    *,
+    pool_type: str = "process",
+    git: str | None = None,
+    branch: str = "main",
+    image: str | None = None,
 ) -> str:
     """Register (or update) a cron deployment of the pipeline; returns ``"mmpipe-from-config/<name>"``.
 
     Args:
         config: pipeline YAML; validated now, read again by every run.
         cron: five-field cron in UTC, e.g. ``"0 3 * * *"``.
-        pool: process work pool, created if missing.
+        pool: work pool of any type; created with ``pool_type`` if missing.
         name: deployment name; default the config's ``run_name``.
         overrides: ``key.sub=value`` items applied on top of the YAML at each run.
+        git: a git URL: each run starts in a fresh clone of ``branch`` (Prefect's git pull step),
+            so workers need no checkout of their own; without it, runs start in this checkout.
+        image: container image for docker and kubernetes pools (the ``image`` job variable): one
+            built from this repository's Dockerfile.
     """
     config = Path(os.path.abspath(config))
     overrides = _absolute_overrides(list(overrides))
@@ -104,20 +130,27 @@ def deploy(
     if until not in STAGES:
         raise ConfigError(f"until: unknown stage {until!r}; expected one of {', '.join(STAGES)}")
     check_cron(cron)
+    config_param = _git_config(config, git) if git else str(config)
     name = name or cfg.run_name
     _api_url()
-    ensure_pool(pool)
+    ensure_pool(pool, pool_type)
 
+    from prefect.runner.storage import GitRepository
     from prefect.schedules import Cron
 
     from flows.pipeline import from_config
 
-    source = from_config.from_source(source=str(REPO), entrypoint=ENTRYPOINT)
+    storage = GitRepository(url=git, branch=branch, pull_interval=None) if git else str(REPO)
+    try:
+        source = from_config.from_source(source=storage, entrypoint=ENTRYPOINT)
+    except Exception as e:  # a clone that failed (bad URL, branch): one line, not git's traceback
+        raise ConfigError(f"--git {git!r} (branch {branch!r}): cannot load {ENTRYPOINT}: {str(e).splitlines()[0]}") from None
     source.deploy(
         name=name,
         work_pool_name=pool,
         schedules=[Cron(cron, timezone="UTC")],
-        parameters={"config": str(config), "overrides": overrides, "until": until},
+        parameters={"config": config_param, "overrides": overrides, "until": until},
+        job_variables={"image": image} if image else None,
         description=f"mmpipe on {config.name} until {until}, cron {cron!r} (UTC)",
         tags=["mmpipe"],
         build=False,

@@ -406,6 +406,52 @@ def test_a_regression_fires_the_alert_automation_and_a_small_change_does_not(ser
         assert len([e for e in fired() if e.event == "prefect.automation.action.triggered"]) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_git_deployment_runs_from_a_fresh_clone_and_any_pool_type_is_accepted(server, synth_small, tmp_path):
+    """``deploy(git=URL)``: the worker clones the repository for each run (Prefect's git_clone pull
+    step) and runs the config from the clone; a docker pool is created with its own job template
+    and the deployment carries the image."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from deployments.deploy import deploy, ensure_pool
+
+    if "PREFECT_API_DATABASE_CONNECTION_URL" in server.env:
+        pytest.skip("independent of the server's database: runs once, on the SQLite server")
+    if not (REPO / ".git").exists():
+        pytest.skip("needs the repository's git history (a clone)")
+    bare = tmp_path / "mmpipe.git"  # the team's remote, here a bare clone of this checkout's HEAD
+    subprocess.run(["git", "clone", "-q", "--bare", str(REPO), str(bare)], check=True, timeout=120)
+    branch = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--abbrev-ref", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    out = tmp_path / "run"
+    pool = "mmpipe-git"
+    with _api(server):
+        name = deploy(CONFIG, CRON, pool=pool, name="from-git", until="clean", git=f"file://{bare}", branch=branch,
+                      overrides=[f"data.manifest={synth_small / 'manifest.csv'}", f"out={out}"])
+        assert ensure_pool("mmpipe-docker", "docker") is True
+        docker = deploy(CONFIG, CRON, pool="mmpipe-docker", name="in-docker", until="clean", git=f"file://{bare}",
+                        branch=branch, image="mmpipe:0.1.0")
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(name)
+            assert dep.parameters["config"] == "configs/demo.yaml"  # read from the clone, not this checkout
+            assert any("git_clone" in str(step) for step in dep.pull_steps), dep.pull_steps
+            in_docker = client.read_deployment_by_name(docker)
+            assert client.read_work_pool("mmpipe-docker").type == "docker"
+            assert in_docker.job_variables == {"image": "mmpipe:0.1.0"}
+        log = server.home / "worker-git.log"
+        worker = _start(["worker", "start", "--pool", pool], server.env, log)
+        try:
+            run = run_deployment(name, timeout=240, poll_interval=1)
+            assert run.state.is_completed(), f"{run.state}\n{_tail(log)}"
+        finally:
+            left = _stop(worker)
+    assert not left, f"worker processes left: {left}"
+    stats = tables.read_json(tables.StagePaths.of(out, "clean").stats)
+    assert stats["n_kept"] + stats["n_quarantined"] == N_ROWS
+
+
 def test_deploy_rejects_bad_config_and_cron_in_one_line(tmp_path):
     from deployments.deploy import deploy
 
