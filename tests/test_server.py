@@ -440,6 +440,18 @@ def test_a_git_deployment_runs_from_a_fresh_clone_and_any_pool_type_is_accepted(
             in_docker = client.read_deployment_by_name(docker)
             assert client.read_work_pool("mmpipe-docker").type == "docker"
             assert in_docker.job_variables == {"image": "mmpipe:0.1.0"}
+        # The same from the repository's prefect.yaml, as `prefect deploy` reads it.
+        ensure_pool("mmpipe")
+        env = {**server.env, "MMPIPE_GIT_URL": f"file://{bare}", "MMPIPE_MANIFEST": str(synth_small / "manifest.csv"),
+               "MMPIPE_OUT": str(tmp_path / "nightly")}
+        done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "nightly"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        with get_client(sync_client=True) as client:
+            nightly = client.read_deployment_by_name("mmpipe-from-config/nightly")
+        assert nightly.pull_steps[0]["prefect.deployments.steps.git_clone"]["repository"] == f"file://{bare}"
+        assert nightly.parameters["overrides"] == [f"data.manifest={synth_small / 'manifest.csv'}", f"out={tmp_path / 'nightly'}"]
+        assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [(CRON, "UTC")]
         log = server.home / "worker-git.log"
         worker = _start(["worker", "start", "--pool", pool], server.env, log)
         try:
