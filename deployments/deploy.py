@@ -1,4 +1,4 @@
-"""Deploy the pipeline to a Prefect server: ``flows/pipeline.py:from_config`` on a cron, on a process pool.
+"""Deploy the pipeline to a Prefect server: ``flows/pipeline.py:from_config`` on a cron, on any work pool.
 
 The deployment stores the config *path* (made absolute) and the overrides, not the config:
 ``from_config`` reads the YAML when each run starts, so edits apply to the next run. Runs
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from mmcore.alerts import AlertConfig
 from mmcore.config import load_config, parse_override, path_keys
 from mmcore.errors import ConfigError
 from mmcore.graph import ORDER as STAGES
@@ -110,6 +111,7 @@ def deploy(
     git: str | None = None,
     branch: str = "main",
     image: str | None = None,
+    alert: AlertConfig | None = None,
 ) -> str:
     """Register (or update) a cron deployment of the pipeline; returns ``"mmpipe-from-config/<name>"``.
 
@@ -123,6 +125,9 @@ def deploy(
             so workers need no checkout of their own; without it, runs start in this checkout.
         image: container image for docker and kubernetes pools (the ``image`` job variable): one
             built from this repository's Dockerfile.
+        alert: also create the automation ``"<deployment> regression"`` that fires when this
+            deployment's evaluation regresses (``tasks.events.ensure_alert``); its action records
+            the alert; add a notification in the UI (or ``ensure_alert(actions=...)``).
     """
     config = Path(os.path.abspath(config))
     overrides = _absolute_overrides(list(overrides))
@@ -145,7 +150,7 @@ def deploy(
         source = from_config.from_source(source=storage, entrypoint=ENTRYPOINT)
     except Exception as e:  # a clone that failed (bad URL, branch): one line, not git's traceback
         raise ConfigError(f"--git {git!r} (branch {branch!r}): cannot load {ENTRYPOINT}: {str(e).splitlines()[0]}") from None
-    source.deploy(
+    deployment_id = source.deploy(
         name=name,
         work_pool_name=pool,
         schedules=[Cron(cron, timezone="UTC")],
@@ -158,4 +163,8 @@ def deploy(
         print_next_steps=False,
         ignore_warnings=True,
     )
+    if alert is not None:
+        from tasks.events import ensure_alert
+
+        ensure_alert(f"{FLOW_NAME}/{name} regression", alert, deployment_id=str(deployment_id))
     return f"{FLOW_NAME}/{name}"

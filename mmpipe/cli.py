@@ -468,16 +468,25 @@ def ablate(
 def deploy(
     config: Annotated[Path, typer.Argument(help="Pipeline config (YAML); read again at the start of every run.")],
     cron: Annotated[str, typer.Option(help="Schedule in UTC, e.g. '0 3 * * *' (03:00 every day).")],
-    pool: Annotated[str, typer.Option(help="Process work pool (created if missing).")] = "mmpipe",
+    pool: Annotated[str, typer.Option(help="Work pool, any type (created with --pool-type if missing).")] = "mmpipe",
     name: Annotated[Optional[str], typer.Option(help="Deployment name; default: the config's run_name.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override, e.g. --set out=runs/nightly.")] = None,
     until: Annotated[str, typer.Option(help="Last stage to run.")] = "report",
+    pool_type: Annotated[str, typer.Option(help="Type of a pool that does not exist yet: process, docker, kubernetes...")] = "process",
+    git: Annotated[Optional[str], typer.Option(help="Git URL: every run starts in a fresh clone (CONFIG is a path in the repository).")] = None,
+    branch: Annotated[str, typer.Option(help="Branch to clone with --git.")] = "main",
+    image: Annotated[Optional[str], typer.Option(help="Container image for docker/kubernetes pools (see Dockerfile).")] = None,
+    alert_drop: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Also create an automation that fires when test R@5 falls "
+                                                         "by more than this from the previous run (0.05 = 5 points).")] = None,
 ) -> None:
     """Register a cron deployment of the pipeline on the Prefect server at PREFECT_API_URL."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from deployments.deploy import deploy as deploy_
+    from mmcore.alerts import AlertConfig
 
-    full = deploy_(config, cron, pool=pool, name=name, overrides=list(set_ or []), until=until)
+    alert = AlertConfig(max_drop=alert_drop) if alert_drop is not None else None
+    full = deploy_(config, cron, pool=pool, name=name, overrides=list(set_ or []), until=until, pool_type=pool_type,
+                   git=git, branch=branch, image=image, alert=alert)
     typer.echo(
         f"deployed {full} (pool {pool!r}, cron {cron!r} UTC)\n"
         f"  worker:  .venv/bin/prefect worker start --pool {pool}\n"

@@ -412,10 +412,12 @@ def test_a_git_deployment_runs_from_a_fresh_clone_and_any_pool_type_is_accepted(
     """``deploy(git=URL)``: the worker clones the repository for each run (Prefect's git_clone pull
     step) and runs the config from the clone; a docker pool is created with its own job template
     and the deployment carries the image."""
+    from prefect.automations import Automation
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     from deployments.deploy import deploy, ensure_pool
+    from mmcore import alerts
 
     if "PREFECT_API_DATABASE_CONNECTION_URL" in server.env:
         pytest.skip("independent of the server's database: runs once, on the SQLite server")
@@ -432,7 +434,7 @@ def test_a_git_deployment_runs_from_a_fresh_clone_and_any_pool_type_is_accepted(
                       overrides=[f"data.manifest={synth_small / 'manifest.csv'}", f"out={out}"])
         assert ensure_pool("mmpipe-docker", "docker") is True
         docker = deploy(CONFIG, CRON, pool="mmpipe-docker", name="in-docker", until="clean", git=f"file://{bare}",
-                        branch=branch, image="mmpipe:0.1.0")
+                        branch=branch, image="mmpipe:0.1.0", alert=alerts.AlertConfig(max_drop=0.1))
         with get_client(sync_client=True) as client:
             dep = client.read_deployment_by_name(name)
             assert dep.parameters["config"] == "configs/demo.yaml"  # read from the clone, not this checkout
@@ -440,6 +442,10 @@ def test_a_git_deployment_runs_from_a_fresh_clone_and_any_pool_type_is_accepted(
             in_docker = client.read_deployment_by_name(docker)
             assert client.read_work_pool("mmpipe-docker").type == "docker"
             assert in_docker.job_variables == {"image": "mmpipe:0.1.0"}
+        # --alert-drop: the regression automation watches that deployment only.
+        automation = Automation.read(name=f"{docker} regression")
+        assert automation.trigger.match.root == {"prefect.resource.id": f"mmpipe.deployment.{in_docker.id}"}
+        assert automation.trigger.expect == {alerts.REGRESSED} and "0.1" in automation.description
         # The same from the repository's prefect.yaml, as `prefect deploy` reads it.
         ensure_pool("mmpipe")
         env = {**server.env, "MMPIPE_GIT_URL": f"file://{bare}", "MMPIPE_MANIFEST": str(synth_small / "manifest.csv"),
