@@ -223,7 +223,7 @@ def resolve_under(root_real: str, rel: str) -> str:
     """
     full = os.path.realpath(rel if os.path.isabs(rel) else os.path.join(root_real, rel))
     if full != root_real and not full.startswith(root_real.rstrip(os.sep) + os.sep):
-        raise UnsafePath(f"path {rel!r} resolves outside the dataset root {root_real}")
+        raise UnsafePath(f"path {rel!r} resolves outside the dataset root (data.root)")  # no local path: same detail wherever the data sits
     return full
 
 
@@ -255,7 +255,7 @@ class Resolver:
         except OSError:  # missing (or unreadable folder): realpath would leave the name as is
             pass
         if full != self.root_real and not full.startswith(self._prefix):
-            raise UnsafePath(f"path {rel!r} resolves outside the dataset root {self.root_real}")
+            raise UnsafePath(f"path {rel!r} resolves outside the dataset root (data.root)")
         return full
 
 

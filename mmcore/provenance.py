@@ -82,3 +82,31 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+PATH_MARK = "<path: content in the extra digest>"
+
+
+def settings_json(model) -> str:
+    """A config section as JSON for cache keys and ``config_digest``, with every path field replaced
+    by a mark: where a file sits is no setting. What a path points at is keyed by content instead
+    (the manifest's digest, the stage's ``extra``: model folders, the image files), so a stage
+    computed on one machine or in one checkout is a cache hit in another with the same files."""
+    from pathlib import PurePath
+
+    from pydantic import BaseModel
+
+    def walk(node):
+        if isinstance(node, BaseModel):
+            return {k: walk(getattr(node, k)) for k in type(node).model_fields}
+        if isinstance(node, PurePath):
+            return PATH_MARK
+        if isinstance(node, dict):
+            return {str(k): walk(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [walk(v) for v in node]
+        return node
+
+    import json
+
+    return json.dumps(walk(model), sort_keys=True, default=str)

@@ -4,9 +4,11 @@ Prefect's ``INPUTS`` policy would hash a path as a string, not the file's bytes,
 ``TASK_SOURCE`` sees only the task body, not the mmcore code it calls. So a stage's cache key is
 built here from content digests of its inputs, its config section, the data section, the seed,
 ``provenance.code_digest`` of its mmcore module and, for the stages with an ``extra`` in
-``mmcore.graph``, the digest of what the stage reads besides its input table. The run folder is not
-in the key: a stage computed in one run folder is a cache hit in another (an ablation variant, a
-moved checkout), and ``run_cached`` copies its files into the run folder that asked.
+``mmcore.graph``, the digest of what the stage reads besides its input table. No path is in the
+key, the run folder's included (``provenance.settings_json`` marks every path setting; what it
+points at is keyed by content): a stage computed in one run folder, checkout or worker is a cache
+hit in another with the same files (an ablation variant, a moved dataset), and ``run_cached``
+copies its files into the run folder that asked.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 from mmcore import execute, faults, graph, tables
 from mmcore.config import PipelineConfig
 from mmcore.layout import RunLayout, StagePaths
-from mmcore.provenance import code_digest
+from mmcore.provenance import code_digest, settings_json
 from mmcore.stale import extra_digest
 
 # Bump to invalidate every cached stage at once (e.g. after a change to this caching scheme).
-CACHE_SCHEME = "3"  # 2: the run folder left the key
+CACHE_SCHEME = "4"  # 2: the run folder left the key; 4: so did every other path (provenance.settings_json)
 
 # The extra digest a task run's cache key was built from, for its body to record in the stats.
 # Prefect calls the key function and then the body in the same context, but passes the body nothing
@@ -101,8 +103,8 @@ def stage_cache(stage: str) -> CachePolicy:
             CACHE_SCHEME,
             stage,
             code_digest(s.module),
-            cfg.section(stage).model_dump_json(),
-            cfg.data.model_dump_json(),
+            settings_json(cfg.section(stage)),  # paths marked: their files are keyed by content
+            settings_json(cfg.data),
             str(cfg.seed),
             *(f"{name}={digest_of(out)}" for name, out in sorted(upstream.items())),
         ]

@@ -108,6 +108,21 @@ def test_touching_one_image_reruns_probe_and_quality_not_clean(synth_small, tmp_
     assert after["content_digest"].iloc[1:].tolist() == probed["content_digest"].iloc[1:].tolist()
 
 
+def test_a_moved_dataset_is_a_cache_hit_where_only_content_matters(synth_small, tmp_path):
+    """No path is in a cache key: the same dataset copied elsewhere (another mount, another worker)
+    with its config pointing there takes clean and quality from cache; probe reads the copies again
+    (its cheap fingerprint sees new files) and finds the same content."""
+    from flows.pipeline import pipeline
+
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(synth_small, moved, symlinks=True)
+    pipeline(demo_config(synth_small / "manifest.csv", tmp_path / "a", "clean.max_chars=997"), until="quality")
+    pipeline(demo_config(moved / "manifest.csv", tmp_path / "b", "clean.max_chars=997"), until="quality")
+    assert [_status(tmp_path / "b", s)["cached"] for s in ("clean", "probe", "quality")] == [True, False, True]
+    for s in ("clean", "probe", "quality"):
+        assert _bytes(tmp_path / "a", s) == _bytes(tmp_path / "b", s), s
+
+
 def test_a_fresh_run_folder_gives_identical_parquet(synth_small, tmp_path):
     from flows.pipeline import pipeline
 
