@@ -18,7 +18,8 @@ RUN apt-get update \
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
-    PREFECT_SERVER_ANALYTICS_ENABLED=false
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    PREFECT_LOGGING_EXTRA_LOGGERS=mmcore,mmpipe
 
 WORKDIR /opt/mmpipe
 COPY pyproject.toml constraints.txt README.md ./

@@ -23,6 +23,8 @@ from mmcore.graph import ORDER as STAGES
 REPO = Path(__file__).resolve().parents[1]
 ENTRYPOINT = "flows/pipeline.py:from_config"
 FLOW_NAME = "mmpipe-from-config"
+TYPED_ENTRYPOINT = "flows/pipeline.py:curate"  # the config as typed parameters (a form in the UI)
+TYPED_FLOW_NAME = "mmpipe-curate"
 # Override keys holding paths: a relative one is made absolute against the directory deploy()
 # runs in, as `mmpipe run` would read it, not against the worker's directory.
 PATH_KEYS = path_keys()
@@ -112,8 +114,10 @@ def deploy(
     branch: str = "main",
     image: str | None = None,
     alert: AlertConfig | None = None,
+    typed: bool = False,
 ) -> str:
-    """Register (or update) a cron deployment of the pipeline; returns ``"mmpipe-from-config/<name>"``.
+    """Register (or update) a cron deployment of the pipeline; returns ``"FLOW/<name>"`` (``mmpipe-from-config``,
+    or ``mmpipe-curate`` when typed).
 
     Args:
         config: pipeline YAML; validated now, read again by every run.
@@ -126,11 +130,18 @@ def deploy(
         image: container image for docker and kubernetes pools (the ``image`` job variable): one
             built from this repository's Dockerfile.
         alert: also create the automation ``"<deployment> regression"`` that fires when this
-            deployment's evaluation regresses (``tasks.events.ensure_alert``); its action records
-            the alert; add a notification in the UI (or ``ensure_alert(actions=...)``).
+            deployment's evaluation regresses (``tasks.events.ensure_alert``), and set the runs'
+            ``alert`` settings to it (they decide what a regression is); the automation's action
+            records the alert; add a notification in the UI (or ``ensure_alert(actions=...)``).
+        typed: deploy ``flows/pipeline.py:curate`` with the resolved config as its typed ``cfg``
+            parameter: the Prefect UI shows a validated form of every setting (edit a run's
+            thresholds there); the YAML is read once, now. Default: ``from_config``, which reads
+            the YAML at every run.
     """
     config = Path(os.path.abspath(config))
     overrides = _absolute_overrides(list(overrides))
+    if alert is not None:  # the runs decide what a regression is: they get the threshold the automation says
+        overrides += [f"alert.metric={alert.metric}", f"alert.max_drop={alert.max_drop}"]
     cfg = load_config(config, overrides)  # a bad config fails here, in one line, not at 3 a.m.
     if until not in STAGES:
         raise ConfigError(f"until: unknown stage {until!r}; expected one of {', '.join(STAGES)}")
@@ -143,18 +154,24 @@ def deploy(
     from prefect.runner.storage import GitRepository
     from prefect.schedules import Cron
 
-    from flows.pipeline import from_config
+    from flows.pipeline import curate, from_config
 
     storage = GitRepository(url=git, branch=branch, pull_interval=None) if git else str(REPO)
+    entrypoint = TYPED_ENTRYPOINT if typed else ENTRYPOINT
+    flow_obj = curate if typed else from_config
     try:
-        source = from_config.from_source(source=storage, entrypoint=ENTRYPOINT)
+        source = flow_obj.from_source(source=storage, entrypoint=entrypoint)
     except Exception as e:  # a clone that failed (bad URL, branch): one line, not git's traceback
-        raise ConfigError(f"--git {git!r} (branch {branch!r}): cannot load {ENTRYPOINT}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"--git {git!r} (branch {branch!r}): cannot load {entrypoint}: {str(e).splitlines()[0]}") from None
+    if typed:
+        parameters = {"cfg": cfg.model_dump(mode="json"), "until": until}
+    else:
+        parameters = {"config": config_param, "overrides": overrides, "until": until}
     deployment_id = source.deploy(
         name=name,
         work_pool_name=pool,
         schedules=[Cron(cron, timezone="UTC")],
-        parameters={"config": config_param, "overrides": overrides, "until": until},
+        parameters=parameters,
         job_variables={"image": image} if image else None,
         description=f"mmpipe on {config.name} until {until}, cron {cron!r} (UTC)",
         tags=["mmpipe"],
@@ -166,5 +183,5 @@ def deploy(
     if alert is not None:
         from tasks.events import ensure_alert
 
-        ensure_alert(f"{FLOW_NAME}/{name} regression", alert, deployment_id=str(deployment_id))
-    return f"{FLOW_NAME}/{name}"
+        ensure_alert(f"{TYPED_FLOW_NAME if typed else FLOW_NAME}/{name} regression", alert, deployment_id=str(deployment_id))
+    return f"{TYPED_FLOW_NAME if typed else FLOW_NAME}/{name}"

@@ -3,31 +3,40 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 
+from mmcore import export as export_mod
 from mmcore import graph, runlock
 from mmcore.config import PipelineConfig, load_config
+from mmcore.export import ExportConfig
 from mmcore.layout import RunLayout
 from tasks import stages
 from tasks.common import StageOutput, run_cached
+from tasks.export import export
 from tasks.external import external_evaluate
 
 
 @flow(name="mmpipe", flow_run_name="mmpipe-{cfg.run_name}", log_prints=True, validate_parameters=False)
-def pipeline(cfg: PipelineConfig, until: str = "report") -> dict[str, StageOutput]:
-    """Run every stage of the graph up to ``until`` (the report always last); unchanged ones come from cache.
+def pipeline(cfg: PipelineConfig, until: str = "report", exports: tuple[ExportConfig, ...] = ()) -> dict[str, StageOutput]:
+    """Run every stage of the graph up to ``until`` (the report always last); unchanged ones come from cache;
+    then each of ``exports`` (webdataset shards, open_clip CSV, retry manifest), under the run's lock.
 
     One run at a time per run folder (``runlock.hold``); stages beyond ``until`` left by an earlier
     run on other inputs are moved aside first, so the report never shows them as this run's.
     """
     plan = graph.plan(until)
+    for spec in exports:  # a bad --out or stage fails now, not after the run
+        export_mod.check(spec, cfg.run_dir, cfg.data.image_root, tuple(s.name for s in plan))
     with runlock.hold(cfg.run_dir, cfg.data.image_root, tuple(s.name for s in plan)) as run_id:
         runlock.retire_stale(cfg, tuple(s.name for s in plan), run_id)
         stages.save_config(cfg)
         out: dict[str, StageOutput] = {}
         for s in plan:
             out[s.name] = run_cached(stages.STAGE_TASKS[s.name], cfg, {r: out[r] for r in s.reads if r in out})
+        for spec in exports:
+            export(cfg.run_dir, spec, held=True)
     return out
 
 
@@ -52,9 +61,24 @@ def evaluate_external(run_dir: Path, other: PipelineConfig, name: str, model: Pa
 
 
 @flow(name="mmpipe-from-config", flow_run_name="mmpipe-from-config", log_prints=True)
-def from_config(config: str, overrides: list[str] | None = None, until: str = "report") -> dict[str, StageOutput]:
-    """The pipeline for deployments: reads the config file at run time, so edits apply to the next run."""
-    return pipeline(load_config(config, overrides or []), until=until)
+def from_config(config: str, overrides: list[str] | None = None, until: str = "report",
+                exports: list[ExportConfig] | None = None) -> dict[str, StageOutput]:
+    """The pipeline for deployments: reads the config file at run time, so edits apply to the next run;
+    ``exports`` end the run with exports (e.g. ``[{format: webdataset, out: /data/curated, split: train}]``)."""
+    return pipeline(load_config(config, overrides or []), until=until, exports=tuple(exports or ()))
+
+
+# A stage name, for typed parameters: the Prefect UI shows a choice.
+StageName = Literal[graph.ORDER]  # type: ignore[valid-type]
+
+
+@flow(name="mmpipe-curate", flow_run_name="mmpipe-curate-{cfg.run_name}", log_prints=True)
+def curate(cfg: PipelineConfig, until: StageName = "report",
+           exports: list[ExportConfig] | None = None) -> dict[str, StageOutput]:
+    """The pipeline for deployments with its settings as typed parameters: the Prefect UI shows a
+    form with every section and threshold (their descriptions, defaults and bounds) and Prefect
+    validates a run's values before it starts. ``from_config`` takes a config file path instead."""
+    return pipeline(cfg, until=until, exports=tuple(exports or ()))
 
 
 def with_runner(runner: str = "local", address: str | None = None, workers: int | None = None):

@@ -36,7 +36,7 @@ import pandas as pd
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mmcore import evaluate, tables
+from mmcore import evaluate, ingest, tables
 from mmcore.base import StrictModel
 from mmcore.config import PipelineConfig, load_config, preset_names
 from mmcore.errors import ConfigError, InputError, LeakageError
@@ -283,7 +283,7 @@ def table(
     held = read_held_out(held_out)
     ids = None
     for name, dirs in runs.items():
-        manifest = tables.file_digest(load_config(RunLayout(dirs[0]).config).data.manifest)
+        manifest = ingest.input_key(load_config(RunLayout(dirs[0]).config).data)
         check_no_leakage(held, tables.read_parquet(tables.StagePaths.of(dirs[0], "split").kept), name, manifest)
         for d in dirs:
             got = scored_test_rows(d)

@@ -2,7 +2,7 @@
 
 The task layer sends these as Prefect events after every evaluation (``tasks/events.py``):
 ``mmpipe.evaluate.completed`` always, and ``mmpipe.evaluate.regressed`` when the watched metric
-fell by more than ``evaluate.alert.max_drop``; a Prefect automation on the second one alerts the
+fell by more than ``alert.max_drop`` (a run-level setting, in no stage's cache key); a Prefect automation on the second one alerts the
 team. The logic is here, without Prefect, so it is tested on plain values.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mmcore.base import StrictModel
 
@@ -20,6 +20,9 @@ REGRESSED = "mmpipe.evaluate.regressed"
 
 # What the event carries for each evaluated split: retrieval recall both ways (and zero-shot accuracy).
 HEADLINE = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+ZEROSHOT = ("acc1", "balanced_acc")
+WATCHABLE = (*HEADLINE, *(f"zeroshot_{z}" for z in ZEROSHOT))
+SPLITS = ("test", "val", "train")
 
 
 class AlertConfig(StrictModel):
@@ -30,6 +33,15 @@ class AlertConfig(StrictModel):
     max_drop: float = Field(0.05, ge=0, le=1,
                             description="A fall of the metric by more than this (absolute, 0.05 = 5 points of R@5) "
                                         "from the previous run of the same deployment is a regression.")
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        split, _, name = v.partition("/")
+        if split not in SPLITS or name not in WATCHABLE:
+            raise ValueError(f"unknown metric {v!r}; expected SPLIT/METRIC with SPLIT one of {', '.join(SPLITS)} "
+                             f"and METRIC one of {', '.join(WATCHABLE)}")
+        return v
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
@@ -44,7 +56,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
             if value is not None:
                 out[f"{split}/{name}"] = value
         zeroshot = block.get("zeroshot") or {}
-        for name in ("acc1", "balanced_acc"):
+        for name in ZEROSHOT:
             value = _value(zeroshot.get(name)) if isinstance(zeroshot, dict) else None
             if value is not None:
                 out[f"{split}/zeroshot_{name}"] = value

@@ -24,7 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from mmcore import tables
+from mmcore import ingest, tables
 from mmcore.base import DataConfig, StageContext, StrictModel
 from mmcore.errors import InputError
 from mmcore.registry import Registry
@@ -33,7 +33,9 @@ from mmcore.tables import DOMAIN, GROUP, IMAGE, LABEL, ROW_ID, TEXT, TEXT_RAW, T
 STAGE = "clean"
 
 # Reason codes, in the order the checks run (a row gets the first it fails).
+# The input forms' own reasons come first (``mmcore.ingest``: a failed download, an unsafe tar member, ...).
 REASONS = {
+    **{k: v for k, v in ingest.REASONS.items() if k != "invalid_encoding"},
     "invalid_encoding": "a cell of the row is not valid UTF-8 (the undecodable bytes read as U+FFFD)",
     "empty_image_path": "the image path is empty or missing",
     "empty_caption": "the caption is empty or only whitespace",
@@ -230,7 +232,14 @@ def _unparsable(path: Path, e: Exception) -> InputError:
 
 
 def read_manifest(data: DataConfig) -> pd.DataFrame:
-    """Read the manifest with the reader its suffix names in ``READERS`` and give every row its ``row_id``."""
+    """Read the input and give every row its ``row_id``: the manifest with the reader its suffix names
+    in ``READERS``, or, for another ``data.format``, what ``ingest.read`` gives (shards, Parquet with
+    bytes, COCO or Karpathy captions)."""
+    if data.format != "manifest":
+        df = ingest.read(data)
+        df = (_from_arrow(df, data.image_root) if isinstance(df, pa.Table) else df).reset_index(drop=True)
+        df.insert(0, ROW_ID, np.arange(len(df), dtype=np.int64))
+        return df
     path, reader = _manifest_file(data)
     try:
         df = reader.read(path)
@@ -252,6 +261,8 @@ read_input = read_manifest
 
 def manifest_columns(data: DataConfig) -> list[str]:
     """The manifest's column names, read from its header only where the format allows (for checks before a run)."""
+    if data.format != "manifest":
+        return ingest.columns(data)
     path, reader = _manifest_file(data)
     if reader.columns is None:
         return [c for c in read_manifest(data).columns if c not in (ROW_ID, BAD_BYTES)]
@@ -266,14 +277,28 @@ def manifest_columns(data: DataConfig) -> list[str]:
 _COLUMN_KEYS = ("image_column", "text_column", "group_column", "time_column", "label_column", "domain_column")
 
 
+def _column_keys(data: DataConfig) -> tuple[str, ...]:
+    """The ``data.*_column`` keys that name a column of the input table (the other forms make their own
+    image and text columns; coco and karpathy their group)."""
+    if data.format == "manifest":
+        return _COLUMN_KEYS
+    return tuple(k for k in _COLUMN_KEYS[2:] if not (k == "group_column" and data.format in ("coco", "karpathy")))
+
+
+def _input_name(data: DataConfig) -> str:
+    if data.format == "manifest":
+        return f"manifest {data.manifest}"
+    return f"the {data.format} input {data.shards if data.shards is not None else data.manifest}"
+
+
 def check_columns(data: DataConfig, columns: list[str] | None = None) -> None:
     """Fail, in one line, if a configured column is not in the manifest (header only by default)."""
     cols = [c for c in (manifest_columns(data) if columns is None else columns) if c != ROW_ID]
-    for key in _COLUMN_KEYS:
+    for key in _column_keys(data):
         name = getattr(data, key)
         if name is not None and name not in cols:
             raise InputError(
-                f"data.{key}: column {name!r} not in manifest {data.manifest}; got {', '.join(map(repr, cols))}"
+                f"data.{key}: column {name!r} not in {_input_name(data)}; got {', '.join(map(repr, cols))}"
             )
 
 
@@ -291,7 +316,7 @@ def map_columns(df: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
     """Rename the configured columns to mmpipe's canonical names and fix their types."""
     check_columns(data, list(df.columns))
     mapping = data.column_map()
-    for key in _COLUMN_KEYS:
+    for key in _column_keys(data):
         user, canon = getattr(data, key), mapping.get(getattr(data, key))
         if user is not None and canon in df.columns and canon != user and canon not in mapping:
             raise InputError(
@@ -461,7 +486,17 @@ _RAW_LENGTH_FACTOR = 16
 def run(table: pd.DataFrame, cfg: CleanConfig, ctx: StageContext) -> StageResult:
     """Map columns, normalise captions, and quarantine rows with the reasons in ``REASONS``."""
     bad_bytes = table[BAD_BYTES].fillna("").astype("str") if BAD_BYTES in table.columns else None
-    df = map_columns(table.drop(columns=[BAD_BYTES], errors="ignore"), ctx.data)
+    # The input form's own reasons (ingest), checked before any caption rule.
+    own = ctx.data.format != "manifest" and ingest.REASON in table.columns  # never a manifest's own column
+    why = table[ingest.REASON].fillna("").astype("str") if own else None
+    why_detail = table[ingest.DETAIL].fillna("").astype("str") if own else None
+    if why is not None and (why == "invalid_encoding").any():
+        bad = why == "invalid_encoding"
+        bad_bytes = (bad_bytes if bad_bytes is not None else pd.Series("", index=table.index, dtype="str")).where(
+            ~bad, why_detail)
+        why = why.where(~bad, "")
+    df = map_columns(table.drop(columns=[BAD_BYTES, *((ingest.REASON, ingest.DETAIL) if own else ())], errors="ignore"),
+                     ctx.data)
     df.insert(df.columns.get_loc(TEXT) + 1, TEXT_RAW, df[TEXT])
     # Length first: normalising a 50 MB caption (ftfy) takes minutes. Normalisation only drops
     # control characters and repeated spaces, so a caption this far over max_chars stays too long;
@@ -496,7 +531,11 @@ def run(table: pd.DataFrame, cfg: CleanConfig, ctx: StageContext) -> StageResult
     empty_text = n_chars == 0
     if bad_bytes is None:
         bad_bytes = pd.Series("", index=idx, dtype="str")
+    if why is None:
+        why, why_detail = pd.Series("", index=idx, dtype="str"), pd.Series("", index=idx, dtype="str")
     checks = [
+        *((code, pd.Series(why.to_numpy() == code, idx), pd.Series(why_detail.to_numpy(), idx))
+          for code in ingest.REASONS if code != "invalid_encoding"),
         ("invalid_encoding", pd.Series(bad_bytes.to_numpy() != "", idx), pd.Series(bad_bytes.to_numpy(), idx)),
         ("empty_image_path", df[IMAGE] == "", "image path is empty"),
         ("empty_caption", empty_text, "caption is empty after normalisation"),

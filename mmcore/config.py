@@ -15,8 +15,10 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from mmcore import graph
+from mmcore.alerts import AlertConfig
 from mmcore.base import DataConfig, StrictModel, default_workers
 from mmcore.clean import CleanConfig
+from mmcore.decontam import DecontamConfig
 from mmcore.errors import ConfigError
 from mmcore.evaluate import EvaluateConfig
 from mmcore.probe import ProbeConfig
@@ -35,9 +37,12 @@ class PipelineConfig(StrictModel):
     seed: int = Field(0, ge=0)
     workers: int = Field(0, ge=0, description="Processes for image work; 0 = one per core.")
     data: DataConfig
+    alert: AlertConfig = Field(AlertConfig(), description="When an evaluation counts as a regression (a Prefect "
+                               "event an automation alerts on; tasks/events.py). Not in any stage's cache key.")
     clean: CleanConfig = CleanConfig()
     probe: ProbeConfig = ProbeConfig()
     quality: QualityConfig = QualityConfig()
+    decontam: DecontamConfig = DecontamConfig()
     split: SplitConfig = SplitConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -67,7 +72,7 @@ def _check_sections() -> None:
         assert got is want, f"PipelineConfig.{s.section} is {got}, the graph says {s.module}.{s.config}"
 
 
-_RUN_FIELDS = ("run_name", "out", "seed", "workers", "data")
+_RUN_FIELDS = ("run_name", "out", "seed", "workers", "data", "alert")
 _check_sections()
 
 
@@ -139,6 +144,11 @@ def _absolute_paths(model: BaseModel) -> BaseModel:
         if isinstance(value, BaseModel):
             if (fixed := _absolute_paths(value)) is not value:
                 update[name] = fixed
+        elif isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
+            # Sections keyed by name (decontam.reference_sets: name -> data config).
+            fixed_map = {k: _absolute_paths(v) if isinstance(v, BaseModel) else v for k, v in value.items()}
+            if any(fixed_map[k] is not value[k] for k in value):
+                update[name] = fixed_map
         elif isinstance(value, Path) and not value.is_absolute():
             update[name] = Path(os.path.abspath(value))
     return model.model_copy(update=update) if update else model
@@ -247,8 +257,53 @@ def check_paths(cfg: PipelineConfig) -> None:
         for key, value in section:
             if isinstance(value, Path) and not value.exists():
                 raise ConfigError(f"{name}.{key}: not found: {value}")
+            if isinstance(value, dict):  # named sub-configs (decontam.reference_sets)
+                for sub, model in value.items():
+                    for field, v in model if isinstance(model, BaseModel) else ():
+                        if isinstance(v, Path) and not v.exists():
+                            raise ConfigError(f"{name}.{key}.{sub}.{field}: not found: {v}")
 
 
 def dump_config(cfg: PipelineConfig) -> str:
     """The resolved config as YAML (paths as strings), as written to ``RUN_DIR/config.yaml``."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------- the README's reference
+
+_LONG = 64  # a default longer than this in JSON shows as "(see module)"
+
+
+def _default_text(value: Any) -> str:
+    import json
+
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, tuple):
+        value = list(value)
+    text = json.dumps(value, default=str)
+    return "(see module)" if len(text) > _LONG else text
+
+
+def reference_rows(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[str]:
+    """``| `key` = `default` | description |`` for every setting of the stage sections and of
+    ``data``, in the config's order, nested sections flattened (``alert.max_drop``)."""
+    rows: list[str] = []
+    for name, field in model.model_fields.items():
+        if not prefix and name in ("run_name", "out", "seed", "workers"):
+            continue
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += reference_rows(ann, f"{prefix}{name}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `{prefix}{name}` = `{_default_text(default)}` | {meaning} |")
+    return rows
+
+
+def reference_table() -> str:
+    """The README's config reference (a test keeps them equal)."""
+    return "\n".join(["| key = default | meaning |", "|---|---|", *reference_rows()])

@@ -27,11 +27,9 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
-from mmcore import metrics, spotcheck, tables
-from mmcore.alerts import AlertConfig
-from mmcore.base import StageContext, StrictModel
+from mmcore import metrics, sources, spotcheck, tables
+from mmcore.base import DataConfig, StageContext, StrictModel
 from mmcore.errors import InputError, row_detail
-from mmcore.images import load_rgb, resolve_path
 from mmcore.layout import (
     EMBEDDINGS_FILE,
     METRICS_FILE,
@@ -80,8 +78,6 @@ class EvaluateConfig(StrictModel):
         None, description="Model folder to compare with; default: the one train started from (train.model_path), "
         "none after training from a preset."
     )
-    alert: AlertConfig = Field(AlertConfig(), description="When a run's metrics count as a regression (a Prefect "
-                               "event an automation can alert on; see tasks/events.py).")
 
     @field_validator("ks")
     @classmethod
@@ -133,8 +129,9 @@ def _image_key(df: pd.DataFrame) -> pd.Series:
     return "path:" + df[IMAGE].astype("str")
 
 
-def _load(root: Path, rel: str, max_side: int):
-    return load_rgb(resolve_path(root, rel), max_side=max_side)
+def _load(data: DataConfig, ref: str, max_side: int):
+    """An image of the input, through its source (a file, a tar member, a Parquet cell)."""
+    return sources.load_rgb(sources.of(data), ref, max_side=max_side)
 
 
 def embed(
@@ -157,7 +154,7 @@ def embed(
         imgs, idx = [], []
         for i, (key, rel) in enumerate(zip(part["key"], part[IMAGE])):
             try:
-                imgs.append(_load(ctx.data.image_root, rel, max_side))
+                imgs.append(_load(ctx.data, rel, max_side))
                 idx.append(a + i)
                 keep_keys.append(key)
             except Exception as e:  # any decode failure is quarantined with its message, not raised
@@ -644,7 +641,7 @@ def run(
             rows[TEXT].astype(str).tolist(), rows[ROW_ID].tolist(), cfg.spotcheck_n, seed=ctx.seed,
         )
         tables.write_bytes(sheet.to_csv(index=False).encode(), out_dir / SPOTCHECK_CSV)
-        page = spotcheck.to_html(sheet, lambda p: _load(ctx.data.image_root, p, 224), f"mmpipe spot-check ({sheet_split} split)")
+        page = spotcheck.to_html(sheet, lambda p: _load(ctx.data, p, 224), f"mmpipe spot-check ({sheet_split} split)")
         tables.write_bytes(page.encode(), out_dir / SPOTCHECK_HTML)
     else:  # no sheet this time: an earlier run's must not pass for this one's
         (out_dir / SPOTCHECK_CSV).unlink(missing_ok=True)

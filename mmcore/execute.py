@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from mmcore import graph, tables
+from mmcore import graph, ingest, tables
 from mmcore.base import StageContext
 from mmcore.layout import KEPT_FILE, QUARANTINE_FILE, SCRATCH, STATS_FILE, StagePaths
-from mmcore.provenance import code_digest
+from mmcore.provenance import code_digest, settings_digest
 
 if TYPE_CHECKING:
     from mmcore.config import PipelineConfig
@@ -31,13 +31,17 @@ def context(cfg: PipelineConfig, progress: bool = True) -> StageContext:
 
 
 def config_digest(cfg: PipelineConfig, stage: str) -> str:
-    return tables.json_digest(cfg.section(stage).model_dump(mode="json"))
+    """The stage's settings (paths marked: their files are in the extra digest), as the cache key has them."""
+    return settings_digest(cfg.section(stage))
 
 
 def read_source(cfg: PipelineConfig, stage: str) -> tuple[pd.DataFrame, str]:
-    """A stage whose input is the manifest (``graph``: ``input=None``): its table and the manifest's digest."""
+    """A stage whose input is the manifest (``graph``: ``input=None``): its table and its digest (the
+    manifest's bytes; for shards, Parquet with bytes and caption files, the content of the table read,
+    ``ingest.input_digest``: no absolute path, so a copy of the dataset elsewhere is a cache hit)."""
     mod = importlib.import_module(graph.stage(stage).module)
-    return mod.read_input(cfg.data), tables.file_digest(cfg.data.manifest)
+    table = mod.read_input(cfg.data)
+    return table, ingest.input_digest(cfg.data, table)
 
 
 def _copy(src: Path, dst: Path) -> None:

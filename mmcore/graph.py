@@ -14,6 +14,7 @@ stage's cache key and is recorded in its stats for the staleness check.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable
@@ -23,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 
-from mmcore import layout
-from mmcore.digests import dir_digest, file_digest, files_fingerprint, text_digest
+from mmcore import layout, sources
+from mmcore.digests import dir_digest, file_digest, text_digest
 from mmcore.errors import InputError
 from mmcore.layout import RunLayout, StagePaths
 from mmcore.resources import DEFAULT_SYNONYMS, MODEL_CONFIGS
@@ -87,11 +88,17 @@ def _images(cfg: PipelineConfig, run_dir: Path) -> str | None:
     if not kept.is_file():
         return None
     paths = pq.read_table(kept, columns=[IMAGE]).column(IMAGE).to_pylist()
-    return files_fingerprint(cfg.data.image_root, paths)
+    return sources.of(cfg.data).fingerprint(paths)  # the files, shards or Parquet files referenced
 
 
 def _alignment_model(cfg: PipelineConfig, run_dir: Path) -> str:
     return _path_digest(cfg.quality.alignment_model, "none")
+
+
+def _reference_sets(cfg: PipelineConfig, run_dir: Path) -> str:
+    """The reference sets' manifests and image files, and the embedding model (by the stage's own
+    digest, found through its record like any stage module)."""
+    return importlib.import_module(STAGES["decontam"].module).extra_digest(cfg.decontam)
 
 
 def _fixed_test(cfg: PipelineConfig, run_dir: Path) -> str:
@@ -142,8 +149,14 @@ _STAGES = (
     Stage("quality", "QualityConfig", "probe", ("probe",),
           "decodes each image at draft scale: blur, exposure, information, aspect, duplicates, alignment",
           extra=Extra("alignment model", _alignment_model)),
-    Stage("split", "SplitConfig", "quality", ("quality",),
-          "train/val/test by group, content digest and pHash cluster; checks that nothing leaks",
+    Stage("decontam", "DecontamConfig", "quality", ("quality",),
+          "quarantines rows whose image or caption is in a reference (evaluation) set; links mirrored and "
+          "semantic near-duplicates",
+          writes=(layout.REFERENCES_DIR,),
+          extra=Extra("reference sets, embedding model", _reference_sets)),
+    Stage("split", "SplitConfig", "decontam", ("decontam",),
+          "train/val/test by group, content digest, pHash, mirrored and semantic clusters (or a given split); "
+          "checks that nothing leaks",
           extra=Extra("fixed test set", _fixed_test)),
     Stage("train", "TrainConfig", "split", ("split",),
           "decodes train and val images into shards and trains a CLIP dual encoder",
@@ -155,7 +168,7 @@ _STAGES = (
           writes=(layout.METRICS_FILE, layout.PER_QUERY_FILE, layout.EMBEDDINGS_FILE, layout.ROBUSTNESS_FILE,
                   layout.SPOTCHECK_CSV, layout.SPOTCHECK_HTML),
           extra=Extra("trained model", _trained_model)),
-    Stage("report", "ReportConfig", LAST_RUN, ("clean", "probe", "quality", "split", "train", "evaluate"),
+    Stage("report", "ReportConfig", LAST_RUN, ("clean", "probe", "quality", "decontam", "split", "train", "evaluate"),
           "one self-contained HTML page: funnel, reasons, galleries, curves, metrics",
           writes=(layout.REPORT_FILE,),
           extra=Extra("the run's stats, curves and evaluation files", _run_files), per_run=True),

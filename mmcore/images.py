@@ -117,6 +117,28 @@ class DecodePolicy:
 
 DEFAULT_POLICY = DecodePolicy()
 
+# The probe's record of each image that a later decoder holds it to (format, size as displayed, bytes).
+PROBED = ("format", "width", "height", "file_size")
+
+
+def probed_policies(rows) -> list[DecodePolicy]:
+    """Per row of ``rows`` (a DataFrame), the decoding policy the probe's record allows: only the
+    format, pixels and bytes the probe saw (anything else is ``file_changed``); the default policy
+    for rows without the probe's columns or record."""
+    if not all(c in rows for c in PROBED):
+        return [DEFAULT_POLICY] * len(rows)
+    out = []
+    for fmt, w, h, size in zip(*(rows[c].tolist() for c in PROBED)):
+        try:
+            w, h, size = int(w), int(h), int(size)
+        except (TypeError, ValueError):
+            out.append(DEFAULT_POLICY)
+            continue
+        fmt = str(fmt)
+        out.append(DecodePolicy(formats=(fmt,), max_pixels=max(1, w * h), max_bytes=max(size, 1),
+                                size=(w, h), format=fmt, file_bytes=size))
+    return out
+
 
 def refusal_reason(e: BaseException) -> str | None:
     """The reason code of a refused or too costly image, or None for any other failure."""

@@ -8,6 +8,7 @@ names itself: it asks ``RunLayout`` (``RunLayout(run_dir).metrics``) or uses the
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ SHARDS_META = "meta.json"
 # into another run folder.
 SCRATCH = (CHECKPOINT_DIR, SHARDS_DIR)
 
+# decontam
+REFERENCES_DIR = "references"  # references/<set>.<content key>.parquet: each reference set's hashes, cached by content
+
 # evaluate
 METRICS_FILE = "metrics.json"
 PER_QUERY_FILE = "per_query.parquet"
@@ -55,6 +59,15 @@ REPORT_FILE = "report.html"
 ABLATE_DIR = "ablate"
 HELD_OUT_FILE = "held_out_test.parquet"  # the test rows (row_id, group, content digest, pHash)
 TEST_SET_DIR = "test_set"  # ablate/test_set/: curation of a given evaluation manifest
+
+# export (``mmpipe export``): a folder of its own, outside the run folder's stage folders
+EXPORT_FILE = "export.json"  # the export's summary; "complete": false until its last file is in place
+SIZES_FILE = "sizes.json"  # webdataset: samples per shard, as open_clip's loader reads it
+EXPORT_CSV = "openclip.csv"  # csv: open_clip's tab-separated filepath/title file
+RETRY_FILE = "retry.parquet"  # retry: url and caption of the failed downloads, img2dataset's input
+EXPORT_IMAGES_DIR = "images"  # csv: images that are not files of their own (tar members, Parquet cells)
+SHARD_DIGITS = 5  # NNNNN.tar, NNNNN.parquet, NNNNN_stats.json, as img2dataset names them
+_SHARD_FILE = re.compile(rf"[0-9]{{{SHARD_DIGITS},}}(?:\.tar|\.parquet|_stats\.json)")
 
 
 @dataclass(frozen=True)
@@ -198,3 +211,53 @@ class RunLayout:
     def test_set(self) -> Path:
         """The run folder in which a given evaluation manifest is curated into the fixed test set."""
         return self.root / ABLATE_DIR / TEST_SET_DIR
+
+
+@dataclass(frozen=True)
+class ExportLayout:
+    """Where an export's files are: img2dataset's shard names, open_clip's files and the summary."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def summary(self) -> Path:
+        return self.root / EXPORT_FILE
+
+    @property
+    def sizes(self) -> Path:
+        return self.root / SIZES_FILE
+
+    @property
+    def csv(self) -> Path:
+        return self.root / EXPORT_CSV
+
+    @property
+    def retry(self) -> Path:
+        return self.root / RETRY_FILE
+
+    @property
+    def images(self) -> Path:
+        return self.root / EXPORT_IMAGES_DIR
+
+    def shard_tar(self, shard: int) -> Path:
+        return self.root / f"{shard:0{SHARD_DIGITS}d}.tar"
+
+    def shard_parquet(self, shard: int) -> Path:
+        return self.root / f"{shard:0{SHARD_DIGITS}d}.parquet"
+
+    def shard_stats(self, shard: int) -> Path:
+        return self.root / f"{shard:0{SHARD_DIGITS}d}_stats.json"
+
+    def image(self, shard: int, key: str, ext: str) -> Path:
+        return self.images / f"{shard:0{SHARD_DIGITS}d}" / f"{key}.{ext}"
+
+    def brace(self, n_shards: int) -> Path:
+        """Every shard as one brace pattern (``OUT/{00000..00003}.tar``), as webdataset and open_clip take them."""
+        return self.root / f"{{{0:0{SHARD_DIGITS}d}..{max(0, n_shards - 1):0{SHARD_DIGITS}d}}}.tar"
+
+    def owns(self, name: str) -> bool:
+        """Whether a file name in the export folder is one an export writes (so a later export may replace it)."""
+        return name in (EXPORT_FILE, SIZES_FILE, EXPORT_CSV, RETRY_FILE) or _SHARD_FILE.fullmatch(name) is not None

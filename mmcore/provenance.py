@@ -110,3 +110,8 @@ def settings_json(model) -> str:
     import json
 
     return json.dumps(walk(model), sort_keys=True, default=str)
+
+
+def settings_digest(model) -> str:
+    """The digest of ``settings_json``: a stage's ``config_digest`` (its stats, ``inspect --stale``)."""
+    return text_digest(settings_json(model))

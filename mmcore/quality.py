@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
-from mmcore import checks, faults, images, parallel, tables
+from mmcore import checks, faults, images, parallel, sources, tables
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import ConfigError, MMPipeError, row_detail
 from mmcore.tables import IMAGE, ROW_ID, TEXT, StageResult, broadcast, distinct_paths
@@ -49,7 +49,7 @@ ERROR, DETAIL = "quality_error", "quality_detail"
 ORIENTATION = "orientation"  # the probe's EXIF orientation column, passed to measure when present
 # What the probe recorded of each file, passed to measure when present: a file that differs now is
 # file_changed, and nothing larger than the probe accepted is decoded (images.DecodePolicy).
-PROBED = ("format", "width", "height", "file_size")
+PROBED = images.PROBED
 MEASURES = ("brightness_mean", "brightness_p5", "brightness_p99", "sharpness", "entropy")
 
 
@@ -270,29 +270,17 @@ def _orientation_tag(value) -> int | None:
 
 def _policies(rows: pd.DataFrame) -> list[images.DecodePolicy]:
     """Per row, the decoding policy the probe's record allows (the default one without it)."""
-    if not all(c in rows for c in PROBED):
-        return [images.DEFAULT_POLICY] * len(rows)
-    out = []
-    for fmt, w, h, size in zip(*(rows[c].tolist() for c in PROBED)):
-        try:
-            w, h, size = int(w), int(h), int(size)
-        except (TypeError, ValueError):
-            out.append(images.DEFAULT_POLICY)
-            continue
-        fmt = str(fmt)
-        out.append(images.DecodePolicy(formats=(fmt,), max_pixels=max(1, w * h), max_bytes=max(size, 1),
-                                       size=(w, h), format=fmt, file_bytes=size))
-    return out
+    return images.probed_policies(rows)
 
 
-def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
+def measure(rows: pd.DataFrame, cfg: QualityConfig, root: sources.ImageSource | str) -> pd.DataFrame:
     """Scores of the images of ``rows`` (columns row_id, image_path, and the probe's EXIF
     ``orientation`` when known), one row each.
 
     Never raises on a bad file: ``quality_error`` is 'corrupt_image' and the scores are NaN.
     """
     cv2.setNumThreads(1)  # one process per core already; threads would oversubscribe
-    resolve = images.Resolver(root)
+    source = sources.as_source(root)
     sharp_min = cfg.threshold("blurry") * checks.SHARPNESS_FULL
     entropy_min = cfg.threshold("low_information") * checks.ENTROPY_BITS
     paths = rows[IMAGE].tolist()
@@ -305,7 +293,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
     with images.pixel_limit(None):  # the probe refused oversized headers already
         for i, rel in enumerate(paths):
             try:
-                data = policies[i].read(resolve(rel))  # transient errors retried; byte limit
+                data = sources.read_checked(source, rel, policies[i])  # transient errors retried; byte limit
                 # libjpeg directly for plain JPEGs (damaged data refused), Pillow for the rest.
                 gray = images.decode_reduced(data, cfg.decode_size, False, tags[i], cfg.strict_jpeg, policies[i])
                 scorer.add(i, gray)
@@ -330,7 +318,7 @@ def measure(rows: pd.DataFrame, cfg: QualityConfig, root: str) -> pd.DataFrame:
         for j in np.flatnonzero((sc["sharpness"] < sharp_min) | (sc["entropy"] < entropy_min)):
             i = ok[j]
             try:  # read again: holding a batch of files in memory would cost more than these few reads
-                sharp, ent = _colour_recheck(policies[i].read(resolve(paths[i])), cfg, tags[i], policies[i])
+                sharp, ent = _colour_recheck(sources.read_checked(source, paths[i], policies[i]), cfg, tags[i], policies[i])
             except Exception:  # it decoded in gray a moment ago; if not now, the gray scores stand
                 continue
             cols["sharpness"][i] = max(cols["sharpness"][i], sharp)
@@ -402,7 +390,7 @@ def near_duplicate_labels(hashes: np.ndarray, radius: int) -> np.ndarray:
 # --------------------------------------------------------------------------- alignment (CLIP score)
 
 
-def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+def clip_scores(table: pd.DataFrame, model_dir: Path, root: sources.ImageSource | str, batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
     """Cosine similarity of each row's image and caption under a local CLIP model (no download).
 
     Returns the scores and, per row, '' or why its image could not be decoded (score NaN then).
@@ -417,7 +405,7 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
     except MMPipeError as e:  # not a CLIP folder, no tokenizer or processor: a config mistake, one line
         raise ConfigError(f"quality.alignment_model: cannot load a CLIP model from {model_dir}: "
                           f"{str(e).removeprefix('quality.alignment_model: ')}") from None
-    resolve = images.Resolver(root)
+    source = sources.as_source(root)
     n = len(table)
     out = np.full(n, np.nan)
     texts = table[TEXT].tolist()
@@ -429,7 +417,7 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: str, batch_size: int
 
     def load(c: int):  # at most once per image: a failure is remembered in image_error
         try:
-            return images.load_rgb(resolve(uniq[c]), max_side=448)
+            return sources.load_rgb(source, uniq[c], max_side=448)
         except Exception as e:  # changed or broken since it was scored: its rows, never the batch
             image_error[c] = row_detail(e, "alignment decode: ")
             return None
@@ -529,7 +517,7 @@ def distinct_images(table: pd.DataFrame) -> pd.DataFrame:
 def run(table: pd.DataFrame, cfg: QualityConfig, ctx: StageContext) -> StageResult:
     """Measure each distinct image in worker processes, add the CLIP score if configured, ``decide``."""
     tables.require_columns(table, [ROW_ID, IMAGE, "width", "height"], STAGE)
-    root = str(ctx.data.image_root)
+    root = sources.of(ctx.data)
     todo = distinct_images(table)
     parts = parallel.map_batches(
         measure, todo, batch_size=cfg.batch_size, workers=ctx.workers, desc=STAGE, progress=ctx.progress,

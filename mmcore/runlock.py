@@ -63,6 +63,33 @@ def check_run_dir(run_dir: str | os.PathLike, data_root: str | os.PathLike | Non
                              f"{run_dir}, which the run writes; put the run folder elsewhere (--out runs/NAME)")
 
 
+def _lock(fd: int, mode: int, busy) -> None:
+    """``flock`` without waiting; ``busy(holder)`` is raised when another process holds it."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise busy(os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown") from None
+
+
+@contextlib.contextmanager
+def reading(run_dir: str | os.PathLike, what: str = "read it") -> Iterator[None]:
+    """A shared lock on the run folder while reading it (an export): a run writing it holds it
+    exclusively (``hold``), so the two never overlap and what is read is one run's."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except (FileNotFoundError, PermissionError):  # no run ever locked it, or a copy we may only read
+        yield
+        return
+    try:
+        _lock(fd, fcntl.LOCK_SH, lambda holder: InputError(
+            f"run folder {run_dir} is being written by an mmpipe run ({holder}); {what} when it has finished"))
+        yield
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def hold(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,
          stages: tuple[str, ...] = ()) -> Iterator[str]:
@@ -72,15 +99,8 @@ def hold(run_dir: str | os.PathLike, data_root: str | os.PathLike | None = None,
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
-            raise RunFolderBusy(
-                f"run folder {run_dir} is in use by another mmpipe run ({holder}); wait for it to finish or use another --out"
-            ) from None
+        _lock(fd, fcntl.LOCK_EX, lambda holder: RunFolderBusy(
+            f"run folder {run_dir} is in use by another mmpipe run ({holder}); wait for it to finish or use another --out"))
         run_id = uuid.uuid4().hex[:12]
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         os.ftruncate(fd, 0)

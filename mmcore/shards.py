@@ -25,9 +25,8 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image
 
-from mmcore import parallel, tables
+from mmcore import parallel, sources, tables
 from mmcore.errors import InputError, row_detail
-from mmcore.images import load_rgb, resolve_path
 from mmcore.layout import SHARDS_META
 from mmcore.tables import IMAGE, ROW_ID, TEXT
 
@@ -51,20 +50,20 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _key(table: pd.DataFrame, image_root: Path, image_size: int) -> str:
+def _key(table: pd.DataFrame, source: sources.ImageSource, image_size: int) -> str:
     cols = [ROW_ID, IMAGE, TEXT] + ([SPLIT] if SPLIT in table else [])
     t = table[cols].sort_values(ROW_ID)
     return tables.text_digest(
-        FORMAT, str(image_size), str(JPEG_QUALITY), str(Path(image_root).resolve()),
+        FORMAT, str(image_size), str(JPEG_QUALITY), source.key(),
         pd.util.hash_pandas_object(t, index=False).to_numpy().tobytes(),
     )
 
 
-def _decode_batch(rows: list[tuple[int, str]], image_root: str, image_size: int) -> list[tuple[int, bytes | None, str]]:
+def _decode_batch(rows: list[tuple[int, str]], source: sources.ImageSource, image_size: int) -> list[tuple[int, bytes | None, str]]:
     out = []
     for row_id, rel in rows:
         try:
-            img = load_rgb(resolve_path(image_root, rel), max_side=None if image_size > 512 else 4 * image_size)
+            img = sources.load_rgb(source, rel, max_side=None if image_size > 512 else 4 * image_size)
             buf = io.BytesIO()
             resize_center_crop(img, image_size).save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
             out.append((row_id, buf.getvalue(), ""))
@@ -75,7 +74,7 @@ def _decode_batch(rows: list[tuple[int, str]], image_root: str, image_size: int)
 
 def build(
     table: pd.DataFrame,
-    image_root: str | os.PathLike,
+    image_root: sources.ImageSource | str | os.PathLike,
     out_dir: str | os.PathLike,
     image_size: int,
     workers: int = 1,
@@ -83,11 +82,13 @@ def build(
 ) -> dict[str, Any]:
     """Decode ``table``'s images into shards under ``out_dir``; returns ``meta`` (with ``failed``).
 
-    ``meta['failed']`` maps row_id -> error for images that could not be decoded.
+    ``meta['failed']`` maps row_id -> error for images that could not be decoded. ``image_root``: the
+    image source (``sources.of(data)``), or a root folder of image files.
     """
     tables.require_columns(table, [ROW_ID, IMAGE, TEXT], "shards")
     out = Path(out_dir)
-    key = _key(table, Path(image_root), image_size)
+    source = sources.as_source(image_root)
+    key = _key(table, source, image_size)
     meta_path = out / META_FILE
     if meta_path.is_file():
         meta = tables.read_json(meta_path)
@@ -123,7 +124,7 @@ def build(
     # file's images per split and the batches in flight, however many rows there are.
     results = parallel.imap_batches(
         _decode_batch, items, batch_size=BATCH_SIZE, workers=workers, desc="shards", progress=progress,
-        args=(str(image_root), int(image_size)),
+        args=(source, int(image_size)),
         # A full decode, resize and JPEG encode per row (~2 ms): a pool pays off from ~500 rows.
         min_rows_per_worker=500,
     )

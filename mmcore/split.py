@@ -1,11 +1,12 @@
 """Split: assign every kept row to train, val or test so that test measures generalization.
 
-Rows are joined into groups (same image bytes, same near-duplicate cluster, same user group and,
-optionally, same normalised caption) with one vectorised connected-components pass, and groups
-are placed whole. Stratified mode walks the strata and fills each with its groups (shuffled by
+Rows are joined into groups (same image bytes, same near-duplicate cluster, same mirrored or
+semantic cluster from decontam, same user group and, optionally, same normalised caption) with one
+vectorised connected-components pass, and groups are placed whole. Stratified mode walks the strata and fills each with its groups (shuffled by
 seed) up to the target ratios, carrying any rounding error over to the next stratum, so both the
 global ratios and each stratum's proportions land close to the targets. Time mode orders groups
-by their newest row. A leakage check runs always and fails loudly.
+by their newest row. Given mode keeps the split the dataset provides (``given_split``). A leakage
+check runs always and fails loudly (for a given split it reports, as the split is not ours to fix).
 """
 
 from __future__ import annotations
@@ -16,20 +17,21 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from mmcore import tables
+from mmcore import ingest, tables
 from mmcore.base import StageContext, StrictModel
 from mmcore.errors import InputError, LeakageError
-from mmcore.tables import DOMAIN, GROUP, LABEL, ROW_ID, TEXT, TIME, StageResult
+from mmcore.tables import DOMAIN, GIVEN_SPLIT, GROUP, LABEL, ROW_ID, TEXT, TIME, StageResult
 
 STAGE = "split"
 
 REASONS = {
     "missing_time": "split.mode is time and the row's time is null or not a timestamp",
     "held_out_test": "the row, its group, its image bytes or a near-duplicate image (pHash) is in split.fixed_test",
+    "unknown_given_split": "split.mode is given and the row's provided split is missing or not one of split.given_values",
 }
 
 SPLITS = ("train", "val", "test")
@@ -42,6 +44,12 @@ SAMPLE_WEIGHT = "sample_weight"
 CONTENT_DIGEST = "content_digest"
 DUP_CLUSTER = "dup_cluster"
 PHASH = "phash"
+# Columns written by decontam: images linked by mirrored pHash and by embedding cosine (-1: none).
+MIRROR_CLUSTER = "mirror_cluster"
+SEMANTIC_CLUSTER = "semantic_cluster"
+# Every column whose shared value puts rows in one group (and must never straddle splits).
+GROUP_KEYS = (CONTENT_DIGEST, DUP_CLUSTER, MIRROR_CLUSTER, SEMANTIC_CLUSTER, GROUP)
+_CLUSTERS = (DUP_CLUSTER, MIRROR_CLUSTER, SEMANTIC_CLUSTER)  # integer ids; negative = no cluster
 # The fixed test set file (split.fixed_test): the test rows of one split, by every key that could
 # leak them (split_group is kept for the record; its ids mean nothing in another split).
 MANIFEST_DIGEST = "manifest_digest"  # row_ids match only within the manifest they number
@@ -54,7 +62,7 @@ STRATA = {
     "caption_length": TEXT, "res_bucket": RES_BUCKET, "aspect_bucket": ASPECT_BUCKET, "label": LABEL, "domain": DOMAIN,
 }
 # Keys that must never be shared between splits (checked after every assignment).
-LEAK_KEYS = (CONTENT_DIGEST, DUP_CLUSTER, GROUP, SPLIT_GROUP)
+LEAK_KEYS = (*GROUP_KEYS, SPLIT_GROUP)
 OTHER = "other"  # the stratum rare strata are merged into
 NA = "na"  # how a null label, domain or bucket reads in a stratum name
 _TOP = 20  # categories listed per split in stats; the rest are summed as "(rest)"
@@ -69,8 +77,13 @@ class SplitConfig(StrictModel):
         default_factory=lambda: {"train": 0.6, "val": 0.2, "test": 0.2},
         description="Share of rows per split (train, val, test; a missing one is 0); must sum to 1.",
     )
-    mode: Literal["stratified", "time"] = Field(
-        "stratified", description="stratified: by strata, groups whole; time: train oldest, test newest."
+    mode: Literal["stratified", "time", "given"] = Field(
+        "stratified", description="stratified: by strata, groups whole; time: train oldest, test newest; "
+        "given: the dataset's own split column (given_split, e.g. Karpathy's), leakage reported, not fixed.",
+    )
+    given_values: dict[str, str] = Field(
+        default_factory=lambda: {"train": "train", "restval": "train", "val": "val", "test": "test"},
+        description="mode given: provided value -> train, val or test; any other value is unknown_given_split.",
     )
     strata: list[str] = Field(
         default_factory=lambda: ["caption_length", "res_bucket"],
@@ -110,6 +123,20 @@ class SplitConfig(StrictModel):
             raise ValueError(f"split.ratios must sum to 1, got {sum(v.values()):.6g} ({v})")
         return {s: float(v.get(s, 0.0)) for s in SPLITS}
 
+    @field_validator("given_values")
+    @classmethod
+    def _given(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {k: t for k, t in v.items() if t not in SPLITS}
+        if bad:
+            raise ValueError(f"split.given_values must map to train, val or test, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _given_alone(self) -> SplitConfig:
+        if self.mode == "given" and (self.fixed_test is not None or self.holdout_domains):
+            raise ValueError("split.mode given keeps the dataset's split: fixed_test and holdout_domains cannot move rows")
+        return self
+
     @field_validator("strata")
     @classmethod
     def _strata(cls, v: list[str]) -> list[str]:
@@ -133,7 +160,7 @@ class SplitConfig(StrictModel):
 
 def _key_codes(s: pd.Series, col: str) -> np.ndarray:
     """Integer code per row for a grouping key; -1 where the row has no key (null, blank, or cluster < 0)."""
-    if col == DUP_CLUSTER and pd.api.types.is_numeric_dtype(s):
+    if col in _CLUSTERS and pd.api.types.is_numeric_dtype(s):
         # Quality may mark "no cluster" with a negative id: such rows join nothing.
         s = s.where((s >= 0).fillna(False).astype(bool))
     elif not pd.api.types.is_numeric_dtype(s):
@@ -416,7 +443,7 @@ def held_out_mask(df: pd.DataFrame, held: pd.DataFrame, cfg: SplitConfig, ctx: S
     manifest, whose ids they are; content digest; pHash within ``fixed_test_radius``) or in
     ``holdout_domains``, and every row grouped with one (same keys as the split's groups), so that
     nothing near the test set is trained on."""
-    same_manifest = held[MANIFEST_DIGEST].eq(tables.file_digest(ctx.data.manifest)).to_numpy(bool)
+    same_manifest = held[MANIFEST_DIGEST].eq(ingest.input_key(ctx.data)).to_numpy(bool)
     hit = np.zeros(len(df), bool)
     why = np.full(len(df), "", dtype=object)
 
@@ -438,7 +465,7 @@ def held_out_mask(df: pd.DataFrame, held: pd.DataFrame, cfg: SplitConfig, ctx: S
     if cfg.holdout_domains and DOMAIN in df.columns:
         mark(df[DOMAIN].isin(cfg.holdout_domains).to_numpy(dtype=bool, na_value=False), "held-out domain")
     # Whole groups: a row sharing a digest, near-duplicate cluster or group with a held-out row goes too.
-    keys = [_key_codes(df[c], c) for c in (CONTENT_DIGEST, DUP_CLUSTER, GROUP) if c in df.columns]
+    keys = [_key_codes(df[c], c) for c in GROUP_KEYS if c in df.columns]
     if cfg.group_by_caption:
         keys.append(_caption_codes(df[TEXT]))
     if len(df) and keys:
@@ -455,6 +482,8 @@ def _require(df: pd.DataFrame, cfg: SplitConfig) -> None:
     cols = [ROW_ID, TEXT, CONTENT_DIGEST] + [STRATA[s] for s in cfg.strata]
     if cfg.mode == "time":
         cols.append(TIME)
+    if cfg.mode == "given":
+        cols.append(GIVEN_SPLIT)
     if cfg.holdout_domains:
         cols.append(DOMAIN)
     if cfg.weight_by == "label" and cfg.weight_exponent > 0:
@@ -486,6 +515,13 @@ def run(table: pd.DataFrame, cfg: SplitConfig, ctx: StageContext) -> StageResult
         res = tables.partition(df, [("missing_time", t.isna(), "time is null or not a timestamp")])
         df, quarantined = res.kept.reset_index(drop=True), res.quarantined
         t = t[t.notna()].reset_index(drop=True)
+    if cfg.mode == "given":
+        raw = df[GIVEN_SPLIT].astype("str")
+        given = raw.map(cfg.given_values)
+        detail = "given split " + raw.fillna("<null>").map(repr) + f" not in split.given_values ({', '.join(cfg.given_values)})"
+        res = tables.partition(df, [("unknown_given_split", given.isna(), detail)])
+        df, quarantined = res.kept.reset_index(drop=True), res.quarantined
+        given = given[given.notna()].reset_index(drop=True)
     if cfg.fixed_test is not None:
         held, detail = held_out_mask(df, read_held_out(cfg.fixed_test), cfg, ctx)
         res = tables.partition(df, [("held_out_test", held, detail)])
@@ -494,7 +530,7 @@ def run(table: pd.DataFrame, cfg: SplitConfig, ctx: StageContext) -> StageResult
             t = t[~held.to_numpy()].reset_index(drop=True)
 
     n = len(df)
-    keys = [_key_codes(df[c], c) for c in (CONTENT_DIGEST, DUP_CLUSTER, GROUP) if c in df.columns]
+    keys = [_key_codes(df[c], c) for c in GROUP_KEYS if c in df.columns]
     if cfg.group_by_caption:
         keys.append(_caption_codes(df[TEXT]))
     labels = connected_groups(keys) if n else np.zeros(0, np.int64)
@@ -521,6 +557,9 @@ def run(table: pd.DataFrame, cfg: SplitConfig, ctx: StageContext) -> StageResult
         segs = _segments(gstrat[order])
     gsplit[order] = _fill(sizes[order].astype(float), segs, bounds)
     split = gsplit[labels].astype(np.int64)
+    if cfg.mode == "given":  # the dataset's own split, row by row; the groups are only checked
+        split = pd.Categorical(given, categories=SPLITS).codes.astype(np.int64)
+        gsplit = np.array([np.unique(labels[split == k]).size for k in range(3)])
 
     weight_codes = strat if cfg.weight_by == "stratum" else pd.factorize(df[LABEL].astype("str").fillna(NA))[0]
     kept = df.copy(deep=False)  # copy-on-write: the input is left as it was
@@ -529,9 +568,14 @@ def run(table: pd.DataFrame, cfg: SplitConfig, ctx: StageContext) -> StageResult
     kept[STRATUM] = pd.Series(np.array(strat_names, dtype=object)[strat], dtype="str")
     kept[SAMPLE_WEIGHT] = _weights(split, np.asarray(weight_codes, np.int64), cfg.weight_exponent).astype(np.float64)
 
-    leakage = check_leakage(kept)  # raises on any shared digest, cluster or group
-    _check_collapse(kept, split, labels, forced, sizes, cfg)
-    stats = _stats(kept, split, np.bincount(gsplit, minlength=3), labels, forced, cfg, merged, strat_names, leakage)
+    # Raises on any shared digest, cluster or group; a given split is reported, not changed.
+    leakage = check_leakage(kept, raise_on_leak=cfg.mode != "given")
+    if cfg.mode == "given":
+        groups_per_split = gsplit
+    else:
+        _check_collapse(kept, split, labels, forced, sizes, cfg)
+        groups_per_split = np.bincount(gsplit, minlength=3)
+    stats = _stats(kept, split, groups_per_split, labels, forced, cfg, merged, strat_names, leakage)
     return StageResult(kept, quarantined, stats)
 
 
@@ -549,7 +593,7 @@ def _check_collapse(df: pd.DataFrame, split: np.ndarray, labels: np.ndarray, for
         return  # close enough, off by rounding whole small groups, or a toy dataset
     rows = df[labels == big]
     why = []
-    for col in (CONTENT_DIGEST, DUP_CLUSTER, GROUP):
+    for col in GROUP_KEYS:
         if col in rows.columns and len(rows):
             top = rows[col].astype("str").value_counts(dropna=False)
             why.append(f"{col} {str(top.index[0])[:40]!r} on {int(top.iloc[0])} rows")
@@ -581,8 +625,11 @@ def _stats(kept, split, groups_per_split, labels, forced, cfg, merged, strat_nam
         if col in kept.columns:
             dists[dim], devs[dim] = _distribution(split, kept[col])
     warnings = []
-    if dev > cfg.ratio_tolerance:
+    if dev > cfg.ratio_tolerance and cfg.mode != "given":
         warnings.append(f"split ratios are {dev:.3f} off target (ratio_tolerance {cfg.ratio_tolerance}): large groups")
+    if cfg.mode == "given" and any(v for k, v in leakage.items() if k not in ("caption_overlap", SPLIT_GROUP)):
+        shared = ", ".join(f"{v} {k}" for k, v in leakage.items() if v and k not in ("caption_overlap", SPLIT_GROUP))
+        warnings.append(f"the given split leaks: {shared} value(s) in more than one split (kept as given)")
     if merged["n_strata_merged"]:
         warnings.append(f"{merged['n_strata_merged']} strata under {cfg.min_stratum_size} rows merged into '{OTHER}'")
     sizes = np.bincount(labels) if labels.size else np.zeros(1, np.int64)

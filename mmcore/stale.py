@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmcore import graph, tables
+from mmcore import graph, ingest, tables
 from mmcore.errors import InputError, MMPipeError
 from mmcore.layout import RunLayout, StagePaths
-from mmcore.provenance import code_digest
+from mmcore.provenance import code_digest, settings_digest, settings_json
 
 if TYPE_CHECKING:
     from mmcore.config import PipelineConfig
@@ -49,14 +49,21 @@ def _artifacts_changed(paths: StagePaths, stats: dict[str, Any]) -> list[str]:
 
 def _manifest_inputs(cfg: PipelineConfig, stats: dict[str, Any], saved: PipelineConfig | None) -> list[str]:
     why = []
-    manifest = Path(cfg.data.manifest)
-    if not manifest.is_file():
-        why.append(f"manifest not found: {manifest}")
-    elif tables.file_digest(manifest) != stats.get("input_digest"):
-        why.append(f"manifest {manifest} changed")
+    if cfg.data.format == "manifest":
+        manifest = Path(cfg.data.manifest)
+        if not manifest.is_file():
+            why.append(f"manifest not found: {manifest}")
+        elif tables.file_digest(manifest) != stats.get("input_digest"):
+            why.append(f"manifest {manifest} changed")
+    else:  # shards, Parquet or caption files: what ingest reads (their headers and captions, not the pixels)
+        try:
+            if ingest.input_digest(cfg.data) != stats.get("input_digest"):
+                why.append(f"the {cfg.data.format} input changed")
+        except MMPipeError as e:
+            why.append(f"the {cfg.data.format} input cannot be read: {e}")
     # The data section and the seed are in every stage's cache key but in no stage's config digest.
     if saved is not None:
-        if saved.data.model_dump(mode="json") != cfg.data.model_dump(mode="json"):
+        if settings_json(saved.data) != settings_json(cfg.data):
             why.append("the data section differs from the run's config.yaml")
         if saved.seed != cfg.seed:
             why.append(f"seed changed ({saved.seed} -> {cfg.seed})")
@@ -100,7 +107,7 @@ def stale(run_dir: str | os.PathLike, cfg: PipelineConfig | None = None) -> list
         tainted = [r for r in s.reads if status[r] == STALE or (status[r] == NOT_RUN and s.input != graph.LAST_RUN)]
         why = [f"upstream stage {r!r} is {status[r]}" for r in tainted]
         why += _artifacts_changed(paths, stats)
-        if stats.get("config_digest") != tables.json_digest(cfg.section(name).model_dump(mode="json")):
+        if stats.get("config_digest") != settings_digest(cfg.section(name)):
             why.append(f"config section {name!r} changed")
         if stats.get("code_digest") != code_digest(s.module):
             why.append(f"code of {s.module} (or a module it imports) changed")

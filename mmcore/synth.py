@@ -5,6 +5,10 @@ several templates ("a small red circle on the left of a blue square"). Each scen
 to three times with jitter (near-duplicates sharing ``scene_id``), some images carry two
 captions, and two rendering styles make two domains. About 10% of rows carry planted defects
 that a later stage must catch; ``planted.csv`` says which row, which stage and which reason.
+Near-duplicates pHash cannot see (a scene mirrored, cropped or overlaid, as an unrelated row) and a
+small reference "benchmark" set beside the dataset (``benchmark/``, its own manifest) with exact,
+resized, re-encoded, mirrored and cropped copies of its images (and one of its captions) in the pool
+are planted too (``source`` names what each copies), for the decontam stage.
 Optionally (off by default, so the default bytes never change) a share of rows gets the caption of
 another scene (the noise that alignment filtering removes) or a caption in French, German or Spanish
 (what a language filter removes); the default config keeps both, as planted.csv records.
@@ -28,6 +32,9 @@ from mmcore import tables
 from mmcore.errors import InputError
 
 MIN_ROWS = 120
+# Bumped whenever generate() writes other data for the same arguments (2: planted mirrored, cropped
+# and overlaid copies and the reference benchmark set), so `mmpipe demo` regenerates older data.
+VERSION = 2
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 COLORS = {
@@ -157,6 +164,13 @@ SINGLETONS = (
     ("uppercase_ext", "", ""),
     ("unicode_name", "", ""),
 )
+# Copies planted after the defects (a generator of their own): near-duplicates pHash cannot see, each a
+# new row of an unrelated "upload" (its own scene_id), which decontam must link to its source so that
+# split keeps the two on one side (stage "": kept); and copies of the reference benchmark set
+# (``OUT/benchmark/``) inside the pool, which decontam must quarantine as eval_contamination.
+POOL_COPIES = ("mirror_copy", "crop_copy", "overlay_copy")
+BENCH_COPIES = ("bench_exact", "bench_resized", "bench_reencoded", "bench_mirrored", "bench_cropped", "bench_caption")
+BENCH_DIR = "benchmark"  # OUT/benchmark/manifest.csv and OUT/benchmark/images/: the reference set
 ASPECTS = ((4, 3), (3, 4), (1, 1), (16, 9), (3, 2), (2, 3))
 FORMATS = (("jpg", 0.6), ("png", 0.25), ("webp", 0.15))
 
@@ -325,8 +339,9 @@ def generate(
 ) -> pd.DataFrame:
     """Write ``OUT/images/*``, ``OUT/manifest.csv`` and ``OUT/planted.csv``; returns the manifest.
 
-    ``n`` is the number of manifest rows (pairs). The same arguments give the same bytes, and rates
-    of 0 give the bytes this function wrote before the rates existed.
+    ``n`` is the number of manifest rows (pairs). The same arguments give the same bytes; the rates
+    change only the captions they plant. Also writes ``OUT/benchmark/`` (a reference set, its own
+    manifest) and plants copies of it, and mirrored, cropped and overlaid copies of pool scenes.
 
     Args:
         mismatch_rate: share of rows (among those without another planted defect) whose caption is
@@ -471,6 +486,7 @@ def generate(
             files[r["image_path"]] = data
         planted.append({"row_id": i, "defect": defect, "stage": stage, "reason": reason, "expected_text": expected})
 
+    planted += _plant_copies(rows, files, planted, used, out, n, seed)
     planted += _plant_captions(rows, planted, mismatch_rate, foreign_rate, seed)
 
     for name, data in sorted(files.items()):
@@ -483,8 +499,191 @@ def generate(
 
     manifest = pd.DataFrame([{k: v for k, v in r.items() if k != "_scene"} for r in rows])
     manifest.to_csv(out / "manifest.csv", index=False)
-    pd.DataFrame(planted).sort_values(tables.ROW_ID).to_csv(out / "planted.csv", index=False)
+    cols = ["row_id", "defect", "stage", "reason", "expected_text", "source"]
+    pd.DataFrame(planted, columns=cols).fillna({"source": ""}).sort_values(tables.ROW_ID).to_csv(out / "planted.csv", index=False)
     return manifest
+
+
+def _decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def _mirror_scene(scene: Scene) -> Scene:
+    """The scene as its mirror image shows it: left and right swapped."""
+    swap = {"left": "right", "right": "left", "left of": "right of", "right of": "left of"}
+    return Scene(**{**scene.__dict__, "pos": swap.get(scene.pos, scene.pos), "rel": swap.get(scene.rel, scene.rel)})
+
+
+def _crop(img: Image.Image, margin: float, resize_back: bool) -> Image.Image:
+    w, h = img.size
+    dx, dy = round(w * margin), round(h * margin)
+    out = img.crop((dx, dy, w - dx, h - dy))
+    return out.resize((w, h), Image.Resampling.BILINEAR) if resize_back else out
+
+
+def _overlay(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A watermark: a light bar along the bottom with dark blocks of "text" in it."""
+    out = img.copy()
+    draw = ImageDraw.Draw(out)
+    w, h = out.size
+    top = int(h * 0.82)
+    draw.rectangle([0, top, w, h], fill=(235, 235, 235))
+    x = int(w * 0.05)
+    while x < w * 0.9:
+        bw = int(rng.integers(w // 30, w // 12))
+        draw.rectangle([x, top + (h - top) // 3, x + bw, h - (h - top) // 3], fill=(30, 30, 30))
+        x += bw + int(rng.integers(3, 9))
+    return out
+
+
+def bench_scene(i: int, rng: np.random.Generator) -> tuple[Image.Image, str, str]:
+    """A reference benchmark image (four shapes anywhere on a shaded background, unlike the pool's
+    five anchors), its caption and label."""
+    w, h = _size(rng)
+    bg = tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    shade = 40 * np.sin(xx / (w / rng.uniform(1.5, 4)) + rng.uniform(0, 6)) * np.cos(yy / (h / rng.uniform(1, 3)) + rng.uniform(0, 6))
+    arr = np.clip(np.array(BACKGROUNDS[bg], np.float32)[None, None] + shade[..., None], 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    draw = ImageDraw.Draw(img)
+    names = []
+    for _ in range(4):
+        shape, color = SHAPES[rng.integers(len(SHAPES))], tuple(COLORS)[rng.integers(len(COLORS))]
+        r = min(w, h) * rng.uniform(0.08, 0.2)
+        _draw_shape(draw, shape, rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h, r, COLORS[color])
+        names.append((color, shape))
+    (c1, s1), (c2, s2), (c3, s3), (c4, s4) = names
+    return img, f"benchmark scene {i}: a {c1} {s1}, a {c2} {s2}, a {c3} {s3} and a {c4} {s4} on a {bg} background", s1
+
+
+def _plant_copies(rows: list[dict], files: dict[str, bytes], planted: list[dict], used: set[int], out: Path,
+                  n: int, seed: int) -> list[dict]:
+    """Mirrored, cropped and overlaid copies of pool scenes as unrelated rows, and the reference
+    benchmark set (``OUT/benchmark/``) with exact, resized, re-encoded, mirrored and cropped copies of
+    its images (and one of its captions) planted in the pool. Each replaces a healthy single-caption
+    row's image and caption; a generator of its own, so every other row stays as it was."""
+    rng = np.random.default_rng([seed, 29])
+    taken = {p["row_id"] for p in planted} | used
+    uses = pd.Series([r["image_path"] for r in rows]).value_counts()
+    sources = set(used)  # rows other plants copied from: their files must stay as they are
+    for p in planted:
+        if p["defect"] in ("duplicate_image", "duplicate_pair"):
+            sources.add(p["row_id"])
+    free = [i for i in rng.permutation(len(rows)).tolist()
+            if i not in taken and i not in sources and uses[rows[i]["image_path"]] == 1 and rows[i]["image_path"] in files]
+    out_rows: list[dict] = []
+
+    def take(pred=lambda i: True) -> int | None:
+        for k, i in enumerate(free):
+            if pred(i):
+                return free.pop(k)
+        return None
+
+    def replace(i: int, img: Image.Image | None, text: str, scene_id: str, ext: str | None = None,
+                data: bytes | None = None) -> None:
+        r = rows[i]
+        stem, old_ext = r["image_path"].rsplit(".", 1)
+        ext = ext or old_ext
+        del files[r["image_path"]]
+        r["image_path"] = f"{stem}.{ext}"
+        files[r["image_path"]] = data if data is not None else _encode(img, ext)
+        r["text"], r["scene_id"] = text, scene_id
+
+    # 1. Near-duplicates of pool scenes: a mirrored copy (asymmetric scenes: left/right matters), a
+    # crop and an overlay, each under a scene id of its own.
+    k_pool = max(2, round(n * 0.004))
+    for kind in POOL_COPIES:
+        for k in range(k_pool):
+            asym = (lambda i: rows[i]["_scene"].pos in ("left", "right") or rows[i]["_scene"].rel in ("left of", "right of"))
+            src = take(asym if kind == "mirror_copy" else (lambda i: True))
+            dst = take()
+            if src is None or dst is None:
+                break
+            scene: Scene = rows[src]["_scene"]
+            img = _decode(files[rows[src]["image_path"]])
+            if kind == "mirror_copy":
+                img, text = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), caption(_mirror_scene(scene), rng)
+            elif kind == "crop_copy":
+                img, text = _crop(img, 0.15, True), caption(scene, rng)
+            else:
+                img, text = _overlay(img, rng), caption(scene, rng)
+            replace(dst, img, text, f"{kind.split('_')[0]}{k:04d}")
+            rows[dst].update(label=rows[src]["label"], domain=rows[src]["domain"])
+            out_rows.append({"row_id": dst, "defect": kind, "stage": "", "reason": "", "expected_text": "",
+                             "source": f"pool:{src}"})
+
+    # 2. The reference benchmark: its own images and manifest beside the dataset. A benchmark is not
+    # a near-duplicate of the web data except where copied: an image whose pHash (or its mirror's or
+    # a crop's) is within 8 bits of any pool image is drawn again (flat renders of this small world
+    # of shapes often are), so every pool row decontam matches is a planted copy.
+    from mmcore.decontam import hex_hashes, image_hashes, informative
+
+    _, pool = hex_hashes(pd.Series([f"{h:016x}" for data in files.values() for h in _hashes_or_none(data)]))
+    bench = out / BENCH_DIR
+    (bench / "images").mkdir(parents=True, exist_ok=True)
+    n_bench = max(20, n // 50)
+    bench_rows, bench_files = [], {}
+    for b in range(n_bench):
+        while True:
+            img, text, label = bench_scene(b, rng)
+            h, m, crops = image_hashes(_encode(img, "png"), (0.025, 0.05, 0.075))
+            mine = np.array([h, m, *crops], np.uint64)
+            if informative(mine).all() and (not pool.size or np.bitwise_count(mine[:, None] ^ pool[None]).min() > 8):
+                break
+        fmt = ("jpg", "png")[b % 2]
+        name = f"images/b{b:05d}.{fmt}"
+        bench_files[name] = _encode(img, fmt)
+        bench_rows.append({"image_path": name, "text": text, "label": label})
+    for name, data in bench_files.items():
+        (bench / name).write_bytes(data)
+    pd.DataFrame(bench_rows).to_csv(bench / "manifest.csv", index=False)
+
+    # 3. Its copies in the pool, each of a benchmark image of its own.
+    k_bench = max(2, round(n * 0.002))
+    b = 0
+    for kind in BENCH_COPIES:
+        for _ in range(k_bench):
+            dst = take()
+            if dst is None or b >= n_bench:
+                break
+            src = bench_rows[b]
+            data = bench_files[src["image_path"]]
+            img, ext = _decode(data), None
+            text = f"a picture of three shapes on the {rows[dst]['_scene'].bg} background"
+            raw = None
+            if kind == "bench_exact":
+                raw, ext = data, src["image_path"].rsplit(".", 1)[1]
+            elif kind == "bench_resized":
+                img = img.resize((max(96, round(img.width * 0.6)), max(96, round(img.height * 0.6))), Image.Resampling.BILINEAR)
+            elif kind == "bench_reencoded":
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=35)
+                raw, ext = buf.getvalue(), "jpg"
+            elif kind == "bench_mirrored":
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            elif kind == "bench_cropped":
+                img = _crop(img, float(rng.uniform(0.02, 0.06)), False)
+            if kind == "bench_caption":  # the image stays; the caption is the benchmark's
+                rows[dst]["text"] = src["text"]
+            else:
+                replace(dst, img, text, f"web{b:04d}", ext=ext, data=raw)
+                rows[dst]["label"] = src["label"]
+            out_rows.append({"row_id": dst, "defect": kind, "stage": "decontam", "reason": "eval_contamination",
+                             "expected_text": "", "source": f"{BENCH_DIR}:{b}"})
+            b += 1
+    return out_rows
+
+
+def _hashes_or_none(data: bytes) -> list[int]:
+    """pHash and mirrored pHash of an image's bytes; none for a file that does not decode."""
+    from mmcore.decontam import image_hashes
+
+    try:
+        h, m, _ = image_hashes(data)
+    except Exception:  # planted broken files
+        return []
+    return [h, m]
 
 
 def _plant_captions(rows: list[dict], planted: list[dict], mismatch_rate: float, foreign_rate: float,

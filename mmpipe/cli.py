@@ -83,7 +83,7 @@ def _setup_prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     # mmcore's own warnings (read retries) go to Prefect's console and to the run's logs.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmcore")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmcore,mmpipe")  # read retries, events, torchrun output
     # The temporary server can take longer than Prefect's 20 s to start on a busy 2-core machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
@@ -195,13 +195,16 @@ def demo(
 
     data = out / "data"
     marker = data / "synth.json"
-    want = {"n": n, "seed": seed}
+    want = {"n": n, "seed": seed, "version": synth_mod.VERSION}
     # Regenerate only when asked for other data: new files would change the probe's fingerprint.
     if not marker.is_file() or json.loads(marker.read_text()) != want:
         typer.echo(f"generating {n} synthetic rows in {data} ...")
         synth_mod.generate(data, n=n, seed=seed)
         tables.write_json(want, marker)
-    cfg = load_config(DEMO_CONFIG, [f"data.manifest={data / 'manifest.csv'}", f"out={out}", f"seed={seed}"])
+    # The synthetic "benchmark" (a reference set with copies planted in the pool): decontam finds them.
+    benchmark = data / synth_mod.BENCH_DIR / "manifest.csv"
+    cfg = load_config(DEMO_CONFIG, [f"data.manifest={data / 'manifest.csv'}", f"out={out}", f"seed={seed}",
+                                    f"decontam.reference_sets.benchmark.manifest={benchmark}"])
     _run(cfg, until)
 
 
@@ -303,6 +306,7 @@ def _describer(stage: str):
 def report(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
     """Rebuild RUN_DIR/report/report.html from the run's artifacts (self-contained; opens offline)."""
     from mmcore import report as report_mod
+    from mmcore import sources
     from mmcore.config import load_config
 
     # The report reads no config: its section, the image root and the run's name come from here.
@@ -316,8 +320,43 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A run folder.")]) -> No
         out = report_mod.build(run_dir, config_error=error)
         typer.echo(f"report: no readable {path.name} in {run_dir}: default report settings, no thumbnails", err=True)
     else:
-        out = report_mod.build(run_dir, cfg.report, cfg.data.image_root, cfg.run_name)
+        out = report_mod.build(run_dir, cfg.report, sources.of(cfg.data), cfg.run_name)
     typer.echo(f"report: {out}")
+
+
+@app.command("export")
+@_one_line_errors
+def export_(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (the config's `out`) whose curation stages have run.")],
+    out: Annotated[Path, typer.Option(help="Folder to write into: new, empty, or an earlier export (replaced). Not in "
+                                           "the dataset folder, not a stage folder of the run.")],
+    format_: Annotated[str, typer.Option("--format", help="webdataset: img2dataset-layout NNNNN.tar shards (key.<ext> "
+                                         "with the original bytes, key.txt, key.json) + NNNNN.parquet + sizes.json; "
+                                         "csv: open_clip's tab-separated filepath/title file; retry: url and caption "
+                                         "of every download_failed row, as img2dataset input (retry.parquet).")] = "webdataset",
+    stage: Annotated[Optional[str], typer.Option(help="Stage whose kept rows are exported; default the last curation "
+                                                 "stage that ran (split, else quality, probe, clean).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Only the rows of this split (train, val, test); needs split.")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, metavar="N", help="webdataset: rows per shard (img2dataset's default).")] = 10_000,
+    reencode: Annotated[Optional[int], typer.Option(min=16, metavar="SIZE", help="Re-encode every image as JPEG (quality 95) with its "
+                                                    "shorter side at most SIZE px; default: the original bytes.")] = None,
+) -> None:
+    """Export a run's curated rows for training with open_clip, or its failed downloads for img2dataset.
+
+    Image bytes are the originals (checked against the probe's content digest); the same run gives
+    byte-identical files. A row whose image cannot be read now is skipped with a reason and listed
+    in OUT/export.json. Prints the summary and an open_clip_train command line.
+    """
+    from mmcore import export as export_mod
+
+    spec = export_mod.spec(format=format_, out=out, stage=stage, split=split, shard_size=shard_size, reencode=reencode)
+    summary = export_mod.export(run_dir, spec)
+    _echo(export_mod.summary_markdown(summary).rstrip())
+    if summary.n_skipped:
+        from mmcore.layout import ExportLayout
+
+        typer.echo(f"warning: {summary.n_skipped} row(s) skipped; see skipped_rows in {ExportLayout(summary.out).summary}",
+                   err=True)
 
 
 @app.command()
@@ -478,6 +517,8 @@ def deploy(
     image: Annotated[Optional[str], typer.Option(help="Container image for docker/kubernetes pools (see Dockerfile).")] = None,
     alert_drop: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Also create an automation that fires when test R@5 falls "
                                                          "by more than this from the previous run (0.05 = 5 points).")] = None,
+    typed: Annotated[bool, typer.Option("--typed", help="The config as typed parameters: the Prefect UI shows a validated "
+                                        "form of every setting (read from CONFIG once, now).")] = False,
 ) -> None:
     """Register a cron deployment of the pipeline on the Prefect server at PREFECT_API_URL."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -486,7 +527,7 @@ def deploy(
 
     alert = AlertConfig(max_drop=alert_drop) if alert_drop is not None else None
     full = deploy_(config, cron, pool=pool, name=name, overrides=list(set_ or []), until=until, pool_type=pool_type,
-                   git=git, branch=branch, image=image, alert=alert)
+                   git=git, branch=branch, image=image, alert=alert, typed=typed)
     typer.echo(
         f"deployed {full} (pool {pool!r}, cron {cron!r} UTC)\n"
         f"  worker:  .venv/bin/prefect worker start --pool {pool}\n"

@@ -30,7 +30,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.serializers import Serializer
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
-from mmcore import execute, faults, graph, tables
+from mmcore import execute, faults, graph, ingest, tables
 from mmcore.config import PipelineConfig
 from mmcore.layout import RunLayout, StagePaths
 from mmcore.provenance import code_digest, settings_json
@@ -108,8 +108,8 @@ def stage_cache(stage: str) -> CachePolicy:
             str(cfg.seed),
             *(f"{name}={digest_of(out)}" for name, out in sorted(upstream.items())),
         ]
-        if s.input is None:
-            parts.append(tables.file_digest(cfg.data.manifest))
+        if s.input is None:  # the manifest's bytes; shards and Parquet files as they are (unread: ingest.input_key)
+            parts.append(ingest.input_key(cfg.data))
         if s.per_run:
             parts += [str(cfg.run_dir), cfg.run_name]
         if faults.injection():  # a test's injected faults: never shared with a normal run's cache

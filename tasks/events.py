@@ -3,7 +3,7 @@
 After evaluate (its ``on_completion`` hook, so a cached evaluation reports too), ``publish_evaluation``
 sends ``mmpipe.evaluate.completed`` with the headline metrics and their change from the previous
 evaluation of the same resource, and ``mmpipe.evaluate.regressed`` when the watched metric fell by
-more than ``evaluate.alert.max_drop`` (``mmcore.alerts``). The resource is the deployment when the
+more than ``alert.max_drop`` (``mmcore.alerts``). The resource is the deployment when the
 run belongs to one (``mmpipe.deployment.<id>``: a nightly deployment is compared with last night),
 else the run's name (``mmpipe.run.<run_name>``). The previous metrics are read back from Prefect's
 own event store, so any worker sees them, whatever disk it has.
@@ -79,7 +79,7 @@ def publish_events(task, task_run, state) -> None:
         if not isinstance(out, StageOutput):
             return
         cfg = load_config(RunLayout(out.run_dir).config)
-        publish_evaluation(out.run_dir, cfg.evaluate.alert, cfg.run_name, deployment.id)
+        publish_evaluation(out.run_dir, cfg.alert, cfg.run_name, deployment.id)
     except Exception as e:  # an event is news about a run, never a reason for it to fail
         log.warning("evaluation events not sent: %s", e)
 

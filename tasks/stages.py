@@ -14,11 +14,12 @@ from prefect import Task, task
 from prefect.artifacts import create_table_artifact
 
 from mmcore import ablation as ablation_mod
-from mmcore import execute, graph, tables
+from mmcore import execute, graph, ingest, tables
 from mmcore import split as split_stage
 from mmcore.config import PipelineConfig, dump_config
 from mmcore.graph import Stage
-from mmcore.layout import RunLayout
+from mmcore.layout import RunLayout, StagePaths
+from tasks import launch
 from tasks.common import (
     StageOutput,
     StageOutputSerializer,
@@ -49,6 +50,9 @@ def stage_task(s: Stage) -> Task:
     """The Prefect task of one stage of the graph."""
 
     def run_stage(cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> StageOutput:
+        if s.name == "train" and cfg.train.gpus > 1:  # DDP: torchrun's rank 0 writes the stage (tasks/launch.py)
+            launch.torchrun(cfg.run_dir, cfg.train.gpus)
+            return output_of(s.name, cfg, tables.read_json(StagePaths.of(cfg.run_dir, s.name).stats))
         source = graph.input_of(s, list(upstream))
         if source is None:
             table, digest = execute.read_source(cfg, s.name)
@@ -84,7 +88,7 @@ def save_config(cfg: PipelineConfig) -> Path:
 def held_out(cfg: PipelineConfig, test_split: StageOutput, test_cfg: PipelineConfig) -> Path:
     """The fixed test set of an ablation: the test rows of ``test_split`` by every key that could leak them."""
     path = RunLayout(cfg.run_dir).held_out
-    rows = split_stage.held_out_rows(tables.read_parquet(test_split.paths.kept), tables.file_digest(test_cfg.data.manifest))
+    rows = split_stage.held_out_rows(tables.read_parquet(test_split.paths.kept), ingest.input_key(test_cfg.data))
     tables.write_parquet(rows, path)
     return path
 

@@ -15,7 +15,7 @@ os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_PREFECT_TMP / "storage")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmcore")  # read retries reach the task logs
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mmcore,mmpipe")  # read retries, events reach the task logs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -70,7 +70,8 @@ def dataset(tmp_path_factory):
     kept = clean.run(clean.read_manifest(data), clean.CleanConfig(), StageContext(data, out / "run")).kept
     # what quality adds: same image bytes => same digest ("" for files that cannot be read)
     kept["content_digest"] = [_digest(out / p) for p in kept["image_path"]]
-    scene = kept["group"].str[1:].astype(int)
+    # scene ids: s0012; planted copies have ids of their own (mirror0001, bench...): a stable number each
+    scene = kept["group"].map(lambda g: int(g[1:]) if g[1:].isdigit() else int(tables.text_digest(g)[7:15], 16))
     kept["split"] = np.select([scene % 3 == 0, scene % 3 == 1], ["test", "val"], "train")
     return data, kept, synth.planted(out)
 

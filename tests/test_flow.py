@@ -123,6 +123,21 @@ def test_a_moved_dataset_is_a_cache_hit_where_only_content_matters(synth_small, 
         assert _bytes(tmp_path / "a", s) == _bytes(tmp_path / "b", s), s
 
 
+@pytest.mark.slow
+def test_train_gpus_2_trains_on_two_processes_from_inside_the_flow(synth_small, tmp_path):
+    """``train.gpus=2``: the train task launches torchrun (two gloo processes on CPU) and returns the
+    stage rank 0 wrote, with the digests an in-process run records (the run is not stale after)."""
+    from flows.pipeline import pipeline
+    from mmcore.stale import stale
+
+    run = tmp_path / "ddp"
+    out = pipeline(demo_config(synth_small / "manifest.csv", run, "train.gpus=2", "clean.max_chars=996"), until="train")
+    stats = tables.read_json(tables.StagePaths.of(run, "train").stats)
+    assert stats["world_size"] == 2 and stats["steps"] == 2
+    assert out["train"].kept_digest == tables.file_digest(tables.StagePaths.of(run, "train").kept)
+    assert {r["stage"]: r["status"] for r in stale(run)}["train"] == "fresh"
+
+
 def test_a_fresh_run_folder_gives_identical_parquet(synth_small, tmp_path):
     from flows.pipeline import pipeline
 

@@ -136,7 +136,7 @@ def test_the_graph_matches_the_config_and_the_stage_modules():
         assert s.input is None or s.input == graph.LAST_RUN or s.input in s.reads
     roots = [s for s in graph.STAGES.values() if s.input is None]
     assert all(callable(importlib.import_module(s.module).read_input) for s in roots)
-    assert [s.name for s in graph.plan("split")] == ["clean", "probe", "quality", "split", "report"]
+    assert [s.name for s in graph.plan("split")] == ["clean", "probe", "quality", "decontam", "split", "report"]
     assert [s.name for s in graph.plan()] == list(graph.ORDER)
     with pytest.raises(Exception, match="unknown stage 'trian'; expected one of clean, probe"):
         graph.stage("trian")
@@ -160,6 +160,13 @@ def test_no_literal_run_folder_file_name_outside_the_layout_module():
 def test_readme_stage_table_is_the_graph():
     readme = (REPO / "README.md").read_text()
     assert graph.markdown_table() in readme, "README's stage table differs from mmcore.graph.markdown_table()"
+
+
+def test_readme_config_reference_is_the_config_models():
+    from mmcore.config import reference_table
+
+    readme = (REPO / "README.md").read_text()
+    assert reference_table() in readme, "README's config reference differs from mmcore.config.reference_table()"
 
 
 def test_readme_documents_every_reason_code_and_command():

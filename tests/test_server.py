@@ -339,6 +339,50 @@ def test_eight_runs_started_at_once_all_complete(server, deployment, worker, syn
     assert len(kept) == 1 and all(tables.StagePaths.of(o, "clean").status.is_file() for o in outs)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_typed_deployment_shows_every_setting_and_validates_a_run_s_values(server, deployment, worker, synth_small,
+                                                                             tmp_path):
+    """``deploy(typed=True)``: the flow's parameter is the config model, so the UI gets a form with
+    every section and bound, a run may change a threshold, and a bad value is refused before it runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from deployments.deploy import deploy
+    from mmcore import clean as clean_stage
+    from mmcore import execute
+    from mmcore.config import load_config
+
+    out = tmp_path / "typed"
+    sets = [f"data.manifest={synth_small / 'manifest.csv'}", f"out={out}"]
+    with _api(server):
+        name = deploy(CONFIG, CRON, pool=POOL, name="typed", until="clean", overrides=sets, typed=True)
+        assert name == "mmpipe-curate/typed"
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(name)
+        schema = dep.parameter_openapi_schema
+        clean = schema["definitions"]["CleanConfig"]["properties"]["min_chars"]
+        assert clean["minimum"] == 0 and clean["description"]
+        assert set(schema["properties"]["until"]["enum"]) >= {"clean", "split", "report"}
+        assert {"QualityConfig", "SplitConfig", "TrainConfig", "EvaluateConfig"} <= set(schema["definitions"])
+
+        cfg = load_config(CONFIG, [*sets, "clean.min_chars=40"]).model_dump(mode="json")
+        run = run_deployment(name, parameters={"cfg": cfg}, timeout=240, poll_interval=1)
+        assert run.state.is_completed(), f"{run.state}\n{_tail(worker)}"
+        stats = tables.read_json(tables.StagePaths.of(out, "clean").stats)
+        # The run's value, not the deployment's: as many kept as clean keeps with min_chars=40, fewer than with 5.
+        kept = {}
+        for value in (40, 5):
+            c = load_config(CONFIG, [*sets, f"clean.min_chars={value}"])
+            kept[value] = len(clean_stage.run(execute.read_source(c, "clean")[0], c.clean, execute.context(c, False)).kept)
+        assert stats["n_rows"] == N_ROWS and stats["n_kept"] == kept[40] < kept[5]
+
+        bad = load_config(CONFIG, sets).model_dump(mode="json")
+        bad["clean"]["min_chars"] = -1
+        with pytest.raises(Exception, match="min_chars|validat"):
+            run_deployment(name, parameters={"cfg": bad}, timeout=60, poll_interval=1)
+
+
 def _evaluated(run_dir: Path, r5: float) -> Path:
     """A run folder whose evaluate stage measured test i2t R@5 = ``r5`` (the other metrics fixed)."""
     from mmcore.layout import RunLayout
@@ -362,7 +406,7 @@ def _wait(predicate, what: str, timeout: float = 60):
 @pytest.mark.timeout(240)
 def test_a_regression_fires_the_alert_automation_and_a_small_change_does_not(server, tmp_path):
     """Three nightly evaluations of one deployment: 0.50, then 0.47 (-3 points: no alert), then 0.40
-    (-7 points, more than evaluate.alert.max_drop = 5): the automation fires once, on the third."""
+    (-7 points, more than alert.max_drop = 5): the automation fires once, on the third."""
     from uuid import uuid4
 
     from prefect.client.orchestration import get_client
@@ -446,6 +490,8 @@ def test_a_git_deployment_runs_from_a_fresh_clone_and_any_pool_type_is_accepted(
         automation = Automation.read(name=f"{docker} regression")
         assert automation.trigger.match.root == {"prefect.resource.id": f"mmpipe.deployment.{in_docker.id}"}
         assert automation.trigger.expect == {alerts.REGRESSED} and "0.1" in automation.description
+        # ... and the runs send the regression event at that threshold, not the default one.
+        assert in_docker.parameters["overrides"][-2:] == ["alert.metric=test/i2t_r5", "alert.max_drop=0.1"]
         # The same from the repository's prefect.yaml, as `prefect deploy` reads it.
         ensure_pool("mmpipe")
         env = {**server.env, "MMPIPE_GIT_URL": f"file://{bare}", "MMPIPE_MANIFEST": str(synth_small / "manifest.csv"),

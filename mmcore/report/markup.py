@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from mmcore import faults
-from mmcore.images import DEFAULT_POLICY, DecodePolicy, RefusedImage, load_rgb, pixel_limit, refusal_reason, resolve_path
+from mmcore import faults, sources
+from mmcore.images import DEFAULT_POLICY, DecodePolicy, RefusedImage, pixel_limit, refusal_reason
 from mmcore.tables import TEXT, TEXT_RAW
 
 esc = html.escape
@@ -172,8 +172,11 @@ class Thumbs:
     limit, the latter no higher than ``max_pixels``); a refused one shows its reason code.
     """
 
-    def __init__(self, root: Path | None, side: int, max_pixels: int, policy: DecodePolicy = DEFAULT_POLICY) -> None:
-        self.root, self.side, self.max_pixels = root, side, max_pixels
+    def __init__(self, root: sources.ImageSource | Path | None, side: int, max_pixels: int,
+                 policy: DecodePolicy = DEFAULT_POLICY) -> None:
+        # ``root``: the run's image source (``sources.of(data)``), or a folder of image files.
+        self.root = None if root is None else sources.as_source(root)
+        self.side, self.max_pixels = side, max_pixels
         self.policy = dataclasses.replace(policy, max_pixels=min(policy.max_pixels, max_pixels))
         self._cache: dict[str, str] = {}
 
@@ -197,9 +200,8 @@ class Thumbs:
         if self.root is None:
             return note("image root unknown")
         try:
-            path = resolve_path(self.root, rel)
             with pixel_limit(self.policy.max_pixels):
-                im = load_rgb(path, max_side=self.side, policy=self.policy)
+                im = sources.load_rgb(self.root, rel, max_side=self.side, policy=self.policy)
         except RefusedImage as e:  # a format, size or byte count the run's probe policy refuses
             return note(e.reason)
         except faults.ReadError as e:  # the retrying reader's reason code

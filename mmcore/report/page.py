@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from mmcore import graph, images, tables
+from mmcore import graph, images, sources, tables
 from mmcore.base import StageContext
 from mmcore.errors import InputError
 from mmcore.layout import RunLayout
@@ -136,7 +136,7 @@ def _section(sid: str, run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
 def render(
     run_dir: str | os.PathLike,
     cfg: ReportConfig | None = None,
-    image_root: str | os.PathLike | None = None,
+    image_root: sources.ImageSource | str | os.PathLike | None = None,
     run_name: str | None = None,
     config_error: str = "",
     decode: images.DecodePolicy | None = None,
@@ -145,7 +145,8 @@ def render(
 
     Args:
         cfg: default: ``ReportConfig()``.
-        image_root: where row image paths are relative to; without it images show as a note.
+        image_root: the run's image source (``sources.of(data)``: files, tar shards or Parquet), or the
+            folder image paths are relative to; without it images show as a note.
         run_name: the page's title; default: the run folder's name.
         config_error: why the run's config.yaml does not validate, shown with it.
         decode: how thumbnails may decode images; default: the probe section of the run's config.yaml.
@@ -153,7 +154,8 @@ def render(
     run = Run(RunLayout(Path(run_dir)), config_error=config_error)
     cfg = cfg if cfg is not None else ReportConfig()
     policy = decode if decode is not None else _run_policy(run.layout)
-    thumbs = Thumbs(Path(image_root) if image_root is not None else None, cfg.thumbnail_side, cfg.max_thumbnail_pixels, policy)
+    source = None if image_root is None else sources.as_source(image_root)
+    thumbs = Thumbs(source, cfg.thumbnail_side, cfg.max_thumbnail_pixels, policy)
     sections = {sid: _section(sid, run, cfg, thumbs) for sid in SECTIONS}
     try:
         head = headline(run)
@@ -180,7 +182,7 @@ def render(
 def build(
     run_dir: str | os.PathLike,
     cfg: ReportConfig | None = None,
-    image_root: str | os.PathLike | None = None,
+    image_root: sources.ImageSource | str | os.PathLike | None = None,
     run_name: str | None = None,
     config_error: str = "",
     decode: images.DecodePolicy | None = None,
@@ -200,7 +202,7 @@ def build(
 
 def run(table: pd.DataFrame, cfg: ReportConfig, ctx: StageContext) -> StageResult:
     """Build the report; every row passes through (the report quarantines nothing)."""
-    page, statuses = render(ctx.run_dir, cfg, ctx.data.image_root, ctx.run_name)
+    page, statuses = render(ctx.run_dir, cfg, sources.of(ctx.data), ctx.run_name)
     path = RunLayout(ctx.run_dir).report
     tables.write_bytes(page.encode(), path)
     return StageResult(table, tables.empty_quarantine(table), {"report_path": str(path), "report_bytes": len(page.encode()), "sections": statuses})

@@ -42,7 +42,7 @@ from mmcore.report.markup import (
     stat_card,
     table,
 )
-from mmcore.report.stats import STAGE, UPSTREAM, QualityStats, Run, SplitShare, SplitStats, TrainStats
+from mmcore.report.stats import STAGE, UPSTREAM, DecontamStats, QualityStats, Run, SplitShare, SplitStats, TrainStats
 from mmcore.spotcheck import cell_text
 from mmcore.tables import DETAIL, IMAGE, REASON, ROW_ID, TEXT, TEXT_RAW
 
@@ -65,6 +65,8 @@ class ReportConfig(StrictModel):
     thumbnail_side: int = Field(96, ge=16, le=512, description="Longest side of a thumbnail, in pixels.")
     spotcheck_queries: int = Field(10, ge=0, description="Spot-check queries shown with their top 5.")
     max_thumbnail_pixels: int = Field(50_000_000, ge=1, description="Larger images get a note instead of a thumbnail.")
+    clusters_per_kind: int = Field(3, ge=0, le=20, description="Largest duplicate clusters shown per kind (exact, pHash, mirrored, semantic).")
+    images_per_cluster: int = Field(6, ge=1, le=24, description="Images shown per duplicate cluster.")
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,86 @@ def split(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
     figures = st.figures(skip=("splits", "leakage", "distributions", "warnings", "caption_overlap"))
     if figures:
         out.append(details("split stats", kv_table(figures, "split")))
+    return Section(OK, "".join(out))
+
+
+# --------------------------------------------------------------------------- decontam
+
+# Duplicate kinds in the gallery: the column whose shared value makes a cluster, and what it means.
+_DUP_KINDS = {
+    "exact": ("content_digest", "the same bytes under different names"),
+    "pHash": ("dup_cluster", "pHash within quality.phash_radius"),
+    "mirrored": ("mirror_cluster", "one image's mirror within decontam.mirror_radius of another's pHash"),
+    "semantic": ("semantic_cluster", "embedding cosine >= decontam.semantic_cosine"),
+}
+
+
+def _card(thumbs: Thumbs, row: Mapping[str, Any], note: str = "") -> str:
+    return (f'<figure class="card">{thumbs(row.get(IMAGE), caption(row))}<figcaption>'
+            f'<span class="rowid">row {esc(str(row.get(ROW_ID, "?")))}</span> {esc(caption(row))}'
+            f'<span class="detail">{esc(note)}</span></figcaption></figure>')
+
+
+def _clusters(kept: pd.DataFrame, col: str, n: int) -> list[pd.DataFrame]:
+    """The ``n`` largest clusters of ``col`` by distinct images (one row per image), largest first."""
+    if col not in kept.columns or not n:
+        return []
+    df = kept[kept[col].notna()]
+    if pd.api.types.is_numeric_dtype(df[col]):
+        df = df[df[col] >= 0]
+    else:
+        df = df[df[col].astype("str") != ""]
+    one = df.sort_values(ROW_ID, kind="stable").drop_duplicates(IMAGE)
+    sizes = one.groupby(col, sort=False).size()
+    sizes = sizes[sizes > 1]
+    # Largest first; ties by the cluster's first row, so the page is the same every time.
+    first = one.groupby(col, sort=False)[ROW_ID].min().reindex(sizes.index)
+    order = sorted(sizes.index, key=lambda c: (-int(sizes[c]), int(first[c])))[:n]
+    return [one[one[col] == c] for c in order]
+
+
+def decontam(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
+    st = run.stats("decontam", DecontamStats)
+    if st is None:
+        return Section(NOT_RUN, not_run("decontam"))
+    out = ["<h3>Contamination per reference set</h3>"]
+    if st.reference_sets:
+        kinds = list(dict.fromkeys(k for r in st.reference_sets.values() for k in r.by_kind))
+        rows = []
+        for name, r in st.reference_sets.items():
+            key = f"decontam.reference_sets.{name}"
+            rows.append([f"<td><b>{esc(name)}</b></td>", cell(f"{key}.n_rows", r.n_rows), cell(f"{key}.n_images", r.n_images),
+                         cell(f"{key}.contaminated_rows", r.contaminated_rows), cell(f"{key}.matched_reference_rows", r.matched_reference_rows),
+                         *(cell(f"{key}.by_kind.{k}", r.by_kind.get(k, 0)) for k in kinds),
+                         f"<td>{badge('cached', 'info') if r.cached else badge('hashed', 'good')}</td>"])
+        out.append(table(["reference set", "rows", "images", "pool rows contaminated", "reference rows found", *kinds, "hashes"], rows))
+        q = run.table("decontam", quarantine=True) if cfg.thumbnails_per_reason else None
+        if q is not None and len(q) and "match_set" in q.columns:
+            for name in st.reference_sets:
+                hits = q[q["match_set"] == name].head(cfg.thumbnails_per_reason * 3)
+                if len(hits):
+                    cards = "".join(_card(thumbs, row, str(row.get(DETAIL, ""))) for row in hits.to_dict("records"))
+                    out.append(f'<h4>{esc(name)}: contaminated pool rows</h4><div class="cards">{cards}</div>')
+    else:
+        out.append('<p class="notrun">No reference set configured (decontam.reference_sets).</p>')
+
+    out.append("<h3>Largest duplicate clusters</h3>")
+    semantic = st.semantic if isinstance(st.semantic, str) else ""
+    kept = run.table("decontam", columns=[ROW_ID, IMAGE, TEXT, TEXT_RAW, *(c for c, _ in _DUP_KINDS.values())])
+    for kind, (col, meaning) in _DUP_KINDS.items():
+        if kind == "semantic" and semantic:
+            out.append(f"<h4>{esc(kind)}</h4><p class='notrun'>{esc(semantic)}</p>")
+            continue
+        clusters = _clusters(kept, col, cfg.clusters_per_kind) if kept is not None else []
+        body = "".join(
+            f'<div class="reason"><div class="rhead">{len(c):,} images</div><div class="cards">'
+            + "".join(_card(thumbs, row) for row in c.head(cfg.images_per_cluster).to_dict("records")) + "</div></div>"
+            for c in clusters)
+        out.append(f"<h4>{esc(kind)} <span class='meaning'>({esc(meaning)})</span></h4>"
+                   + (f'<div class="reasons">{body}</div>' if body else "<p>No cluster of two or more images.</p>"))
+    figures = {k: v for k, v in (("mirror", st.mirror), ("semantic", st.semantic)) if v}
+    if figures:
+        out.append(details("decontam stats", kv_table(figures, "decontam")))
     return Section(OK, "".join(out))
 
 
@@ -663,6 +745,7 @@ Builder = Callable[[Run, ReportConfig, Thumbs], Section]
 SECTIONS: dict[str, tuple[str, Builder]] = {
     "funnel": ("Funnel", funnel),
     "scores": ("Scores", scores),
+    "decontam": ("Decontamination", decontam),
     "split": ("Split", split),
     "training": ("Training", training),
     "metrics": ("Metrics", metrics),

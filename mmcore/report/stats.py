@@ -70,6 +70,25 @@ class QualityStats(StageStats):
     flagged: dict[str, int] | None = None  # rows each check flags (a row can fail several); older runs lack it
 
 
+class ReferenceSetStats(_Shape):
+    """One reference set in decontam's stats."""
+
+    n_rows: int = 0
+    n_images: int = 0
+    n_undecoded: int = 0
+    cached: bool = False
+    contaminated_rows: int = 0
+    matched_reference_rows: int = 0
+    by_kind: dict[str, int] = {}
+
+
+class DecontamStats(StageStats):
+    n_images: int = 0
+    reference_sets: dict[str, ReferenceSetStats] = {}
+    mirror: dict[str, float | int] = {}
+    semantic: dict[str, float | int | str] | str = ""  # a string says why it is off
+
+
 class SplitShare(_Shape):
     """One split's row in the split's stats; a fallback counted from the kept table has rows (and groups) only."""
 
