@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-fast bench lint clean-runs help
+.PHONY: install demo test test-fast bench bench-data lint clean-runs help
 
 help:
 	@echo "make demo   - synthetic data + every stage on CPU (runs/demo)"
@@ -52,6 +52,17 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+# Real image-text sets for bench/bench_realdata.py (npm packages; rsvg-convert renders OpenMoji's SVGs).
+BENCH_DATA := bench/out/data
+bench-data: $(STAMP)
+	command -v rsvg-convert >/dev/null || { apt-get update -qq && apt-get install -y -qq librsvg2-bin; }
+	mkdir -p $(BENCH_DATA)/openmoji $(BENCH_DATA)/noto
+	cd $(BENCH_DATA) && test -f openmoji-15.1.0.tgz || npm pack --silent openmoji@15.1.0
+	cd $(BENCH_DATA) && test -f emoji-datasource-google-16.0.0.tgz || npm pack --silent emoji-datasource-google@16.0.0
+	tar xzf $(BENCH_DATA)/openmoji-15.1.0.tgz -C $(BENCH_DATA)/openmoji package/color/svg package/data/openmoji.json
+	tar xzf $(BENCH_DATA)/emoji-datasource-google-16.0.0.tgz -C $(BENCH_DATA)/noto package/img/google/64 package/emoji.json
+	$(BIN)/python bench/bench_realdata.py prepare
 
 clean-runs:
 	rm -rf runs .prefect

@@ -54,8 +54,14 @@ def r5(img: np.ndarray, txt: np.ndarray, k: int = 5) -> float:
 # --------------------------------------------------------------------------- CPU: quality per wall-clock
 
 
-def run_mmpipe(table, data, out: Path, seed: int, budget_s: float, workers: int) -> dict:
-    cfg = TrainConfig(minutes=budget_s / 60, val_every_epoch=False, num_workers=workers, checkpoint_every=10**6, resume=False)
+def run_mmpipe(table, data, out: Path, seed: int, budget_s: float, workers: int, eval_split: str = "test",
+               overrides: dict | None = None) -> dict:
+    """mmpipe's train stage for ``budget_s`` on ``out/shards``; scores ``out/eval_shards``'s ``eval_split``
+    rows (embeddings in img/txt)."""
+    overrides = overrides or {}
+    length = {} if {"steps", "epochs"} & set(overrides) else {"minutes": budget_s / 60}
+    cfg = TrainConfig(**{**length, "val_every_epoch": False, "num_workers": workers, "checkpoint_every": 10**6,
+                         "resume": False, **overrides})
     ctx = StageContext(data=data, run_dir=out / f"mmpipe-{seed}", seed=seed, workers=1)
     # Shards are built outside the budget (they are their own cached step): copy the shared ones in.
     sdir = ctx.stage_dir("train") / "shards"
@@ -65,13 +71,28 @@ def run_mmpipe(table, data, out: Path, seed: int, budget_s: float, workers: int)
     t = time.perf_counter()
     res = trainloop.run_stage(table, cfg, ctx)
     wall = time.perf_counter() - t
-    test = shards.read(out / "shards", "test")
+    test = shards.read(out / "eval_shards", eval_split)
     enc = clip_model.Encoder.load(ctx.stage_dir("train") / "model")
     img = enc.encode_images([shards.decode(b) for b in test["jpeg"]])
     txt = enc.encode_texts(test["text"].tolist())
     s = res.stats
-    return {"seed": seed, "steps": s["steps"], "samples_per_s": s["samples_per_s"], "seconds": round(wall, 1),
-            "final_loss": s["final_loss"], "test_r5": r5(img, txt), "chance": 5 / len(test)}
+    return {"seed": seed, "steps": s["steps"], "batch_size": s.get("batch_size", cfg.batch_size),
+            "samples_seen": s["samples_seen"], "samples_per_s": s["samples_per_s"], "seconds": round(wall, 1),
+            "final_loss": s["final_loss"], "test_r5": r5(img, txt), "chance": 5 / len(test), "img": img, "txt": txt}
+
+
+class _OpenClipPairs(torch.utils.data.Dataset):
+    """Shard rows through open_clip's train transform and tokenizer (module level: picklable for spawn)."""
+
+    def __init__(self, rows, transform, tokenizer):
+        self.jpegs, self.texts = rows["jpeg"].tolist(), rows["text"].tolist()
+        self.transform, self.tokenizer = transform, tokenizer
+
+    def __len__(self):
+        return len(self.jpegs)
+
+    def __getitem__(self, i):
+        return self.transform(shards.decode(self.jpegs[i])), self.tokenizer([self.texts[i]])[0]
 
 
 class _Budgeted:
@@ -91,7 +112,8 @@ class _Budgeted:
             yield b
 
 
-def run_openclip(out: Path, seed: int, budget_s: float, workers: int, cfg: TrainConfig) -> dict:
+def run_openclip(out: Path, seed: int, budget_s: float, workers: int, cfg: TrainConfig, eval_split: str = "test") -> dict:
+    """open_clip's own training pieces for ``budget_s`` on ``out/shards``; scores as ``run_mmpipe``."""
     import open_clip
     from open_clip_train.train import train_one_epoch
 
@@ -103,16 +125,8 @@ def run_openclip(out: Path, seed: int, budget_s: float, workers: int, cfg: Train
     model, pre_train, pre_val = open_clip.create_model_and_transforms("mmpipe-tiny", pretrained=None, output_dict=True)
     tok = open_clip.get_tokenizer("mmpipe-tiny")
     train = shards.read(out / "shards", "train")
-
-    class DS(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(train)
-
-        def __getitem__(self, i):
-            return pre_train(shards.decode(train["jpeg"].iloc[i])), tok([train["text"].iloc[i]])[0]
-
     g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(DS(), batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g,
+    loader = torch.utils.data.DataLoader(_OpenClipPairs(train, pre_train, tok), batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g,
                                          num_workers=workers, persistent_workers=workers > 0)
     # open_clip main()'s optimizer: no decay on gains, biases and the logit scale.
     excl = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
@@ -149,27 +163,44 @@ def run_openclip(out: Path, seed: int, budget_s: float, workers: int, cfg: Train
         epoch += 1
     wall = time.perf_counter() - t0
     model.eval()
-    test = shards.read(out / "shards", "test")
+    test = shards.read(out / "eval_shards", eval_split)
     with torch.no_grad():
         img = torch.cat([model.encode_image(torch.stack([pre_val(shards.decode(b)) for b in test["jpeg"].iloc[i:i + 256]]), normalize=True)
                          for i in range(0, len(test), 256)]).numpy()
         txt = torch.cat([model.encode_text(tok(test["text"].iloc[i:i + 256].tolist()), normalize=True)
                          for i in range(0, len(test), 256)]).numpy()
-    return {"seed": seed, "steps": steps[0], "samples_per_s": round(steps[0] * cfg.batch_size / wall, 2),
-            "seconds": round(wall, 1), "test_r5": r5(img, txt), "chance": 5 / len(test)}
+    return {"seed": seed, "steps": steps[0], "batch_size": cfg.batch_size, "samples_seen": steps[0] * cfg.batch_size,
+            "samples_per_s": round(steps[0] * cfg.batch_size / wall, 2), "seconds": round(wall, 1),
+            "test_r5": r5(img, txt), "chance": 5 / len(test), "img": img, "txt": txt}
 
 
 def cpu_part(a) -> str:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     table, data = demo_split.make(out / "synth", n=a.n, seed=0)
-    shards.build(table, data.image_root, out / "shards", 64, workers=2)
+    # The train stage's own shards (train + val rows, so its build finds them ready) and the test rows'.
+    shards.build(table[table.split.isin(["train", "val"])], data.image_root, out / "shards", 64, workers=2)
+    shards.build(table[table.split == "test"], data.image_root, out / "eval_shards", 64, workers=2)
     cfg = TrainConfig()
     rows = []
     for seed in a.seeds:
-        for name, fn in (("mmpipe", lambda: run_mmpipe(table, data, out, seed, a.budget_s, a.workers)),
-                         ("open_clip", lambda: run_openclip(out, seed, a.budget_s, a.workers, cfg))):
-            r = {"system": name, **fn()}
+        jobs = (("mmpipe", run_mmpipe, (table, data, out, seed, a.budget_s, a.workers)),
+                ("open_clip", run_openclip, (out, seed, a.budget_s, a.workers, cfg)))
+        if a.side_by_side:
+            # Both at once, one process and one torch thread each: on a shared machine the neighbours'
+            # load then falls on both alike (one after the other, it differs from run to run).
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                     initargs=(1,)) as ex:
+                futs = [(name, ex.submit(fn, *args)) for name, fn, args in jobs]
+                done = [(name, f.result()) for name, f in futs]
+        else:
+            done = [(name, fn(*args)) for name, fn, args in jobs]
+        for name, res in done:
+            r = {"system": name, **res}
+            r.pop("img"), r.pop("txt")
             print(json.dumps(r), flush=True)
             rows.append(r)
     lines = [
@@ -177,7 +208,8 @@ def cpu_part(a) -> str:
         "",
         f"Data: synthetic n={a.n} (train {int((table.split == 'train').sum())}, test {int((table.split == 'test').sum())} rows), "
         f"64 px shards, batch {cfg.batch_size}, lr {cfg.lr}, wd {cfg.weight_decay}, warmup {cfg.warmup_steps}, "
-        f"DataLoader workers {a.workers}, torch threads {torch.get_num_threads()}.",
+        f"DataLoader workers {a.workers}, torch threads {1 if a.side_by_side else torch.get_num_threads()}"
+        f"{', both systems at the same time' if a.side_by_side else ', one system after the other'}.",
         "",
         "| system | seed | steps | samples/s | test R@5 | chance |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -278,6 +310,8 @@ def main() -> None:
     p.add_argument("--gpu-steps", type=int, default=30)
     p.add_argument("--gpu-workers", type=int, default=8)
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--side-by-side", action=argparse.BooleanOptionalAction, default=True,
+                   help="run mmpipe and open_clip at the same time, one thread each (fair on a shared machine)")
     p.add_argument("--out", default="bench/out/train")
     a = p.parse_args()
     import open_clip

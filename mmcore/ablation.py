@@ -36,7 +36,7 @@ import pandas as pd
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mmcore import evaluate, ingest, tables
+from mmcore import evaluate, ingest, tables, trainloop
 from mmcore.base import StrictModel
 from mmcore.config import PipelineConfig, load_config, preset_names
 from mmcore.errors import ConfigError, InputError, LeakageError
@@ -191,14 +191,16 @@ def for_evaluation(cfg: PipelineConfig, test: PipelineConfig) -> PipelineConfig:
 
 
 def derive_steps(cfg: PipelineConfig, n_train: int) -> int:
-    """Steps of the baseline's training length on ``n_train`` rows (an epoch = a pass over them)."""
-    unit, amount = cfg.train.length
+    """Steps of the baseline's training length on ``n_train`` rows (an epoch = a pass over them), with
+    the batch size and length the train stage would choose itself (``trainloop.auto_schedule``)."""
+    sched = trainloop.auto_schedule(cfg.train, n_train)
+    unit, amount = sched.unit, sched.amount
     if unit == "steps":
         return int(amount)
     if unit == "minutes":
         raise ConfigError("ablate: train.minutes is not equal compute across machines; set steps in the variants "
                           "file, --steps, or train.epochs")
-    per_epoch = max(1, math.ceil(n_train / (cfg.train.batch_size * cfg.train.grad_accum)))
+    per_epoch = max(1, math.ceil(n_train / (sched.batch_size * cfg.train.grad_accum)))
     return int(amount * per_epoch)
 
 

@@ -91,6 +91,52 @@ def build_model(preset: str, vocab_size: int = 2048, image_size: int | None = No
     return CLIPModel(config)
 
 
+@torch.no_grad()
+def init_like_open_clip(model: CLIPModel) -> CLIPModel:
+    """Re-initialise a fresh ``CLIPModel`` as open_clip initialises its ``CLIP`` (in place).
+
+    transformers' CLIP init swaps the attention's two scales (q/k/v get the small residual-branch
+    std, the output projection the large one) and starts the image tower's embeddings at 0.02;
+    open_clip's text tower uses the scales the other way round, and its image tower PyTorch's
+    defaults (its ``init_parameters`` is a stub) with class and position embeddings at width**-0.5.
+    """
+    def linear_default(m: nn.Linear) -> None:  # nn.Linear's own init (kaiming uniform, a=sqrt(5))
+        m.reset_parameters()
+
+    t = model.text_model
+    w, n = t.config.hidden_size, t.config.num_hidden_layers
+    proj_std, attn_std, fc_std = w**-0.5 * (2 * n) ** -0.5, w**-0.5, (2 * w) ** -0.5
+    nn.init.normal_(t.embeddings.token_embedding.weight, std=0.02)
+    nn.init.normal_(t.embeddings.position_embedding.weight, std=0.01)
+    for layer in t.encoder.layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            nn.init.normal_(lin.weight, std=attn_std)
+        nn.init.normal_(layer.self_attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(layer.mlp.fc1.weight, std=fc_std)
+        nn.init.normal_(layer.mlp.fc2.weight, std=proj_std)
+    nn.init.normal_(model.text_projection.weight, std=w**-0.5)
+
+    v = model.vision_model
+    vw = v.config.hidden_size
+    nn.init.normal_(v.embeddings.class_embedding, std=vw**-0.5)
+    nn.init.normal_(v.embeddings.position_embedding.weight, std=vw**-0.5)
+    v.embeddings.patch_embedding.reset_parameters()
+    for layer in v.encoder.layers:
+        a = layer.self_attn
+        # nn.MultiheadAttention: xavier-uniform over the packed (3w, w) q/k/v matrix, zero biases.
+        qkv = torch.empty(3 * vw, vw)
+        nn.init.xavier_uniform_(qkv)
+        for lin, part in zip((a.q_proj, a.k_proj, a.v_proj), qkv.chunk(3)):
+            lin.weight.copy_(part)
+            nn.init.zeros_(lin.bias)
+        linear_default(a.out_proj)
+        nn.init.zeros_(a.out_proj.bias)
+        linear_default(layer.mlp.fc1)
+        linear_default(layer.mlp.fc2)
+    nn.init.normal_(model.visual_projection.weight, std=vw**-0.5)
+    return model
+
+
 def context_length(model: CLIPModel) -> int:
     return int(model.config.text_config.max_position_embeddings)
 

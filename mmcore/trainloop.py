@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mmcore import augment, clip_model, shards, tables
+from mmcore import augment, clip_model, shards, sources, tables
 from mmcore.base import StageContext
 from mmcore.errors import ConfigError, InputError, row_detail
 from mmcore.layout import (
@@ -126,6 +126,67 @@ def param_groups(model: nn.Module, weight_decay: float, projection_scale: float 
         out.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
                     "lr_scale": projection_scale if proj else 1.0})
     return out
+
+
+# --------------------------------------------------------------------------- schedule from the data
+
+# The automatic schedule (train.batch_size, epochs, steps and minutes left unset): see ``auto_schedule``.
+AUTO_EPOCHS = 8  # passes over the data when that is enough steps (larger sets)
+AUTO_MIN_STEPS = 250  # however small the data: at ~100 steps R@5 was half what 250 steps gave (bench_realdata)
+AUTO_BATCH = (64, 256)  # smallest and largest automatic batch
+AUTO_ROWS_PER_PAIR = 100  # about n / 100 pairs per batch: 64 below 12,800 images, 128 below 25,600, then 256
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The batch size and length a run trains with, and which of them were chosen automatically."""
+
+    batch_size: int
+    unit: str  # epochs, steps or minutes
+    amount: float
+    auto: tuple[str, ...]  # "batch_size", "length": the settings the user left to auto_schedule
+    reason: str
+
+    def update(self) -> dict:
+        """The TrainConfig fields that make a config say what ran."""
+        return {"batch_size": self.batch_size, self.unit: self.amount}
+
+
+def auto_schedule(cfg: TrainConfig, n_images: int, world: int = 1) -> Schedule:
+    """Batch size and length for ``n_images`` distinct train images; settings the user gave win.
+
+    - Batch size: about ``n_images / 100`` rounded down to a power of two, within ``AUTO_BATCH``
+      (64 below 12,800 images). A contrastive batch is also the number of negatives, so larger data
+      gets larger batches; on small data a large batch leaves few steps per epoch.
+    - Length: ``AUTO_EPOCHS`` epochs, but at least ``AUTO_MIN_STEPS`` optimizer steps, so that a
+      small set (a few hundred to a few thousand images) is not stopped long before it converges.
+    - With ``minutes``, the time budget is the length; only the batch size is chosen.
+    """
+    if cfg.model_path is not None:  # fine-tuning keeps its fixed defaults (FINETUNE_DEFAULTS, 8 epochs)
+        unit, amount = cfg.length
+        return Schedule(cfg.batch_size, unit, amount, (), f"batch {cfg.batch_size}, {amount} {unit} (fine-tune)")
+    auto = []
+    bs = cfg.batch_size
+    if "batch_size" not in cfg.model_fields_set:
+        target = max(1, n_images // AUTO_ROWS_PER_PAIR)
+        bs = min(AUTO_BATCH[1], max(AUTO_BATCH[0], 2 ** int(math.log2(target))))
+        # never more than the data holds (fit raises on a batch larger than the train images)
+        while bs > 2 and bs * cfg.grad_accum > n_images:
+            bs //= 2
+        bs = max(world, bs - bs % world)  # split evenly across DDP ranks
+        auto.append("batch_size")
+    why = [f"batch {bs}" + (f" (auto: ~{n_images:,} images / {AUTO_ROWS_PER_PAIR})" if auto else " (set)")]
+    given = [k for k in ("epochs", "steps", "minutes") if getattr(cfg, k) is not None]
+    if given:
+        unit, amount = given[0], getattr(cfg, given[0])
+        why.append(f"{amount} {unit} (set)")
+    else:
+        per_epoch = max(1, n_images // (bs * cfg.grad_accum))
+        epochs = max(AUTO_EPOCHS, math.ceil(AUTO_MIN_STEPS / per_epoch))
+        unit, amount = "epochs", epochs
+        auto.append("length")
+        why.append(f"{epochs} epochs = {epochs * per_epoch} steps (auto: {AUTO_EPOCHS} epochs, at least {AUTO_MIN_STEPS} steps)")
+    return Schedule(bs, unit, amount, tuple(auto), "; ".join(why))
 
 
 # --------------------------------------------------------------------------- data
@@ -512,7 +573,7 @@ def run_stage(
     fit_rows = table[table["split"].isin(["train", "val"])]
     if rank == 0:
         try:
-            meta = shards.build(fit_rows, ctx.data.image_root, shard_dir, image_size, workers=ctx.workers,
+            meta = shards.build(fit_rows, sources.of(ctx.data), shard_dir, image_size, workers=ctx.workers,
                                 progress=ctx.progress)
         except BaseException as e:
             _from_rank0(world, row_detail(e))  # the other ranks stop waiting for shards that will not come
@@ -540,6 +601,8 @@ def run_stage(
             tok = clip_model.train_tokenizer(train_df[TEXT].tolist(), cfg.vocab_size or 2048)
         torch.manual_seed(seed)
         model = clip_model.build_model(cfg.preset, vocab_size=tok.get_vocab_size(), image_size=cfg.image_size)
+        if cfg.init == "open_clip":
+            clip_model.init_like_open_clip(model)
         if tok.get_vocab_size() > model.config.text_config.vocab_size:
             raise ConfigError(
                 f"train.tokenizer_path: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
@@ -557,7 +620,15 @@ def run_stage(
         model.activation_checkpointing_enable()
     # WiSE-FT mixes the fine-tuned weights with these (kept on the CPU).
     start = {k: v.detach().clone() for k, v in model.state_dict().items()} if cfg.wise_ft_alpha is not None else None
-    data = FitData(train_df, val_df, pre, _fingerprint(cfg, meta["key"], seed, world), _image_ids(table, train_df))
+    groups = _image_ids(table, train_df)
+    # Batch size and length from the data when the user left them unset; the resolved values go into
+    # the fingerprint, the saved config and the stats, so that every output says what ran.
+    n_images = len(np.unique(groups)) if cfg.unique_images and cfg.weighted_sampler is False else len(train_df)
+    sched = auto_schedule(cfg, n_images, world)
+    cfg = cfg.model_copy(update=sched.update())
+    if rank == 0:
+        print(f"train: {sched.reason}", flush=True)
+    data = FitData(train_df, val_df, pre, _fingerprint(cfg, meta["key"], seed, world), groups)
     stats = fit(model, tok, data, cfg, out, seed=seed, device=device, progress=ctx.progress, interrupt_at=interrupt_at)
 
     model_dir = out / MODEL_DIR
@@ -591,6 +662,10 @@ def run_stage(
         n_val=int(len(val_df)),
         image_size=image_size,
         augment=cfg.augment,
+        batch_size=cfg.batch_size,
+        length=f"{sched.amount} {sched.unit}",
+        auto=list(sched.auto),
+        schedule=sched.reason,
         model_dir=str(model_dir.relative_to(ctx.run_dir)) if model_dir.is_relative_to(ctx.run_dir) else str(model_dir),
     )
     return StageResult(res.kept, res.quarantined, stats)

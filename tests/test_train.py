@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from mmcore import augment, clip_model, demo_split, shards, tables, train, trainloop
 from mmcore.base import StageContext
 from mmcore.errors import ConfigError
+from mmcore.layout import TRAIN_CONFIG_FILE
 from mmcore.train import REASONS, TrainConfig
 from mmpipe import trainer
 
@@ -290,3 +291,44 @@ def test_torch_compile_trains_and_matches_eager(demo, tmp_path):
 
     model = CLIPModel.from_pretrained(tmp_path / "changed/train/model")  # saved unwrapped, reloads as usual
     assert sum(p.numel() for p in model.parameters()) == res.stats["n_params"]
+
+
+# --------------------------------------------------------------------------- automatic schedule
+
+
+@pytest.mark.parametrize("n, batch, epochs", [(300, 64, 63), (2161, 64, 8), (1350, 64, 12), (20000, 128, 8), (60000, 256, 8), (100, 64, 250)])
+def test_auto_schedule_picks_batch_and_length_from_the_data(n, batch, epochs):
+    s = trainloop.auto_schedule(TrainConfig(), n)
+    assert (s.batch_size, s.unit, s.amount, s.auto) == (batch, "epochs", epochs, ("batch_size", "length"))
+    assert s.amount * (n // s.batch_size) >= trainloop.AUTO_MIN_STEPS and s.amount >= trainloop.AUTO_EPOCHS
+    assert f"batch {batch} (auto" in s.reason and f"{epochs} epochs" in s.reason
+
+
+def test_auto_schedule_never_overrides_what_the_user_set():
+    s = trainloop.auto_schedule(TrainConfig(batch_size=64, steps=30), 20000)
+    assert (s.batch_size, s.unit, s.amount, s.auto) == (64, "steps", 30, ())
+    s = trainloop.auto_schedule(TrainConfig(minutes=2.5), 60000)  # a time budget: only the batch is chosen
+    assert (s.batch_size, s.unit, s.amount, s.auto) == (256, "minutes", 2.5, ("batch_size",))
+    s = trainloop.auto_schedule(TrainConfig(epochs=3), 40)  # a batch never larger than the data
+    assert s.batch_size <= 40 and s.auto == ("batch_size",) and "(set)" in s.reason
+    assert trainloop.auto_schedule(TrainConfig(), 2000, world=3).batch_size == 63  # divisible by the ranks
+    # From YAML / --set the same way: an explicit value is in model_fields_set.
+    assert trainloop.auto_schedule(TrainConfig.model_validate({"batch_size": 64}), 20000).batch_size == 64
+
+
+def test_auto_schedule_is_saved_in_stats_and_config(demo, tmp_path):
+    table, data = demo
+    cfg = TrainConfig(**{k: v for k, v in FAST.items() if k not in ("batch_size", "steps")})
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(trainloop, "AUTO_MIN_STEPS", 3)
+    monkey.setattr(trainloop, "AUTO_EPOCHS", 1)
+    try:
+        res = train.run(table, cfg, _ctx(data, tmp_path))
+    finally:
+        monkey.undo()
+    s = res.stats
+    epochs = int(s["length"].split()[0])
+    assert s["batch_size"] == 64 and s["auto"] == ["batch_size", "length"] and s["steps"] == epochs * s["steps_per_epoch"] >= 3
+    assert "auto" in s["schedule"]
+    saved = tables.read_json(tmp_path / "train" / TRAIN_CONFIG_FILE)
+    assert saved["batch_size"] == 64 and saved["epochs"] == epochs
