@@ -59,12 +59,13 @@ def ablate(
         # (held_out_test; train and val share the rest; shared stages come from cache), train the same
         # steps (3. equal compute: the baseline's train split sets them once), test on the fixed rows.
         runs: dict[str, list[str]] = {}
-        n_steps = steps
+        compute: tuple[int, int] | None = None  # (steps, batch size): the baseline's, for every variant
         for name, v in variants.items():
             for k in range(seeds):
+                n_steps = compute[0] if compute else steps
                 curated = _stages(ablation.for_variant(v, layout.variant(name, k), held, n_steps, cfg.seed + k), "split")
-                n_steps = n_steps or stages.ablation_steps(variants[baseline], curated["split"])
-                vk = ablation.for_variant(v, layout.variant(name, k), held, n_steps, cfg.seed + k)
+                compute = compute or stages.ablation_compute(variants[baseline], curated["split"], steps)
+                vk = ablation.for_variant(v, layout.variant(name, k), held, compute[0], cfg.seed + k, compute[1])
                 stages.save_config(vk)
                 model = run_cached(stages.STAGE_TASKS["train"], vk, {"split": curated["split"]})
                 run_cached(stages.STAGE_TASKS["evaluate"], ablation.for_evaluation(vk, test_cfg),

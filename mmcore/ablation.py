@@ -175,11 +175,15 @@ def test_set_config(base: PipelineConfig, manifest: str | os.PathLike) -> Pipeli
     return base.model_copy(update={"data": data, "split": split, "out": RunLayout(base.run_dir).test_set})
 
 
-def for_variant(cfg: PipelineConfig, run_dir: Path, held_out: Path, steps: int | None, train_seed: int) -> PipelineConfig:
-    """A variant's config for one training seed: its run folder, the fixed test set, the fixed steps,
+def for_variant(cfg: PipelineConfig, run_dir: Path, held_out: Path, steps: int | None, train_seed: int,
+                batch_size: int | None = None) -> PipelineConfig:
+    """A variant's config for one training seed: its run folder, the fixed test set, the fixed steps
+    and batch size (equal compute: a variant's own automatic batch would follow its image count),
     and an evaluation of the test split only."""
     split = cfg.split.model_copy(update={"fixed_test": Path(held_out)})
     length = {"steps": steps, "epochs": None, "minutes": None} if steps is not None else {}
+    if batch_size is not None and cfg.train.batch_size is None:
+        length["batch_size"] = batch_size
     train = cfg.train.model_copy(update={**length, "seed": train_seed})
     evaluate_ = cfg.evaluate.model_copy(update={"splits": ["test"]})
     return cfg.model_copy(update={"out": Path(run_dir), "split": split, "train": train, "evaluate": evaluate_})
@@ -191,9 +195,18 @@ def for_evaluation(cfg: PipelineConfig, test: PipelineConfig) -> PipelineConfig:
 
 
 def derive_steps(cfg: PipelineConfig, n_train: int) -> int:
-    """Steps of the baseline's training length on ``n_train`` rows (an epoch = a pass over them), with
-    the batch size and length the train stage would choose itself (``trainloop.auto_schedule``)."""
+    """Steps of the baseline's training length on ``n_train`` train images (``derive_compute``)."""
+    return derive_compute(cfg, n_train)[0]
+
+
+def derive_compute(cfg: PipelineConfig, n_train: int, steps: int | None = None) -> tuple[int, int]:
+    """(steps, batch size) of the baseline's training on ``n_train`` train images, as the train stage
+    would choose them (``trainloop.auto_schedule``; settings given win, ``steps`` first)."""
     sched = trainloop.auto_schedule(cfg.train, n_train)
+    return (int(steps) if steps is not None else _steps(cfg, n_train, sched)), sched.batch_size
+
+
+def _steps(cfg: PipelineConfig, n_train: int, sched) -> int:
     unit, amount = sched.unit, sched.amount
     if unit == "steps":
         return int(amount)
@@ -258,7 +271,8 @@ def curation_row(name: str, run_dirs: list[str]) -> dict[str, Any]:
     trains = [_stats(d, "train") for d in run_dirs]
     row["steps"] = trains[0].get("steps")
     train_cfg = load_config(RunLayout(first).config).train
-    row["batch_size"] = train_cfg.batch_size * train_cfg.grad_accum
+    # What ran (the train stage's stats), not the config: an unset batch size is chosen from the data.
+    row["batch_size"] = int(trains[0].get("batch_size") or train_cfg.batch_size or 0) * train_cfg.grad_accum
     row["epochs"] = round(float(np.mean([t.get("epochs", np.nan) for t in trains])), 3)
     row["n_seeds"] = len(run_dirs)
     return row

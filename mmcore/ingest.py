@@ -294,7 +294,7 @@ def _sample_rows(data: DataConfig, rel: str, key: str, parts: dict[str, sources.
         if data.caption_field is not None:
             try:
                 doc = json.loads(text)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # "[[[[..." nests past the parser's recursion limit
                 doc, bad = None, ""
                 cap_reason, cap_detail = "missing_caption", f"{cap.name!r} is not JSON: {str(e)[:80]}"
             text = ""

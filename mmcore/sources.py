@@ -21,9 +21,10 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -42,8 +43,10 @@ _MAX_OPEN_INDEXES = 256
 MAX_ROW_GROUP_BYTES = 1 << 30
 # Per process, never pickled: shard indexes, Parquet footers, and the row group read last.
 _TAR_INDEXES: dict[str, tuple[tuple[int, int, int], dict[str, Member]]] = {}
-_PARQUET_FILES: dict[str, tuple[tuple[int, int, int], Any, np.ndarray]] = {}
-_ROW_GROUP: tuple[tuple, pa.Array] | None = None
+# Thread-safe: several threads of one process may read (a Dask worker with threads). Shard indexes
+# are shared under a lock; open Parquet files and the row group read last are per thread.
+_LOCK = threading.Lock()
+_LOCAL = threading.local()  # .parquet_files: {path: (stamp, ParquetFile, row starts)}, .row_group: (key, column)
 
 
 class ImageSource:
@@ -310,15 +313,18 @@ class TarSource(_ShardSource):
         except OSError as e:
             raise faults.ReadError(path, faults.reason_of(e), e.strerror or str(e), e.errno) from None
         stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
-        cached = _TAR_INDEXES.get(path)
+        with _LOCK:
+            cached = _TAR_INDEXES.get(path)
         if cached is None or cached[0] != stamp:
             try:
                 idx = read_tar_index(path)
             except InputError as e:
                 raise faults.ReadError(path, "read_error", str(e)) from None
-            if len(_TAR_INDEXES) >= _MAX_OPEN_INDEXES:
-                _TAR_INDEXES.pop(next(iter(_TAR_INDEXES)))
-            cached = _TAR_INDEXES[path] = (stamp, idx.by_name())
+            cached = (stamp, idx.by_name())
+            with _LOCK:
+                while len(_TAR_INDEXES) >= _MAX_OPEN_INDEXES:
+                    _TAR_INDEXES.pop(next(iter(_TAR_INDEXES)))
+                _TAR_INDEXES[path] = cached
         m = cached[1].get(name)
         if m is None:
             raise faults.ReadError(ref, "missing_file", f"no member {name!r} in the shard")
@@ -367,16 +373,19 @@ class ParquetSource(_ShardSource):
         except OSError as e:
             raise faults.ReadError(path, faults.reason_of(e), e.strerror or str(e), e.errno) from None
         stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
-        cached = _PARQUET_FILES.get(path)
+        files = getattr(_LOCAL, "parquet_files", None)
+        if files is None:
+            files = _LOCAL.parquet_files = {}
+        cached = files.get(path)
         if cached is None or cached[0] != stamp:
             try:
                 pf = pq.ParquetFile(path)
             except Exception as e:  # not Parquet, or damaged metadata
                 raise faults.ReadError(path, "read_error", errors.row_detail(e, "not a readable Parquet file: ")) from None
             starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-            if len(_PARQUET_FILES) >= _MAX_OPEN_INDEXES:
-                _PARQUET_FILES.pop(next(iter(_PARQUET_FILES)))
-            cached = _PARQUET_FILES[path] = (stamp, pf, starts)
+            if len(files) >= _MAX_OPEN_INDEXES:
+                files.pop(next(iter(files)))
+            cached = files[path] = (stamp, pf, starts)
         return cached
 
     def _cell(self, ref: str) -> bytes:
@@ -388,11 +397,11 @@ class ParquetSource(_ShardSource):
         stamp, pf, starts = self._file(path)
         if not 0 <= row < starts[-1]:
             raise faults.ReadError(ref, "missing_file", f"no row {row} in a file of {starts[-1]} rows")
-        global _ROW_GROUP
         g = int(np.searchsorted(starts, row, side="right") - 1)
         here = (path, stamp, g, self.column)
-        if _ROW_GROUP is None or _ROW_GROUP[0] != here:
-            _ROW_GROUP = None  # the previous group is freed before the next is read
+        current = getattr(_LOCAL, "row_group", None)
+        if current is None or current[0] != here:
+            current = _LOCAL.row_group = None  # the previous group is freed before the next is read
             col_idx = pf.schema_arrow.get_field_index(self.column)
             if col_idx < 0:
                 raise faults.ReadError(ref, "read_error", f"no column {self.column!r} in the file")
@@ -409,8 +418,8 @@ class ParquetSource(_ShardSource):
                     col = pc.struct_field(col, "bytes")
             except Exception as e:
                 raise faults.ReadError(ref, "read_error", errors.row_detail(e, f"row group {g}: ")) from None
-            _ROW_GROUP = (here, col)
-        value = _ROW_GROUP[1][row - int(starts[g])]
+            current = _LOCAL.row_group = (here, col)
+        value = current[1][row - int(starts[g])]
         data = value.as_py() if value.is_valid else None
         if not isinstance(data, bytes):
             raise faults.ReadError(ref, "missing_file", f"no image bytes in row {row}")

@@ -48,8 +48,9 @@ class TrainConfig(StrictModel):
         "transformers' CLIPModel."
     )
     image_size: int | None = Field(None, ge=16, description="Training resolution; default: the preset's (model_path: its own, only).")
-    batch_size: int = Field(
-        64, ge=2, description="Global batch (split across DDP ranks); unset: ~1 per 100 train images, 64 to 256."
+    batch_size: int | None = Field(
+        None, ge=2, description="Global batch (split across DDP ranks); none: ~1 per 100 train images, 64 to 256 "
+        "(fine-tuning: 64)."
     )
     epochs: int | None = Field(
         None, ge=1, description="Length in epochs (at most one of epochs, steps, minutes); none set: 8 epochs, "

@@ -131,6 +131,7 @@ def param_groups(model: nn.Module, weight_decay: float, projection_scale: float 
 # --------------------------------------------------------------------------- schedule from the data
 
 # The automatic schedule (train.batch_size, epochs, steps and minutes left unset): see ``auto_schedule``.
+FINETUNE_BATCH = 64  # fine-tuning's batch size when train.batch_size is unset
 AUTO_EPOCHS = 8  # passes over the data when that is enough steps (larger sets)
 AUTO_MIN_STEPS = 250  # however small the data: at ~100 steps R@5 was half what 250 steps gave (bench_realdata)
 AUTO_BATCH = (64, 256)  # smallest and largest automatic batch
@@ -164,10 +165,11 @@ def auto_schedule(cfg: TrainConfig, n_images: int, world: int = 1) -> Schedule:
     """
     if cfg.model_path is not None:  # fine-tuning keeps its fixed defaults (FINETUNE_DEFAULTS, 8 epochs)
         unit, amount = cfg.length
-        return Schedule(cfg.batch_size, unit, amount, (), f"batch {cfg.batch_size}, {amount} {unit} (fine-tune)")
+        bs = cfg.batch_size or FINETUNE_BATCH
+        return Schedule(bs, unit, amount, (), f"batch {bs}, {amount} {unit} (fine-tune)")
     auto = []
     bs = cfg.batch_size
-    if "batch_size" not in cfg.model_fields_set:
+    if bs is None:  # a value, not "was it set": a saved config.yaml (every field written) means the same
         target = max(1, n_images // AUTO_ROWS_PER_PAIR)
         bs = min(AUTO_BATCH[1], max(AUTO_BATCH[0], 2 ** int(math.log2(target))))
         # never more than the data holds (fit raises on a batch larger than the train images)

@@ -51,6 +51,7 @@ def stage_task(s: Stage) -> Task:
 
     def run_stage(cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> StageOutput:
         if s.name == "train" and cfg.train.gpus > 1:  # DDP: torchrun's rank 0 writes the stage (tasks/launch.py)
+            StagePaths.of(cfg.run_dir, s.name).stats.unlink(missing_ok=True)  # only this launch's record counts
             launch.torchrun(cfg.run_dir, cfg.train.gpus)
             return output_of(s.name, cfg, tables.read_json(StagePaths.of(cfg.run_dir, s.name).stats))
         source = graph.input_of(s, list(upstream))
@@ -93,10 +94,10 @@ def held_out(cfg: PipelineConfig, test_split: StageOutput, test_cfg: PipelineCon
     return path
 
 
-@task(name="ablation-steps", persist_result=False)
-def ablation_steps(cfg: PipelineConfig, baseline_split: StageOutput) -> int:
-    """Training steps of every variant: the baseline's training length on its own train split."""
-    return ablation_mod.derive_steps(cfg, ablation_mod.n_train_rows(tables.read_json(baseline_split.paths.stats)))
+@task(name="ablation-compute", persist_result=False)
+def ablation_compute(cfg: PipelineConfig, baseline_split: StageOutput, steps: int | None = None) -> tuple[int, int]:
+    """Training steps and batch size of every variant: the baseline's on its own train split."""
+    return ablation_mod.derive_compute(cfg, ablation_mod.n_train_rows(tables.read_json(baseline_split.paths.stats)), steps)
 
 
 @task(name="ablation", persist_result=False)

@@ -242,9 +242,9 @@ def test_parquet_ingest_reads_no_image_bytes_and_the_source_one_row_group_at_a_t
     assert clean.manifest_columns(data)[:2] == [tables.IMAGE, tables.TEXT]
     src = sources.of(data)
     src.read("train-00000.parquet::0")
-    group = sources._ROW_GROUP
-    assert src.read("train-00000.parquet::5") == samples.bytes[5] and sources._ROW_GROUP is group  # same row group
-    assert src.read("train-00000.parquet::6") == samples.bytes[6] and sources._ROW_GROUP is not group
+    group = sources._LOCAL.row_group
+    assert src.read("train-00000.parquet::5") == samples.bytes[5] and sources._LOCAL.row_group is group  # same row group
+    assert src.read("train-00000.parquet::6") == samples.bytes[6] and sources._LOCAL.row_group is not group
     with pytest.raises(faults.ReadError, match="no row 999"):
         src.read("train-00000.parquet::999")
     with pytest.raises(InputError, match="data.text_column: column 'text' not in"):

@@ -332,3 +332,14 @@ def test_auto_schedule_is_saved_in_stats_and_config(demo, tmp_path):
     assert "auto" in s["schedule"]
     saved = tables.read_json(tmp_path / "train" / TRAIN_CONFIG_FILE)
     assert saved["batch_size"] == 64 and saved["epochs"] == epochs
+
+
+def test_an_unset_batch_size_is_chosen_alike_after_a_round_trip_through_the_saved_config():
+    """RUN_DIR/config.yaml writes every field: ``mmpipe train RUN_DIR`` and torchrun (train.gpus) read
+    it back, and must choose the batch size the in-process run chose."""
+    cfg = TrainConfig()
+    again = TrainConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again.batch_size is None
+    assert trainloop.auto_schedule(again, 20000).batch_size == trainloop.auto_schedule(cfg, 20000).batch_size == 128
+    ft = TrainConfig.model_validate({"model_path": "/m"})
+    assert trainloop.auto_schedule(ft, 20000).batch_size == trainloop.FINETUNE_BATCH
