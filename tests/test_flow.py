@@ -167,7 +167,7 @@ def test_stage_artifacts_are_published(synth_small, tmp_path):
     sent = alerts.headline(tables.read_json(RunLayout(run).metrics))
     assert sent and all(k.startswith("test/") for k in sent)
     resource_id = events.resource("events-check")["prefect.resource.id"]
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 180  # the server persists events in batches; a loaded 2-core machine is slow
     while events.previous_metrics(resource_id) != sent and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(1)
     assert events.previous_metrics(resource_id) == sent
