@@ -50,7 +50,7 @@ def previous_metrics(resource_id: str) -> dict[str, float] | None:
 def publish_evaluation(run_dir: str, cfg: alerts.AlertConfig, run_name: str,
                        deployment_id: str | None = None) -> dict[str, Any] | None:
     """Send the evaluation's events; the payload sent (None without metrics or events)."""
-    from prefect.events import emit_event
+    from prefect.events import Event
 
     path = RunLayout(run_dir).metrics
     if not path.is_file():
@@ -58,13 +58,30 @@ def publish_evaluation(run_dir: str, cfg: alerts.AlertConfig, run_name: str,
     current = alerts.headline(tables.read_json(path))
     res = resource(run_name, deployment_id)
     payload = alerts.payload(current, previous_metrics(res["prefect.resource.id"]), cfg)
-    sent = emit_event(alerts.COMPLETED, resource=res, payload=payload)
+    events = [Event(event=alerts.COMPLETED, resource=res, payload=payload)]
     if payload["regressed"]:
         watched = cfg.metric
         log.warning("%s fell from %.4f to %.4f (more than %.4f): sending %s", watched, payload["previous"][watched],
                     current[watched], cfg.max_drop, alerts.REGRESSED)
-        emit_event(alerts.REGRESSED, resource=res, payload=payload, follows=sent)
+        events.append(Event(event=alerts.REGRESSED, resource=res, payload=payload, follows=events[0].id))
+    _send(events)
     return payload
+
+
+def _send(events: list) -> None:
+    """Send ``events`` to the server the current settings name, now. Not ``emit_event``: its
+    background worker is one per process, bound to the first server it saw, so a process that
+    talks to several servers (a test session, a worker after a settings change) would send these
+    to the wrong one, and they may still be queued when the hook returns."""
+    from prefect.events.clients import get_events_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go() -> None:
+        async with get_events_client(reconnection_attempts=3) as client:
+            for e in events:
+                await client.emit(e)
+
+    run_coro_as_sync(go())
 
 
 def publish_events(task, task_run, state) -> None:
