@@ -86,16 +86,22 @@ def _send(events: list) -> None:
 
 def publish_events(task, task_run, state) -> None:
     """on_completion hook of evaluate: ``publish_evaluation`` for the run, never failing it."""
+    from prefect.context import FlowRunContext
     from prefect.runtime import deployment
 
-    from mmcore.config import load_config
+    from mmcore.config import PipelineConfig, load_config
     from tasks.common import StageOutput
 
     try:
         out = state.result(raise_on_failure=False)
         if not isinstance(out, StageOutput):
             return
-        cfg = load_config(RunLayout(out.run_dir).config)
+        # The run's own config: a cache hit's output names the run folder that computed it, whose
+        # config (run name, alert settings) is another run's.
+        flow_run = FlowRunContext.get()
+        cfg = flow_run.parameters.get("cfg") if flow_run is not None else None
+        if not isinstance(cfg, PipelineConfig):
+            cfg = load_config(RunLayout(out.run_dir).config)
         publish_evaluation(out.run_dir, cfg.alert, cfg.run_name, deployment.id)
     except Exception as e:  # an event is news about a run, never a reason for it to fail
         log.warning("evaluation events not sent: %s", e)
