@@ -56,3 +56,15 @@ def demo_config(manifest: Path, out: Path, *overrides: str, fast: bool = True):
 
     extra = FAST if fast else ()
     return load_config(REPO / "configs" / "demo.yaml", [f"data.manifest={manifest}", f"out={out}", *extra, *overrides])
+
+
+def wait_until(predicate, what: str, timeout: float = 60, interval: float = 0.5):
+    """Poll ``predicate`` until it returns something true (returned) or fail after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (got := predicate()):
+            return got
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")

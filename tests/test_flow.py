@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections import Counter
 
 import pytest
 
 from mmcore import graph, tables
-from tests.conftest import demo_config
+from tests.conftest import demo_config, wait_until
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -167,7 +166,6 @@ def test_stage_artifacts_are_published(synth_small, tmp_path):
     sent = alerts.headline(tables.read_json(RunLayout(run).metrics))
     assert sent and all(k.startswith("test/") for k in sent)
     resource_id = events.resource("events-check")["prefect.resource.id"]
-    deadline = time.monotonic() + 180  # the server persists events in batches; a loaded 2-core machine is slow
-    while events.previous_metrics(resource_id) != sent and time.monotonic() < deadline:
-        time.sleep(1)
+    # The server persists events in batches; a loaded 2-core machine is slow.
+    wait_until(lambda: events.previous_metrics(resource_id) == sent, "the evaluation event", timeout=180, interval=1)
     assert events.previous_metrics(resource_id) == sent

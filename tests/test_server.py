@@ -28,6 +28,7 @@ import pytest
 
 from mmcore import tables
 from mmcore.errors import ConfigError
+from tests.conftest import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.yaml"
@@ -393,15 +394,6 @@ def _evaluated(run_dir: Path, r5: float) -> Path:
     return run_dir
 
 
-def _wait(predicate, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (got := predicate()):
-            return got
-        time.sleep(0.5)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_regression_fires_the_alert_automation_and_a_small_change_does_not(server, tmp_path):
@@ -434,7 +426,7 @@ def test_a_regression_fires_the_alert_automation_and_a_small_change_does_not(ser
             run = _evaluated(tmp_path / f"night{i}", r5)
             sent.append(events.publish_evaluation(str(run), cfg, "nightly", deployment_id))
             # The next night's comparison reads this one back from the server's event store.
-            _wait(lambda: events.previous_metrics(resource_id) == sent[-1]["metrics"], "the evaluation event")
+            wait_until(lambda: events.previous_metrics(resource_id) == sent[-1]["metrics"], "the evaluation event")
             if i < 2:
                 time.sleep(2)  # the triggers service has seen the event: no alert may have fired
                 assert fired() == [], f"the automation fired after night {i}: {sent[-1]}"
@@ -444,7 +436,7 @@ def test_a_regression_fires_the_alert_automation_and_a_small_change_does_not(ser
         assert sent[1]["change"]["test/i2t_r5"] == pytest.approx(-0.03)
         assert sent[2]["change"]["test/i2t_r5"] == pytest.approx(-0.07)
         assert sent[2]["previous"]["test/i2t_r5"] == pytest.approx(0.47)
-        got = _wait(fired, "the automation to fire")
+        got = wait_until(fired, "the automation to fire")
         assert {e.event for e in got} <= set(fired_events)
         time.sleep(1)
         assert len([e for e in fired() if e.event == "prefect.automation.action.triggered"]) == 1
