@@ -43,6 +43,8 @@ TIME = "time"
 LABEL = "label"
 DOMAIN = "domain"
 GIVEN_SPLIT = "given_split"  # a split the dataset provides (Karpathy's train/val/test); split.mode "given" keeps it
+PSEUDO_LABEL = "pseudo_label"  # True on a pair whose caption a model chose (issue 20): train only, never val or test
+PSEUDO_WEIGHT = "pseudo_weight"  # its loss weight in training (1.0 on every real pair)
 
 # Quarantine columns.
 STAGE = "stage"
