@@ -30,7 +30,7 @@ COPY flows flows
 COPY deployments deployments
 COPY configs configs
 COPY prefect.yaml ./
-RUN pip install -c constraints.txt . \
+RUN pip install -c constraints.txt ".[s3]" \
     && pip install --no-deps open-clip-torch==3.3.0 \
     && python -c "import mmcore, mmpipe, flows.pipeline, tasks.stages"
 

@@ -23,7 +23,7 @@ help:
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,s3]' 2>&1 \
 		| { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	# CLIP_benchmark's metric code (the reference the evaluate tests compare with) needs only
 	# torch, tqdm and scikit-learn; its declared requirements would pull open_clip and more.

@@ -27,6 +27,7 @@ def pipeline(cfg: PipelineConfig, until: str = "report", exports: tuple[ExportCo
     run on other inputs are moved aside first, so the report never shows them as this run's.
     """
     plan = graph.plan(until)
+    stages.fetch_inputs(cfg)  # remote inputs (URLs) mirrored to local disk first; nothing for local ones
     for spec in exports:  # a bad --out or stage fails now, not after the run
         export_mod.check(spec, cfg.run_dir, cfg.data.image_root, tuple(s.name for s in plan))
     with runlock.hold(cfg.run_dir, cfg.data.image_root, tuple(s.name for s in plan)) as run_id:

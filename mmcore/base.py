@@ -81,6 +81,17 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="before")
     @classmethod
+    def _remote(cls, values: Any) -> Any:
+        # A URL in data.manifest or data.root names object storage: the stages read the local mirror
+        # of it (``mmcore.storage``: ``local_path``; ``sync_inputs`` brings it up to date before a run).
+        if not isinstance(values, dict):
+            return values
+        from mmcore import locations
+
+        return {k: locations.as_local(v, f"data.{k}") if k in ("manifest", "root") else v for k, v in values.items()}
+
+    @model_validator(mode="before")
+    @classmethod
     def _form_defaults(cls, values: Any) -> Any:
         # Hugging Face datasets call the image column "image": the parquet form's default.
         if isinstance(values, dict) and values.get("format") == "parquet" and "image_column" not in values:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from mmcore import graph
 from mmcore.alerts import AlertConfig
@@ -26,6 +26,7 @@ from mmcore.quality import QualityConfig
 from mmcore.report import ReportConfig
 from mmcore.resources import PRESETS
 from mmcore.split import SplitConfig
+from mmcore.storage import StorageConfig
 from mmcore.train import TrainConfig
 
 
@@ -33,10 +34,13 @@ class PipelineConfig(StrictModel):
     """Everything a run needs; saved resolved as ``RUN_DIR/config.yaml``."""
 
     run_name: str = Field("mmpipe", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    out: Path | None = Field(None, description="Run folder; default runs/<run_name>.")
+    out: Path | None = Field(None, description="Run folder; default runs/<run_name>. A URL (s3://bucket/runs/NAME): the run "
+                             "works in a local copy and uploads each stage when it is done (mmcore.storage).")
     seed: int = Field(0, ge=0)
     workers: int = Field(0, ge=0, description="Processes for image work; 0 = one per core.")
     data: DataConfig
+    storage: StorageConfig = Field(StorageConfig(), description="Remote storage: Prefect's result storage and report "
+                                   "links (mmcore/storage.py). Not in any stage's cache key.")
     alert: AlertConfig = Field(AlertConfig(), description="When an evaluation counts as a regression (a Prefect "
                                "event an automation alerts on; tasks/events.py). Not in any stage's cache key.")
     clean: CleanConfig = CleanConfig()
@@ -47,6 +51,16 @@ class PipelineConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _remote_out(cls, values: Any) -> Any:
+        # out as a URL: the run works in its local copy and uploads each stage (mmcore.storage).
+        if not isinstance(values, dict) or "out" not in values:
+            return values
+        from mmcore import locations
+
+        return {**values, "out": locations.as_local(values["out"], "out")}
 
     @property
     def run_dir(self) -> Path:
@@ -72,7 +86,7 @@ def _check_sections() -> None:
         assert got is want, f"PipelineConfig.{s.section} is {got}, the graph says {s.module}.{s.config}"
 
 
-_RUN_FIELDS = ("run_name", "out", "seed", "workers", "data", "alert")
+_RUN_FIELDS = ("run_name", "out", "seed", "workers", "data", "storage", "alert")
 _check_sections()
 
 
@@ -265,8 +279,20 @@ def check_paths(cfg: PipelineConfig) -> None:
 
 
 def dump_config(cfg: PipelineConfig) -> str:
-    """The resolved config as YAML (paths as strings), as written to ``RUN_DIR/config.yaml``."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    """The resolved config as YAML (paths as strings), as written to ``RUN_DIR/config.yaml``. A local
+    copy of a remote location is written as its URL: the same file on every worker (``mmcore.storage``)."""
+    from mmcore.locations import url_of
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, str) and os.path.isabs(v) and (url := url_of(v)) is not None:
+            return url
+        return v
+
+    return yaml.safe_dump(walk(cfg.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------- the README's reference

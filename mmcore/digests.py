@@ -42,6 +42,21 @@ def dir_digest(path: str | os.PathLike) -> str:
     return text_digest(*(f"{p.relative_to(root).as_posix()}={file_digest(p)}" for p in files))
 
 
+# A folder mirrored from object storage records its objects here ({relative key: "size:etag"}).
+MIRROR_INDEX = ".mmpipe-mirror.json"
+
+
+def mirror_index(folder: str) -> dict[str, str] | None:
+    """The mirror index of ``folder`` (``mmcore.storage.mirror``), or None when it is no mirror."""
+    try:
+        with open(os.path.join(folder, MIRROR_INDEX), "rb") as f:
+            data = json.loads(f.read(256 << 20))
+    except (OSError, ValueError):
+        return None
+    objects = data.get("objects") if isinstance(data, dict) else None
+    return objects if isinstance(objects, dict) else None
+
+
 def files_fingerprint(root: str | os.PathLike, rel_paths: Iterable[str]) -> str:
     """Cheap fingerprint of many files: (path, size, mtime_ns) of what each path resolves to, unread.
 
@@ -52,6 +67,7 @@ def files_fingerprint(root: str | os.PathLike, rel_paths: Iterable[str]) -> str:
     """
     root_real = os.path.realpath(root)
     prefix = root_real.rstrip(os.sep) + os.sep
+    mirrored = mirror_index(root_real)
     h = hashlib.sha256()
     for rel in sorted(set(rel_paths)):
         if os.path.isabs(rel) or ".." in Path(rel).parts:
@@ -63,6 +79,12 @@ def files_fingerprint(root: str | os.PathLike, rel_paths: Iterable[str]) -> str:
                 h.update(f"{rel}\0unsafe\n".encode())
                 continue
             st = os.stat(full)
+            stamp = mirrored.get(Path(full).relative_to(root_real).as_posix()) if mirrored else None
+            if stamp is not None and stamp.split(":", 1)[0] == str(st.st_size):
+                # a mirror of object storage (mmcore.storage): the object's size and ETag, the same on
+                # every worker that mirrored it (a local stat's mtime and inode are not)
+                h.update(f"{rel}\0object\0{stamp}\n".encode())
+                continue
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
         except (OSError, ValueError):
             h.update(f"{rel}\0missing\n".encode())

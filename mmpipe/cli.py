@@ -110,11 +110,13 @@ def synth(
 
 
 def _run(cfg, until: str, runner: str = "local", address: str | None = None, workers: int | None = None) -> None:
-    from mmcore import clean
+    from mmcore import clean, storage
     from mmcore.config import check_paths
 
     if runner not in ("local", "dask"):
         raise MMPipeError(f"--runner: expected 'local' or 'dask', got {runner!r}")
+    for line in (m.line() for m in storage.sync_inputs(cfg.data)):  # remote inputs: their local mirror first
+        typer.echo(f"mirror: {line}")
     clean.check_columns(cfg.data)  # a missing column is a one-line error before Prefect starts
     check_paths(cfg)  # so is a configured file or folder that does not exist
     _setup_prefect_env()
@@ -126,7 +128,7 @@ def _run(cfg, until: str, runner: str = "local", address: str | None = None, wor
         with_runner(runner, address, workers)(cfg, until=until)
     typer.echo("")
     _print_overview(cfg.run_dir)
-    typer.echo(f"\nartifacts: {cfg.run_dir}")
+    typer.echo(f"\nartifacts: {cfg.run_dir}" + (f" (uploaded to {url})" if (url := storage.url_of(cfg.run_dir)) else ""))
     run = RunLayout(cfg.run_dir)
     if run.metrics.is_file() and "evaluate" in [s.name for s in graph.plan(until)]:
         from mmcore import evaluate as evaluate_mod
@@ -147,7 +149,8 @@ def run(
         Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set clean.min_words=3 (repeatable).")
     ] = None,
     until: Annotated[str, typer.Option(help=f"Last stage to run: {', '.join(graph.ORDER)}.")] = "report",
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder (overrides the config's `out`): a path, or a URL "
+                                              "(s3://bucket/runs/NAME) the run uploads each stage to.")] = None,
     preset: Annotated[
         Optional[list[str]],
         typer.Option(help="Layer a named config preset (mmcore/data/presets/NAME.yaml, e.g. datacomp_basic) on the "

@@ -30,14 +30,14 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.serializers import Serializer
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
-from mmcore import execute, faults, graph, ingest, tables
+from mmcore import errors, execute, faults, graph, ingest, storage, tables
 from mmcore.config import PipelineConfig
-from mmcore.layout import RunLayout, StagePaths
+from mmcore.layout import KEPT_FILE, QUARANTINE_FILE, SCRATCH, STATS_FILE, STATUS_FILE, RunLayout, StagePaths
 from mmcore.provenance import code_digest, settings_json
 from mmcore.stale import extra_digest
 
 # Bump to invalidate every cached stage at once (e.g. after a change to this caching scheme).
-CACHE_SCHEME = "4"  # 2: the run folder left the key; 4: so did every other path (provenance.settings_json)
+CACHE_SCHEME = "5"  # 2: the run folder left the key; 4: so did every other path; 5: StageOutput.location
 
 # The extra digest a task run's cache key was built from, for its body to record in the stats.
 # Prefect calls the key function and then the body in the same context, but passes the body nothing
@@ -60,6 +60,7 @@ class StageOutput:
     n_kept: int
     n_quarantined: int
     stats_digest: str  # its stats.json: config, code and extra digests, so a later run's files are told apart
+    location: str = ""  # the remote run folder it was uploaded to ("" when local): a worker without the files pulls them
 
     @property
     def paths(self) -> StagePaths:
@@ -110,14 +111,14 @@ def stage_cache(stage: str) -> CachePolicy:
         ]
         if s.input is None:  # the manifest's bytes; shards and Parquet files as they are (unread: ingest.input_key)
             parts.append(ingest.input_key(cfg.data))
-        if s.per_run:
-            parts += [str(cfg.run_dir), cfg.run_name]
+        if s.per_run:  # a remote run folder by its URL: the same on every worker, whatever its local copy
+            parts += [storage.url_of(cfg.run_dir) or str(cfg.run_dir), cfg.run_name]
         if faults.injection():  # a test's injected faults: never shared with a normal run's cache
             parts.append(faults.injection())
         if s.extra is not None:
             parts.append(_key_extra(ctx, stage, cfg))
         digest = tables.text_digest(*parts)
-        guard_record(digest)  # never unpickle: only mmpipe's JSON record may be read under this key
+        guard_record(digest, cfg.storage.results)  # never unpickle: only mmpipe's JSON record may be read under this key
         return digest
 
     return CachePolicy.from_cache_key_fn(key) + TASK_SOURCE
@@ -185,16 +186,25 @@ def stage_output_from_json(blob: bytes | str) -> StageOutput:
     return StageOutput(**data)
 
 
-def guard_record(key: str) -> bool:
-    """Before Prefect reads the cache record ``key`` from its local result storage: a record that is
-    not mmpipe's JSON stage result (a pickle planted in a shared PREFECT_HOME) is deleted unread,
-    so the lookup is a miss and the stage runs again. Returns whether one was deleted."""
-    path = Path(PREFECT_LOCAL_STORAGE_PATH.value()) / key
-    try:
-        with open(path, "rb") as f:
-            content = f.read(1 << 20)  # a StageOutput record is a few hundred bytes
-    except OSError:  # no record: a miss anyway
-        return False
+def guard_record(key: str, results: str | None = None) -> bool:
+    """Before Prefect reads the cache record ``key`` from its result storage (local, or the
+    ``storage.results`` URL): a record that is not mmpipe's JSON stage result (a pickle planted in a
+    shared PREFECT_HOME or bucket) is deleted unread, so the lookup is a miss and the stage runs
+    again. Returns whether one was deleted."""
+    if results is not None and storage.is_url(results):
+        fs, base = storage.filesystem(storage.join(results, key))
+        content = storage.read_remote(storage.join(results, key), max_bytes=1 << 20)
+        if content is None:
+            return False
+        remove = lambda: fs.rm_file(base)  # noqa: E731
+    else:
+        path = Path(storage.local_url(results) if results else PREFECT_LOCAL_STORAGE_PATH.value()) / key
+        try:
+            with open(path, "rb") as f:
+                content = f.read(1 << 20)  # a StageOutput record is a few hundred bytes
+        except OSError:  # no record: a miss anyway
+            return False
+        remove = lambda: path.unlink(missing_ok=True)  # noqa: E731
     try:
         record = json.loads(content)
         ok = record["metadata"]["serializer"]["type"] == STAGE_OUTPUT_SERIALIZER
@@ -202,8 +212,67 @@ def guard_record(key: str) -> bool:
     except Exception:
         ok = False
     if not ok:
-        path.unlink(missing_ok=True)
+        remove()
     return not ok
+
+
+_RESULT_BLOCKS: dict[tuple[str, str], Any] = {}
+
+
+def result_storage(cfg: PipelineConfig):
+    """The Prefect storage block of ``storage.results`` (None: Prefect's default, PREFECT_HOME's).
+
+    Prefect takes a task's result storage only as a block saved on its server: saved here once per
+    flow run, as ``mmpipe-results-<digest of the URL>`` (the same document whatever the worker).
+    """
+    url = cfg.storage.results
+    if url is None:
+        return None
+    flow = FlowRunContext.get()
+    key = (url, str(flow.flow_run.id) if flow is not None and flow.flow_run is not None else "")
+    if key not in _RESULT_BLOCKS:
+        from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+        block = (RemoteFileSystem(basepath=storage.check_url(url, "storage.results")) if storage.is_url(url)
+                 else LocalFileSystem(basepath=str(Path(storage.local_url(url)).absolute())))
+        block.save(f"mmpipe-results-{tables.text_digest(url).split(':')[-1][:12]}", overwrite=True)
+        _RESULT_BLOCKS[key] = block
+    return _RESULT_BLOCKS[key]
+
+
+def _stage_files(stage: str) -> list[str]:
+    """A stage's files that travel with it: kept, quarantine and the graph's ``writes`` (not scratch)."""
+    return [KEPT_FILE, QUARANTINE_FILE, *(w for w in graph.stage(stage).writes if w not in SCRATCH)]
+
+
+def localize(out: StageOutput) -> StageOutput | None:
+    """``out`` with its files on this machine: as it is when they are intact here, else pulled from the
+    remote run folder it was uploaded to (into this machine's copy of it) and checked against the
+    record's digests. None when neither has them whole (the stage runs again)."""
+    if out.intact():
+        return out
+    if not out.location:
+        return None
+    here = replace(out, run_dir=str(storage.local_path(out.location)))
+    try:
+        storage.pull_files(storage.join(out.location, out.stage), here.paths.dir, [*_stage_files(out.stage), STATS_FILE])
+    except (OSError, errors.InputError):
+        return None
+    return here if here.intact() else None
+
+
+def push(out: StageOutput) -> None:
+    """Upload a stage's files to the remote run folder its local copy stands for (nothing for a local
+    run), ``stats.json`` last; skipped when the remote stats are already these (the same result)."""
+    url = storage.url_of(out.run_dir)
+    if url is None:
+        return
+    remote = storage.join(url, out.stage)
+    p = out.paths
+    if storage.read_remote(storage.join(remote, STATS_FILE)) != p.stats.read_bytes():
+        storage.push_files(p.dir, remote, _stage_files(out.stage), last=STATS_FILE)
+    if p.status.is_file():
+        storage.push_files(p.dir, remote, [STATUS_FILE])
 
 
 def _key_extra(ctx: TaskRunContext, stage: str, cfg: PipelineConfig) -> str:
@@ -228,6 +297,7 @@ def keyed_extra(stage: str, cfg: PipelineConfig) -> str | None:
 def output_of(stage: str, cfg: PipelineConfig, stats: dict[str, Any]) -> StageOutput:
     """What a stage task returns, from the stats ``execute.run_stage`` wrote."""
     return StageOutput(
+        location=storage.url_of(cfg.run_dir) or "",
         stage=stage,
         run_dir=str(cfg.run_dir),
         kept_digest=stats["kept_digest"],
@@ -255,8 +325,8 @@ def publish(task, task_run, state) -> None:
 
     (``status.json`` is written by ``run_cached``: a cache hit's output may name another run folder.)
     """
-    out = state.result(raise_on_failure=False)
-    if not isinstance(out, StageOutput):
+    out = _local_result(state)
+    if out is None:
         return
     stats = tables.read_json(out.paths.stats)
     cached = state.name == "Cached"
@@ -282,8 +352,8 @@ def publish_metrics(task, task_run, state) -> None:
     """on_completion hook of evaluate: the metrics with their CIs as a table artifact."""
     from mmcore import evaluate
 
-    out = state.result(raise_on_failure=False)
-    metrics = RunLayout(out.run_dir).metrics if isinstance(out, StageOutput) else None
+    out = _local_result(state)
+    metrics = RunLayout(out.run_dir).metrics if out is not None else None
     if metrics is None or not metrics.is_file():
         return
     table = evaluate.metrics_table(tables.read_json(metrics))
@@ -298,21 +368,63 @@ def publish_run(task, task_run, state) -> None:
 
     from mmcore import report
 
-    out = state.result(raise_on_failure=False)
-    if not isinstance(out, StageOutput):
+    out = _local_result(state)
+    if out is None:
         return
-    create_markdown_artifact(key="mmpipe-run-summary", markdown=report.summary_markdown(out.run_dir),
-                             description="mmpipe run: funnel and headline metrics")
+    create_markdown_artifact(key="mmpipe-run-summary", markdown=report.summary_markdown(out.run_dir) + headline_plots(out.run_dir),
+                             description="mmpipe run: funnel, headline metrics and plots")
     html = RunLayout(out.run_dir).report
-    create_link_artifact(key="mmpipe-report", link=html.resolve().as_uri(), link_text=str(html),
-                         description="the run's self-contained HTML report")
+    if out.location:  # where the run folder's storage serves it, not this worker's disk
+        link = storage.report_link(out.location, html.relative_to(out.run_dir).as_posix(), _storage_settings())
+        text = storage.join(out.location, html.relative_to(out.run_dir).as_posix())
+    else:
+        link, text = html.resolve().as_uri(), str(html)
+    create_link_artifact(key="mmpipe-report", link=link, link_text=text, description="the run's self-contained HTML report")
+
+
+def _local_result(state) -> StageOutput | None:
+    """A hook's stage output with its files on this machine (pulled from its remote run folder when a
+    cache hit was made on another worker), or None."""
+    out = state.result(raise_on_failure=False)
+    return localize(out) if isinstance(out, StageOutput) else None
+
+
+def _storage_settings():
+    """The storage section of the flow run that asked (a hook has no parameters of its own)."""
+    flow = FlowRunContext.get()
+    cfg = flow.parameters.get("cfg") if flow is not None else None
+    return cfg.storage if isinstance(cfg, PipelineConfig) else storage.StorageConfig()
+
+
+def headline_plots(run_dir: str | os.PathLike) -> str:
+    """Markdown with the run's headline plots inline (PNG data URIs): test R@k with CIs and the
+    training loss, so the Prefect UI shows them without the report file."""
+    from mmcore.report import plots
+
+    layout, parts = RunLayout(run_dir), []
+    try:
+        if layout.metrics.is_file():
+            from mmcore.report.sections import headline_metrics
+
+            test = tables.read_json(layout.metrics).get("test")
+            head = headline_metrics(test) if isinstance(test, dict) else {}
+            bars = {k: 100 * float(v["value"]) for k, v in head.items()}
+            if bars:
+                parts.append(f"![test headline metrics]({plots.barh(bars, title='test headline metrics (%)')})")
+        if layout.history.is_file():
+            h = tables.read_parquet(layout.history)
+            if {"step", "loss"} <= set(h.columns) and len(h):
+                parts.append(f"![training loss]({plots.line_panels(h['step'].to_numpy(), [('loss', h['loss'].to_numpy())], xlabel='step')})")
+    except Exception as e:  # a plot is no reason to fail the run's summary
+        return f"\n*Plots unavailable: {type(e).__name__}: {str(e)[:200]}*\n"
+    return "\n\n" + "\n\n".join(parts) + "\n" if parts else ""
 
 
 def materialize(out: StageOutput, run_dir: str | os.PathLike) -> StageOutput:
     """A cache hit computed in another run folder, brought into ``run_dir`` (``execute.copy_stage``);
     a source changed meanwhile is not brought over."""
     execute.copy_stage(out.stage, out.run_dir, run_dir)
-    here = replace(out, run_dir=str(run_dir))
+    here = replace(out, run_dir=str(run_dir), location=storage.url_of(run_dir) or "")
     if not here.intact():  # the source was rewritten while it was copied
         raise OSError(f"{out.stage}: the cached files in {out.paths.dir} changed while they were copied; run again")
     return here
@@ -335,15 +447,21 @@ def record_status(out: StageOutput, cached: bool, task_run_id: Any) -> None:
 
 def run_cached(task, cfg: PipelineConfig, *args: Any, **kwargs: Any) -> StageOutput:
     """Call a stage task for ``cfg``'s run folder; a cache hit made in another run folder has its files
-    copied here; if a cached result's files were deleted or overwritten, the stage runs again."""
+    copied here (pulled first from its remote run folder when this machine lacks them); if a cached
+    result's files were deleted or overwritten, the stage runs again. A remote run folder gets the
+    stage's files when it is done."""
+    block = result_storage(cfg)
+    if block is not None:  # the cache records every worker sharing storage.results sees
+        task = task.with_options(result_storage=block)
     # submit(): the flow's task runner decides where it runs (a thread here, a worker on Dask).
     fut = task.submit(cfg, *args, **kwargs)
-    out = fut.result()
-    if not out.intact():
+    out = localize(fut.result())
+    if out is None:
         fut = task.with_options(refresh_cache=True).submit(cfg, *args, **kwargs)
         out = fut.result()
     cached = fut.state.name == "Cached"
     if not _same_dir(out.run_dir, cfg.run_dir):
         out = materialize(out, cfg.run_dir)
     record_status(out, cached, fut.task_run_id)
+    push(out)
     return out

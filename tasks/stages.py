@@ -14,7 +14,7 @@ from prefect import Task, task
 from prefect.artifacts import create_table_artifact
 
 from mmcore import ablation as ablation_mod
-from mmcore import execute, graph, ingest, tables
+from mmcore import execute, graph, ingest, storage, tables
 from mmcore import split as split_stage
 from mmcore.config import PipelineConfig, dump_config
 from mmcore.graph import Stage
@@ -25,10 +25,12 @@ from tasks.common import (
     StageOutputSerializer,
     is_transient,
     keyed_extra,
+    localize,
     output_of,
     publish,
     publish_metrics,
     publish_run,
+    push,
     stage_cache,
 )
 from tasks.events import publish_events
@@ -50,6 +52,13 @@ def stage_task(s: Stage) -> Task:
     """The Prefect task of one stage of the graph."""
 
     def run_stage(cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> StageOutput:
+        storage.sync_inputs(cfg.data, once=True)  # a worker of its own (Dask) mirrors remote inputs once
+        upstream = {name: _local(out) for name, out in upstream.items()}
+        out = _run(cfg, upstream)
+        push(out)  # a remote run folder has the stage as soon as it is done, whichever worker ran it
+        return out
+
+    def _run(cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> StageOutput:
         if s.name == "train" and cfg.train.gpus > 1:  # DDP: torchrun's rank 0 writes the stage (tasks/launch.py)
             StagePaths.of(cfg.run_dir, s.name).stats.unlink(missing_ok=True)  # only this launch's record counts
             launch.torchrun(cfg.run_dir, cfg.train.gpus)
@@ -74,6 +83,15 @@ def stage_task(s: Stage) -> Task:
     )
 
 
+def _local(out: StageOutput) -> StageOutput:
+    """An upstream stage's output with its files on this worker (pulled from its remote run folder)."""
+    here = localize(out)
+    if here is None:
+        raise OSError(f"{out.stage}: its files are neither in {out.run_dir} nor in its remote run folder "
+                      f"{out.location or '(none)'}; run again")
+    return here
+
+
 STAGE_TASKS: dict[str, Task] = {name: stage_task(s) for name, s in graph.STAGES.items()}
 
 
@@ -82,7 +100,18 @@ def save_config(cfg: PipelineConfig) -> Path:
     """Write the resolved config into the run folder, so every output can be reproduced."""
     path = RunLayout(cfg.run_dir).config
     tables.write_bytes(dump_config(cfg).encode(), path)
+    if (url := storage.url_of(cfg.run_dir)) is not None:
+        storage.push_files(path.parent, url, [path.name])
     return path
+
+
+@task(name="fetch-inputs", persist_result=False, retries=2, retry_delay_seconds=2)
+def fetch_inputs(cfg: PipelineConfig) -> list[str]:
+    """Mirror remote inputs (data.manifest, data.root as URLs) to local disk: changed objects only."""
+    done = storage.sync_inputs(cfg.data)
+    for line in (d.line() for d in done):
+        print(f"mirror: {line}")
+    return [d.line() for d in done]
 
 
 @task(name="held-out-test", persist_result=False)

@@ -1,0 +1,289 @@
+"""Object storage through fsspec: remote inputs mirrored to local disk, the run folder kept remote.
+
+Every stage reads and writes local files (memory-mapped shards, ``pread`` of tar members, atomic
+renames): object stores offer none of these. So a remote location is served by a local copy:
+
+- **Inputs** (``data.manifest``, ``data.root`` as ``s3://``, ``gs://``, ... URLs): ``sync_inputs``
+  mirrors the manifest and every object under the root into ``cache_root()/remote/<protocol>/<key>``
+  before the run, downloading only objects whose size or ETag changed. Nothing outside the declared
+  root is listed or read, and a key that would leave the mirror (``..``, an absolute part, a NUL) is
+  skipped and counted. The mirror's index (``MIRROR_INDEX``: each object's size and ETag) is what
+  ``digests.files_fingerprint`` reads for mirrored files, so a probe cached by one worker is a hit on
+  another that mirrored the same objects (a local stat would differ in mtime and inode).
+- **The run folder** (``out: s3://bucket/runs/NAME``): the run works in its local copy
+  (``local_path(url)``) and ``push_stage`` uploads each stage's files when the stage is done, its
+  ``stats.json`` last: a stage's remote folder is complete when its stats are there, and a reader
+  checks every file against the digests of the cache record before using it (``pull_stage``). A
+  cache hit whose files are not on this machine (another worker, a fresh checkout) is pulled from
+  the run folder it was computed in.
+- **Prefect's result storage** (``storage.results``): ``result_storage`` gives the block the stage
+  tasks persist their cache records in, so every worker that points at it shares the stage cache.
+
+Credentials and endpoints are fsspec's and the provider's own (``AWS_ACCESS_KEY_ID``,
+``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``, fsspec's config files): mmpipe never
+stores them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from mmcore.base import StrictModel
+from mmcore.digests import MIRROR_INDEX, mirror_index
+from mmcore.errors import InputError
+from mmcore.locations import CACHE_ENV, as_local, cache_root, check_url, is_url, local_path, local_url, safe_key, url_of
+
+
+class StorageConfig(StrictModel):
+    """Where Prefect keeps the stage cache, and how a remote run folder's report is linked."""
+
+    results: str | None = Field(
+        None, description="Prefect's result storage for the stage cache records, as a URL (s3://bucket/prefect-results): "
+        "workers and PREFECT_HOMEs that share it share the cache. Default: PREFECT_HOME's local storage.",
+    )
+    public_url: str | None = Field(
+        None, description="A URL that serves the run folder over HTTP (https://reports.example.com/runs/demo): the "
+        "report artifact links there. Default: a signed link to the object (s3) or its file:// path.",
+    )
+    link_expiry_s: int = Field(7 * 24 * 3600, ge=60, description="Validity of a signed report link (s3), in seconds.")
+
+
+def filesystem(url: str):
+    """The fsspec filesystem of ``url`` and the path in it."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(url)
+
+
+def join(url: str, *parts: str) -> str:
+    return posixpath.join(url.rstrip("/"), *parts)
+
+
+# --------------------------------------------------------------------------- mirrors of inputs
+
+_MIRROR_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class MirrorStats:
+    url: str
+    local: str
+    n_objects: int
+    n_downloaded: int
+    n_removed: int
+    n_unsafe: int
+    bytes_downloaded: int
+
+    def line(self) -> str:
+        return (f"{self.url}: {self.n_objects} object(s), {self.n_downloaded} downloaded ({self.bytes_downloaded:,} bytes), "
+                f"{self.n_removed} removed{f', {self.n_unsafe} unsafe key(s) skipped' if self.n_unsafe else ''}")
+
+
+def _stamp(info: dict[str, Any]) -> str:
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{str(etag).strip(chr(34))}"
+
+
+def _download(fs, remote: str, dst: Path) -> None:
+    """``remote`` to ``dst`` through a temporary name: a half-downloaded file is never at ``dst``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        fs.get_file(remote, str(tmp))
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_index(folder: str | os.PathLike) -> dict[str, str] | None:
+    """The mirror index of a local folder, or None when it is no mirror root."""
+    return mirror_index(str(folder))
+
+
+def mirror(url: str, single: bool = False) -> MirrorStats:
+    """Bring the local copy of ``url`` (a prefix, or with ``single`` one object) up to date.
+
+    Objects are listed under ``url`` only; each is downloaded when its size or ETag differs from the
+    index; local files whose object is gone are removed. Returns what was done.
+    """
+    fs, root = filesystem(url)
+    local = local_path(url)
+    with _MIRROR_LOCK:
+        if single:
+            try:
+                info = fs.info(root)
+            except FileNotFoundError:
+                raise InputError(f"not found: {url}") from None
+            if info.get("type") != "file":
+                raise InputError(f"{url} is a folder, expected a file")
+            stamp_file = local.with_name(f".{local.name}.mmpipe-stamp")
+            want = _stamp(info)
+            have = stamp_file.read_text() if stamp_file.is_file() and local.is_file() else None
+            n = 0
+            if have != want:
+                _download(fs, root, local)
+                stamp_file.write_text(want)
+                n = 1
+            return MirrorStats(url, str(local), 1, n, 0, 0, int(info.get("size") or 0) * n)
+        try:
+            listing = fs.find(root, detail=True)
+        except FileNotFoundError:
+            listing = {}
+        if not listing and not fs.isdir(root):
+            raise InputError(f"not found: {url} (no object under it)")
+        old = read_index(local) or {}
+        new: dict[str, str] = {}
+        n_down = n_bytes = n_unsafe = 0
+        prefix = root.rstrip("/") + "/"
+        for name, info in sorted(listing.items()):
+            if info.get("type") != "file" or not name.startswith(prefix):
+                continue
+            rel = name[len(prefix):]
+            if safe_key(rel) or rel == MIRROR_INDEX:
+                n_unsafe += 1
+                continue
+            stamp = _stamp(info)
+            dst = local / rel
+            if old.get(rel) != stamp or not dst.is_file():
+                _download(fs, name, dst)
+                n_down += 1
+                n_bytes += int(info.get("size") or 0)
+            new[rel] = stamp
+        removed = 0
+        for rel in sorted(set(old) - set(new)):
+            if not safe_key(rel):
+                (local / rel).unlink(missing_ok=True)
+                removed += 1
+        local.mkdir(parents=True, exist_ok=True)
+        tmp = local / f".{MIRROR_INDEX}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"url": url, "objects": new}, sort_keys=True))
+        os.replace(tmp, local / MIRROR_INDEX)
+        return MirrorStats(url, str(local), len(new), n_down, removed, n_unsafe, n_bytes)
+
+
+_SYNCED: set[str] = set()  # locations this process has mirrored (sync_inputs(once=True) skips them)
+
+
+def sync_inputs(data, once: bool = False) -> list[MirrorStats]:
+    """Mirror a data section's remote manifest and root (``data.image_root``) before a run: every
+    object under the root, and the manifest when it lies elsewhere. Local inputs: nothing to do.
+    ``once``: not again in a process that mirrored them already (a stage task after the flow's sync)."""
+    todo: list[tuple[str, bool]] = []
+    root = url_of(data.image_root)
+    if root is not None:
+        todo.append((root, False))
+    manifest = url_of(data.manifest) if data.manifest is not None else None
+    if manifest is not None and (root is None or not manifest.startswith(root.rstrip("/") + "/")):
+        todo.append((manifest, True))
+    done = []
+    for url, single in todo:
+        if once and url in _SYNCED:
+            continue
+        done.append(mirror(url, single=single))
+        _SYNCED.add(url)
+    return done
+
+
+# --------------------------------------------------------------------------- the run folder
+
+def _put(fs, local: Path, remote: str) -> None:
+    """One object, whole or not at all: object stores publish an upload when it completes; a local
+    or mounted filesystem gets a temporary name and a rename."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{remote}.{os.getpid()}.part"
+        fs.makedirs(posixpath.dirname(remote), exist_ok=True)
+        fs.put_file(str(local), tmp)
+        fs.mv(tmp, remote)
+    else:
+        fs.put_file(str(local), remote)
+
+
+def _files(folder: Path) -> list[Path]:
+    if folder.is_file():
+        return [folder]
+    return sorted(f for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) if folder.is_dir() else []
+
+
+def push_files(local_dir: Path, url: str, names: list[str], last: str | None = None) -> int:
+    """Upload ``names`` (files or folders) of ``local_dir`` to ``url``, ``last`` after every other one.
+
+    The remote ``last`` is deleted first, so while the upload runs the remote folder reads as
+    incomplete. Returns the number of files uploaded."""
+    fs, base = filesystem(url)
+    if last is not None:
+        try:
+            fs.rm_file(posixpath.join(base, last))
+        except FileNotFoundError:
+            pass
+    n = 0
+    for name in names:
+        for f in _files(local_dir / name):
+            _put(fs, f, posixpath.join(base, f.relative_to(local_dir).as_posix()))
+            n += 1
+    if last is not None and (local_dir / last).is_file():
+        _put(fs, local_dir / last, posixpath.join(base, last))
+        n += 1
+    return n
+
+
+def read_remote(url: str, max_bytes: int = 16 << 20) -> bytes | None:
+    """A small remote object's bytes, or None when it does not exist."""
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read(max_bytes)
+    except FileNotFoundError:
+        return None
+
+
+def pull_files(url: str, local_dir: Path, names: list[str]) -> int:
+    """Download ``names`` (files, or folders as prefixes) under ``url`` into ``local_dir``; keys that
+    would leave ``local_dir`` are refused. Returns the number of files downloaded."""
+    fs, base = filesystem(url)
+    n = 0
+    for name in names:
+        remote = posixpath.join(base, name)
+        if fs.isfile(remote):
+            found = {remote: None}
+        else:
+            try:
+                found = fs.find(remote)
+            except FileNotFoundError:
+                found = []
+        for obj in sorted(found):
+            rel = obj[len(base.rstrip("/")) + 1:]
+            if safe_key(rel):
+                raise InputError(f"{url}: {safe_key(rel)}")
+            _download(fs, obj, local_dir / rel)
+            n += 1
+    return n
+
+
+def report_link(run_url: str, rel: str, cfg: StorageConfig) -> str:
+    """A link to ``rel`` of the remote run folder where its storage serves it: ``public_url`` when
+    set, else the filesystem's own URL for it (a signed https link on s3), else the URL itself."""
+    if cfg.public_url:
+        return join(cfg.public_url, rel)
+    fs, path = filesystem(join(run_url, rel))
+    try:
+        return fs.url(path, expires=cfg.link_expiry_s)
+    except (AttributeError, NotImplementedError, TypeError):
+        return join(run_url, rel)
+    except Exception:  # no credentials to sign with: the location itself still names the object
+        return join(run_url, rel)
+
+
+# The locations' helpers are storage's public face too (tasks and tests call storage.url_of, ...).
+__all__ = ["CACHE_ENV", "MIRROR_INDEX", "MirrorStats", "StorageConfig", "as_local", "cache_root", "check_url",
+           "filesystem", "is_url", "join", "local_path", "local_url", "mirror", "pull_files", "push_files", "read_index",
+           "read_remote", "report_link", "safe_key", "sync_inputs", "url_of"]
