@@ -112,10 +112,10 @@ class _Budgeted:
             yield b
 
 
-def run_openclip(out: Path, seed: int, budget_s: float, workers: int, cfg: TrainConfig, eval_split: str = "test") -> dict:
-    """open_clip's own training pieces for ``budget_s`` on ``out/shards``; scores as ``run_mmpipe``."""
+def openclip_setup(out: Path, seed: int, workers: int, cfg):
+    """The tiny architecture as an open_clip model (seeded), its eval transform and tokenizer, and a
+    seeded DataLoader over ``out/shards``'s train rows with open_clip's train transform."""
     import open_clip
-    from open_clip_train.train import train_one_epoch
 
     cfg_dir = out / "openclip_cfg"
     cfg_dir.mkdir(exist_ok=True)
@@ -126,20 +126,37 @@ def run_openclip(out: Path, seed: int, budget_s: float, workers: int, cfg: Train
     tok = open_clip.get_tokenizer("mmpipe-tiny")
     train = shards.read(out / "shards", "train")
     g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(_OpenClipPairs(train, pre_train, tok), batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g,
-                                         num_workers=workers, persistent_workers=workers > 0)
-    # open_clip main()'s optimizer: no decay on gains, biases and the logit scale.
+    loader = torch.utils.data.DataLoader(_OpenClipPairs(train, pre_train, tok), batch_size=cfg.batch_size, shuffle=True,
+                                         drop_last=True, generator=g, num_workers=workers, persistent_workers=workers > 0)
+    return model, pre_val, tok, loader
+
+
+def openclip_optimizer(model, cfg) -> torch.optim.Optimizer:
+    """open_clip main()'s optimizer: AdamW, no decay on gains, biases and the logit scale."""
     excl = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = list(model.named_parameters())
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": [p for n, p in named if excl(n, p) and p.requires_grad], "weight_decay": 0.0},
          {"params": [p for n, p in named if not excl(n, p) and p.requires_grad], "weight_decay": cfg.weight_decay}],
         lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6)
-    args = SimpleNamespace(
+
+
+def openclip_args(cfg) -> SimpleNamespace:
+    """The arguments open_clip_train's train_one_epoch reads, for one CPU process."""
+    return SimpleNamespace(
         device="cpu", precision="fp32", accum_freq=1, distill=False, skip_scheduler=False, horovod=False,
         grad_clip_norm=cfg.grad_clip, log_every_n_steps=10**9, batch_size=cfg.batch_size, world_size=1, rank=0,
         local_rank=0, wandb=False, distributed=False, save_logs=False, tensorboard=False, dataset_type="csv",
         coca_caption_loss_weight=0, coca_contrastive_loss_weight=0, siglip=False, loss_dist_impl=None)
+
+
+def run_openclip(out: Path, seed: int, budget_s: float, workers: int, cfg: TrainConfig, eval_split: str = "test") -> dict:
+    """open_clip's own training pieces for ``budget_s`` on ``out/shards``; scores as ``run_mmpipe``."""
+    import open_clip
+    from open_clip_train.train import train_one_epoch
+
+    model, pre_val, tok, loader = openclip_setup(out, seed, workers, cfg)
+    opt, args = openclip_optimizer(model, cfg), openclip_args(cfg)
     loss = open_clip.ClipLoss()
     t0 = time.perf_counter()
     deadline = t0 + budget_s
@@ -162,16 +179,22 @@ def run_openclip(out: Path, seed: int, budget_s: float, workers: int, cfg: Train
         train_one_epoch(model, data, loss, epoch, opt, None, sched, None, args)
         epoch += 1
     wall = time.perf_counter() - t0
+    img, txt, n_test = openclip_embed(model, out / "eval_shards", eval_split, pre_val, tok)
+    return {"seed": seed, "steps": steps[0], "batch_size": cfg.batch_size, "samples_seen": steps[0] * cfg.batch_size,
+            "samples_per_s": round(steps[0] * cfg.batch_size / wall, 2), "seconds": round(wall, 1),
+            "test_r5": r5(img, txt), "chance": 5 / n_test, "img": img, "txt": txt}
+
+
+def openclip_embed(model, shard_dir: Path, split: str, pre_val, tok) -> tuple[np.ndarray, np.ndarray, int]:
+    """Normalised image and caption embeddings of an open_clip model over one split's shards."""
     model.eval()
-    test = shards.read(out / "eval_shards", eval_split)
+    test = shards.read(shard_dir, split)
     with torch.no_grad():
         img = torch.cat([model.encode_image(torch.stack([pre_val(shards.decode(b)) for b in test["jpeg"].iloc[i:i + 256]]), normalize=True)
                          for i in range(0, len(test), 256)]).numpy()
         txt = torch.cat([model.encode_text(tok(test["text"].iloc[i:i + 256].tolist()), normalize=True)
                          for i in range(0, len(test), 256)]).numpy()
-    return {"seed": seed, "steps": steps[0], "batch_size": cfg.batch_size, "samples_seen": steps[0] * cfg.batch_size,
-            "samples_per_s": round(steps[0] * cfg.batch_size / wall, 2), "seconds": round(wall, 1),
-            "test_r5": r5(img, txt), "chance": 5 / len(test), "img": img, "txt": txt}
+    return img, txt, len(test)
 
 
 def cpu_part(a) -> str:

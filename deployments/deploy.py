@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from mmcore.alerts import AlertConfig
-from mmcore.config import load_config, parse_override, path_keys
+from mmcore.config import load_config, parse_override, path_keys, portable
 from mmcore.errors import ConfigError
 from mmcore.graph import ORDER as STAGES
 
@@ -164,7 +164,7 @@ def deploy(
     except Exception as e:  # a clone that failed (bad URL, branch): one line, not git's traceback
         raise ConfigError(f"--git {git!r} (branch {branch!r}): cannot load {entrypoint}: {str(e).splitlines()[0]}") from None
     if typed:
-        parameters = {"cfg": cfg.model_dump(mode="json"), "until": until}
+        parameters = {"cfg": portable(cfg), "until": until}  # remote locations as URLs, not this machine's copies
     else:
         parameters = {"config": config_param, "overrides": overrides, "until": until}
     deployment_id = source.deploy(

@@ -19,6 +19,13 @@ from mmcore.layout import RunLayout
 from tasks import stages
 from tasks.common import StageOutput, run_cached
 
+# The last curation stage: the one whose kept table train reads (split, then pseudo-labels).
+CURATED = graph.stage("train").input
+
+
+def _upstream(s: str, done: dict[str, StageOutput]) -> dict[str, StageOutput]:
+    return {r: done[r] for r in graph.stage(s).reads if r in done}
+
 
 def _stages(cfg: PipelineConfig, until: str) -> dict[str, StageOutput]:
     """The graph's stages up to ``until`` in ``cfg``'s run folder, without the report (the ablation's comes last)."""
@@ -48,12 +55,14 @@ def ablate(
     layout = RunLayout(cfg.run_dir)
     if next(iter(variants)) != baseline:
         raise ValueError(f"ablate: the baseline {baseline!r} must be the first variant (its train split sets the steps)")
+    for v in variants.values():  # remote inputs (URLs) mirrored to local disk first
+        stages.fetch_inputs(v)
     with runlock.hold(cfg.run_dir, cfg.data.image_root, graph.ORDER):
         stages.save_config(cfg)
         # 1. The fixed test set: the baseline's test split, or the curated evaluation manifest.
         test_cfg = ablation.test_set_config(cfg, test_manifest) if test_manifest is not None else cfg
-        test_split = _stages(test_cfg, "split")["split"]
-        held = stages.held_out(cfg, test_split, test_cfg)
+        test = _stages(test_cfg, CURATED)
+        held = stages.held_out(cfg, test["split"], test_cfg)
 
         # 2. Each variant (the baseline first), per training seed: curate with the test set quarantined
         # (held_out_test; train and val share the rest; shared stages come from cache), train the same
@@ -63,18 +72,17 @@ def ablate(
         for name, v in variants.items():
             for k in range(seeds):
                 n_steps = compute[0] if compute else steps
-                curated = _stages(ablation.for_variant(v, layout.variant(name, k), held, n_steps, cfg.seed + k), "split")
-                compute = compute or stages.ablation_compute(variants[baseline], curated["split"], steps)
+                curated = _stages(ablation.for_variant(v, layout.variant(name, k), held, n_steps, cfg.seed + k), CURATED)
+                compute = compute or stages.ablation_compute(variants[baseline], curated[CURATED], steps)
                 vk = ablation.for_variant(v, layout.variant(name, k), held, compute[0], cfg.seed + k, compute[1])
                 stages.save_config(vk)
-                model = run_cached(stages.STAGE_TASKS["train"], vk, {"split": curated["split"]})
+                model = run_cached(stages.STAGE_TASKS["train"], vk, _upstream("train", curated))
                 run_cached(stages.STAGE_TASKS["evaluate"], ablation.for_evaluation(vk, test_cfg),
-                           {"split": test_split, "train": model})
+                           _upstream("evaluate", {**test, "train": model}))
                 runs.setdefault(name, []).append(str(vk.run_dir))
 
         # 4. One table (leakage, same test rows and equal steps checked first), then the run's report.
         path = stages.ablation(cfg, runs, baseline)
-        main = _stages(ablation.for_variant(cfg, cfg.run_dir, held, None, cfg.seed), "split") if test_manifest else {
-            "split": test_split}
-        run_cached(stages.STAGE_TASKS["report"], cfg, {"split": main["split"]})
+        main = _stages(ablation.for_variant(cfg, cfg.run_dir, held, None, cfg.seed), CURATED) if test_manifest else test
+        run_cached(stages.STAGE_TASKS["report"], cfg, {CURATED: main[CURATED]})
     return path

@@ -36,7 +36,7 @@ import pandas as pd
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from mmcore import evaluate, ingest, tables, trainloop
+from mmcore import evaluate, graph, ingest, tables, trainloop
 from mmcore.base import StrictModel
 from mmcore.config import PipelineConfig, load_config, preset_names
 from mmcore.errors import ConfigError, InputError, LeakageError
@@ -46,7 +46,7 @@ from mmcore.split import CONTENT_DIGEST, MANIFEST_DIGEST, SPLIT, STRATUM, read_h
 from mmcore.tables import GROUP, ROW_ID
 
 # The stages whose kept rows the table reports (train's and evaluate's are not curation).
-CURATION = ("clean", "probe", "quality", "split")
+CURATION = ("clean", "probe", "quality", "split", "pseudo")
 PRESETS_KEY = "presets"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -217,8 +217,19 @@ def _steps(cfg: PipelineConfig, n_train: int, sched) -> int:
     return int(amount * per_epoch)
 
 
-def n_train_rows(split_stats: dict[str, Any]) -> int:
-    return int(split_stats["splits"]["train"]["rows"])
+# The stage whose kept table train reads (pseudo, after split): its train rows are the ones trained on.
+TRAIN_INPUT = graph.stage("train").input
+
+
+def n_train_rows(stats: dict[str, Any]) -> int:
+    """Train rows in a stage's kept table, from its stats.json (``stats["splits"]["train"]["rows"]``: split
+    and pseudo write it). Pass the stats of ``TRAIN_INPUT``: split's count overstates what train sees when
+    pseudo quarantines uncaptioned train rows."""
+    try:
+        return int(stats["splits"]["train"]["rows"])
+    except (KeyError, TypeError):
+        raise InputError("ablate: the stage's stats.json has no per-split row counts (splits.train.rows); "
+                         f"expected the stats of {TRAIN_INPUT!r}, train's input: rerun it") from None
 
 
 # --------------------------------------------------------------------------- checks and the table
@@ -252,7 +263,7 @@ def _stats(run_dir: str | os.PathLike, stage: str) -> dict[str, Any]:
 
 
 def _strata(run_dir: str | os.PathLike, top: int = 3) -> str:
-    kept = tables.read_parquet(tables.StagePaths.of(run_dir, "split").kept)
+    kept = tables.read_parquet(tables.StagePaths.of(run_dir, TRAIN_INPUT).kept)
     train = kept.loc[kept[SPLIT] == "train", STRATUM] if STRATUM in kept.columns else pd.Series(dtype="str")
     share = train.value_counts(normalize=True).head(top)
     return ", ".join(f"{k} {100 * v:.0f}%" for k, v in share.items())
@@ -266,7 +277,9 @@ def curation_row(name: str, run_dirs: list[str]) -> dict[str, Any]:
         row[f"kept_{stage}"] = _stats(first, stage)["n_kept"]
     split = _stats(first, "split")
     row["n_held_out"] = int(split.get("reasons", {}).get("held_out_test", 0))
-    row["n_train"], row["n_val"] = n_train_rows(split), int(split["splits"]["val"]["rows"])
+    trained = _stats(first, TRAIN_INPUT)  # after pseudo: the rows train and its val score saw
+    row["n_train"], row["n_val"] = n_train_rows(trained), int(trained["splits"]["val"]["rows"])
+    row["n_pseudo"] = int(_stats(first, "pseudo").get("n_pseudo", 0))  # pseudo-pairs among the train rows
     row["train_strata"] = _strata(first)
     trains = [_stats(d, "train") for d in run_dirs]
     row["steps"] = trains[0].get("steps")
@@ -323,7 +336,7 @@ def summary(t: pd.DataFrame, metrics: tuple[str, ...] = (HEADLINE, "t2i_r5", "ac
     """The table's headline view: one row per variant, rows kept per stage, compute, and a few metrics
     as ``value [low, high]`` and ``diff [low, high] p``."""
     first = t.drop_duplicates("scheme").set_index("scheme")
-    cols = [c for c in first.columns if c.startswith("kept_")] + ["n_train", "steps", "epochs", "n_seeds"]
+    cols = [c for c in first.columns if c.startswith("kept_")] + ["n_train", "n_pseudo", "steps", "epochs", "n_seeds"]
     out = first[cols].copy()
     for m in metrics:
         rows = t[t["metric"] == m].set_index("scheme")

@@ -7,13 +7,14 @@ is a function registered in ``SCHEMES`` by name; ``train.augment`` names one.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter
 
 from mmcore.errors import ConfigError
 from mmcore.registry import Registry
@@ -156,6 +157,58 @@ def _synonym(img: Image.Image, text: str, rng: np.random.Generator, size: int, s
     """Light, plus synonym replacement from ``synonyms`` (default: the packaged table)."""
     img = _crop_jitter(img, rng, size)
     return img, synonym_caption(text, synonyms if synonyms is not None else load_synonyms(), rng)
+
+
+# Degradations and how CLIP's ImageNet prompt templates name them ("a blurry photo of a {}.").
+DEGRADATIONS = {
+    "blur": "a blurry photo of",
+    "noise": "a noisy photo of",
+    "dark": "a dark photo of",
+    "low_resolution": "a low resolution photo of",
+    "jpeg": "a jpeg corrupted photo of",
+}
+DEGRADE_P = 0.5  # share of samples degraded; the rest are as "light" leaves them
+_PHOTO_OF = re.compile(r"^(a|an) (photo|picture|image) of ", re.IGNORECASE)
+
+
+def degrade_image(img: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
+    """One degradation of ``DEGRADATIONS`` at a random strength (a ``size`` x ``size`` image stays that size)."""
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(float(rng.uniform(1.0, 2.5)) * img.width / 64))
+    if kind == "noise":
+        a = np.asarray(img, dtype=np.float32)
+        a = a + rng.normal(0.0, float(rng.uniform(20, 40)), size=a.shape)
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    if kind == "dark":
+        return ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.25, 0.5)))
+    if kind == "low_resolution":
+        f = int(rng.integers(3, 6))
+        small = img.resize((max(1, img.width // f), max(1, img.height // f)), Image.Resampling.BILINEAR)
+        return small.resize(img.size, Image.Resampling.NEAREST)
+    if kind == "jpeg":
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=int(rng.integers(5, 16)))
+        buf.seek(0)
+        with Image.open(buf) as im:
+            return im.convert("RGB")
+    raise ValueError(f"unknown degradation {kind!r}; expected one of {', '.join(DEGRADATIONS)}")
+
+
+def degrade_caption(text: str, kind: str) -> str:
+    """The caption as CLIP's templates name the degraded image: "a blurry photo of <caption>"
+    ("a photo of X" becomes "a blurry photo of X", not "a blurry photo of a photo of X")."""
+    return f"{DEGRADATIONS[kind]} {_PHOTO_OF.sub('', text, count=1)}"
+
+
+@SCHEMES.register("degrade")
+def _degrade(img: Image.Image, text: str, rng: np.random.Generator, size: int, synonyms=None) -> tuple[Image.Image, str]:
+    """Light, then with probability 1/2 one degradation (blur, noise, dark, low resolution, jpeg),
+    which the caption names as CLIP's prompt templates do ("a blurry photo of ...")."""
+    img = _crop_jitter(img, rng, size)
+    if rng.random() >= DEGRADE_P:
+        return img, text
+    kind = tuple(DEGRADATIONS)[int(rng.integers(len(DEGRADATIONS)))]
+    return degrade_image(img, kind, rng), degrade_caption(text, kind)
 
 
 def apply(

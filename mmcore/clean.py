@@ -65,6 +65,10 @@ class CleanConfig(StrictModel):
     min_language_confidence: float = Field(
         0.0, ge=0, le=1, description="With languages: also drop captions whose language probability is lower."
     )
+    keep_uncaptioned: bool = Field(
+        False, description="Keep rows whose caption is empty (text \"\") through the safety stages, for the pseudo "
+        "stage to caption (train) or quarantine (val, test); off: empty_caption."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> CleanConfig:
@@ -529,6 +533,11 @@ def run(table: pd.DataFrame, cfg: CleanConfig, ctx: StageContext) -> StageResult
 
     key = df[IMAGE] + "\x00" + df[TEXT].str.casefold()
     empty_text = n_chars == 0
+    # Kept uncaptioned rows carry text "" (what marks them to quality and pseudo); no caption rule applies.
+    keep_empty = empty_text if cfg.keep_uncaptioned else pd.Series(False, index=idx)
+    if cfg.keep_uncaptioned:
+        df.loc[keep_empty, TEXT] = ""
+        wrong_language = wrong_language & ~keep_empty
     if bad_bytes is None:
         bad_bytes = pd.Series("", index=idx, dtype="str")
     if why is None:
@@ -538,10 +547,10 @@ def run(table: pd.DataFrame, cfg: CleanConfig, ctx: StageContext) -> StageResult
           for code in ingest.REASONS if code != "invalid_encoding"),
         ("invalid_encoding", pd.Series(bad_bytes.to_numpy() != "", idx), pd.Series(bad_bytes.to_numpy(), idx)),
         ("empty_image_path", df[IMAGE] == "", "image path is empty"),
-        ("empty_caption", empty_text, "caption is empty after normalisation"),
+        ("empty_caption", empty_text & ~keep_empty, "caption is empty after normalisation"),
         (
             "caption_too_short",
-            (n_chars < cfg.min_chars) | (n_words < cfg.min_words),
+            ((n_chars < cfg.min_chars) | (n_words < cfg.min_words)) & ~keep_empty,
             n_chars.astype(str) + " chars, " + n_words.astype(str) + " words",
         ),
         (
@@ -551,7 +560,7 @@ def run(table: pd.DataFrame, cfg: CleanConfig, ctx: StageContext) -> StageResult
         ),
         (
             "non_text_caption",
-            letter_frac < cfg.min_letter_fraction,
+            (letter_frac < cfg.min_letter_fraction) & ~keep_empty,
             "letter fraction " + letter_frac.round(2).astype(str),
         ),
         (
@@ -565,4 +574,6 @@ def run(table: pd.DataFrame, cfg: CleanConfig, ctx: StageContext) -> StageResult
     ]
     res = tables.partition(df, checks)
     stats = {**fix_counts, "n_text_changed": int((df[TEXT] != df[TEXT_RAW]).sum())}
+    if cfg.keep_uncaptioned:
+        stats["n_uncaptioned_kept"] = int(res.kept[TEXT].eq("").sum())
     return StageResult(res.kept, res.quarantined, stats)

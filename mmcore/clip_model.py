@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
+from mmcore import fusion
 from mmcore.errors import ConfigError, InputError
 from mmcore.resources import MODEL_CONFIGS
 from mmcore.shards import resize_center_crop  # noqa: F401  (re-exported: the eval preprocessing)
@@ -293,6 +294,7 @@ class Loaded:
     pre: Preprocess
     hf_tokenizer: object  # transformers tokenizer (saved with a fine-tuned copy)
     image_processor: object | None  # transformers image processor; None for a preset-trained folder
+    fusion: nn.Module | None = None  # the image-text matching head saved with the model (mmcore.fusion)
 
     @property
     def kind(self) -> str:
@@ -306,6 +308,13 @@ class Loaded:
             self.pre.save(out)
         else:
             self.image_processor.save_pretrained(out)
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """Normalised model input, as ``Encoder.pixels``."""
+        return _pixels(images, self.pre, self.image_processor)
+
+    def token_ids(self, texts: list[str]) -> torch.Tensor:
+        return tokenize(self.tokenizer, texts)
 
 
 def _read_config(p: Path, where: str) -> dict:
@@ -438,7 +447,7 @@ def load(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = Non
             raise InputError(f"{where}: {PROCESSOR_FILE} crops to {pre.image_size} px but the vision tower takes "
                              f"{model.config.vision_config.image_size} px")
     align_pooling(model, tok, hf.eos_token_id, where)
-    return Loaded(p, model.eval(), tok, pre, hf, processor)
+    return Loaded(p, model.eval(), tok, pre, hf, processor, fusion.load(p, where))
 
 
 # --------------------------------------------------------------------------- fine-tuning helpers
@@ -474,6 +483,12 @@ def wise_ft(model: nn.Module, start: dict[str, torch.Tensor], alpha: float) -> N
 # --------------------------------------------------------------------------- encoder
 
 
+def _pixels(images: list[Image.Image], pre: Preprocess, processor) -> torch.Tensor:
+    if processor is not None:
+        return processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+    return torch.stack([to_tensor(pre.image(im), pre.mean, pre.std) for im in images])
+
+
 def _normalise(x: torch.Tensor) -> np.ndarray:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy().astype(np.float32)
 
@@ -481,14 +496,17 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
 class Encoder:
     """A model folder, ready to embed images and captions (rows L2-normalised)."""
 
-    def __init__(self, model: CLIPModel, tokenizer: Tokenizer, pre: Preprocess, device: str = "cpu", processor=None):
+    def __init__(self, model: CLIPModel, tokenizer: Tokenizer, pre: Preprocess, device: str = "cpu", processor=None,
+                 fusion_head: nn.Module | None = None):
         """``tokenizer`` as ``load`` configures it (start/end tokens, padded to the context length).
 
         Args:
             processor: a Hugging Face folder's image processor: images go through it, so the
                 embeddings are those of ``AutoProcessor`` + ``CLIPModel`` to the bit.
+            fusion_head: the model's image-text matching head, if it has one (``Loaded.fusion``).
         """
         self.model = model.to(device).eval()
+        self.fusion = fusion_head.to(device).eval() if fusion_head is not None else None
         self.tokenizer = tokenizer
         self.pre = pre
         self.processor = processor
@@ -498,13 +516,14 @@ class Encoder:
     @classmethod
     def load(cls, model_dir: str | os.PathLike, device: str = "cpu", where: str = "model") -> Encoder:
         m = load(model_dir, where=where)
-        return cls(m.model, m.tokenizer, m.pre, device, m.image_processor)
+        return cls(m.model, m.tokenizer, m.pre, device, m.image_processor, m.fusion)
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """Normalised model input, (n, 3, image_size, image_size)."""
-        if self.processor is not None:
-            return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        return torch.stack([to_tensor(self.pre.image(im), self.pre.mean, self.pre.std) for im in images])
+        return _pixels(images, self.pre, self.processor)
+
+    def token_ids(self, texts: list[str]) -> torch.Tensor:
+        return tokenize(self.tokenizer, texts)
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image], batch_size: int = 256) -> np.ndarray:

@@ -22,6 +22,7 @@ from mmcore.decontam import DecontamConfig
 from mmcore.errors import ConfigError
 from mmcore.evaluate import EvaluateConfig
 from mmcore.probe import ProbeConfig
+from mmcore.pseudo import PseudoConfig
 from mmcore.quality import QualityConfig
 from mmcore.report import ReportConfig
 from mmcore.resources import PRESETS
@@ -48,6 +49,7 @@ class PipelineConfig(StrictModel):
     quality: QualityConfig = QualityConfig()
     decontam: DecontamConfig = DecontamConfig()
     split: SplitConfig = SplitConfig()
+    pseudo: PseudoConfig = PseudoConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
@@ -278,9 +280,10 @@ def check_paths(cfg: PipelineConfig) -> None:
                             raise ConfigError(f"{name}.{key}.{sub}.{field}: not found: {v}")
 
 
-def dump_config(cfg: PipelineConfig) -> str:
-    """The resolved config as YAML (paths as strings), as written to ``RUN_DIR/config.yaml``. A local
-    copy of a remote location is written as its URL: the same file on every worker (``mmcore.storage``)."""
+def portable(cfg: PipelineConfig) -> dict[str, Any]:
+    """The resolved config as JSON values, with the local copy of a remote location written as its
+    URL (``mmcore.locations``): the same on every worker, whatever its cache folder. ``config.yaml``
+    and a typed deployment's parameters are this."""
     from mmcore.locations import url_of
 
     def walk(v: Any) -> Any:
@@ -292,7 +295,13 @@ def dump_config(cfg: PipelineConfig) -> str:
             return url
         return v
 
-    return yaml.safe_dump(walk(cfg.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
+    return walk(cfg.model_dump(mode="json"))
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML (``portable``: paths as strings, remote locations as URLs), as
+    written to ``RUN_DIR/config.yaml``."""
+    return yaml.safe_dump(portable(cfg), sort_keys=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------- the README's reference

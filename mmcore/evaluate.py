@@ -8,7 +8,9 @@ The recipe, top-down (``run``):
    semantics, see ``mmcore.metrics``), and zero-shot classification when there is a label;
 3. per domain, and in-domain vs out-of-domain when the training split lacked a test domain;
 4. the robustness suite on the test images, with the relative drop from clean;
-5. a human spot-check sheet (HTML + CSV).
+5. with a model that has an image-text matching head (``train.fusion``): matching metrics on the
+   test pairs, and retrieval with the head re-ranking the contrastive top k against without it;
+6. a human spot-check sheet (HTML + CSV).
 
 Every metric has a seeded bootstrap interval over queries. All rows pass through as kept.
 """
@@ -77,6 +79,13 @@ class EvaluateConfig(StrictModel):
     baseline_model: Path | None = Field(
         None, description="Model folder to compare with; default: the one train started from (train.model_path), "
         "none after training from a preset."
+    )
+    rerank_k: int = Field(
+        16, ge=1, description="With a matching head (train.fusion): contrastive top k it re-ranks per query (BLIP's k_test)."
+    )
+    rerank_blend: bool = Field(
+        True, description="Re-rank by the head's match log-odds plus the contrastive logit (logit scale x cosine), as "
+        "BLIP adds its ITM score to the similarity; false: by the head's score alone."
     )
 
     @field_validator("ks")
@@ -571,10 +580,66 @@ def _evaluate(
         bscorer = _scorer(table, bemb, base_encoder, cfg, ctx.seed, device)
         result["baseline"] = {"model": str(base_path) if base_path is not None else "given encoder",
                               **_baseline_block(scorer, bscorer, list(scored), cfg, ctx.seed)}
+    head = getattr(encoder, "fusion", None)
+    if head is not None and "test" in scored:
+        result.update(_fusion_metrics(encoder, head, emb, scored["test"], cfg, ctx, device))
     tables.write_json(_finite(result), out_dir / METRICS_FILE)
     if pq_parts:
         tables.write_parquet(pd.concat(pq_parts, ignore_index=True), out_dir / PER_QUERY_FILE)
     return result, emb, scored, rob
+
+
+def _fusion_metrics(
+    encoder: Any, head: Any, emb: Embedded, test: tuple[pd.DataFrame, Scored], cfg: EvaluateConfig, ctx: StageContext,
+    device: str,
+) -> dict[str, Any]:
+    """``metrics.json["matching"]`` and ``["rerank"]`` on the test split, with a model's matching head."""
+    from mmcore import fusion  # torch-heavy; only for a model with a head
+
+    rows, sc = test
+    imgs = np.unique(rows["img"].to_numpy())
+    local = np.searchsorted(imgs, rows["img"].to_numpy())
+    ie, te = emb.img_emb[imgs], emb.txt_emb[rows.index.to_numpy()]
+    max_side = max(64, 2 * int(getattr(encoder, "image_size", 224)))
+    pil = [_load(ctx.data, rel, max_side) for rel in emb.images[IMAGE].iloc[imgs]]
+    texts = rows[TEXT].astype(str).tolist()
+    fi, ft = fusion.encode_pairs_source(encoder, pil, texts, cfg.batch_size, device)
+    head.to(device).eval()
+    alpha = 1 - cfg.ci
+
+    def ci(v, stat="mean"):
+        return metrics.bootstrap_ci(v, n=cfg.bootstrap, seed=ctx.seed, alpha=alpha, stat=stat)
+
+    # 1) matching: every positive, a hard and a random negative each
+    scale = float(encoder.model.logit_scale.detach().exp()) if hasattr(encoder, "model") else 100.0
+    ii, tt, label = fusion.matching_pairs(ie, te, local, texts, ctx.seed, scale)
+    prob = 1 / (1 + np.exp(-fusion.pair_logits(head, fi, ft, ii, tt, cfg.batch_size, device).astype(np.float64)))
+    n_pos, n_neg = int(label.sum()), int((label == 0).sum())
+    matching: dict[str, Any] = {k: ci(v, s) for k, (v, s) in metrics.matching_values(prob, label).items()}
+    matching.update(n_pairs=int(len(label)), n_positive=n_pos, n_negative=n_neg, chance=metrics.matching_chance(n_pos, n_neg))
+
+    # 2) re-ranking: the head re-orders each query's contrastive top k; ranks beyond k stay
+    rerank: dict[str, Any] = {"k": int(cfg.rerank_k), "blend": bool(cfg.rerank_blend)}
+    def blended(score: np.ndarray, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+        # BLIP ranks its top k by ITM score + similarity: here the head's log-odds + the contrastive logit
+        return score + scale * np.sum(ie[img] * te[txt], axis=1) if cfg.rerank_blend else score
+
+    cand = fusion.topk(ie, te, min(cfg.rerank_k, len(te)), cfg.chunk_size)  # image -> captions
+    qi = np.repeat(np.arange(len(ie)), cand.shape[1])
+    s_i2t = blended(fusion.pair_logits(head, fi, ft, qi, cand.ravel(), cfg.batch_size, device), qi, cand.ravel())
+    new_i2t = fusion.reranked_ranks(sc.retrieval.i2t_rank, local[cand] == np.arange(len(ie))[:, None], s_i2t.reshape(cand.shape))
+    cand = fusion.topk(te, ie, min(cfg.rerank_k, len(ie)), cfg.chunk_size)  # caption -> images
+    qt = np.repeat(np.arange(len(te)), cand.shape[1])
+    s_t2i = blended(fusion.pair_logits(head, fi, ft, cand.ravel(), qt, cfg.batch_size, device), cand.ravel(), qt)
+    new_t2i = fusion.reranked_ranks(sc.retrieval.t2i_rank, cand == local[:, None], s_t2i.reshape(cand.shape))
+    for d, base, new in (("i2t", sc.retrieval.i2t_rank, new_i2t), ("t2i", sc.retrieval.t2i_rank, new_t2i)):
+        rerank[d] = {}
+        for kk in cfg.ks:
+            without, with_ = (base <= kk).astype(np.float64), (new <= kk).astype(np.float64)
+            diff = (metrics.paired_bootstrap_diff(with_, without, n=cfg.bootstrap, seed=ctx.seed, alpha=alpha)
+                    if cfg.bootstrap > 0 else {**ci(with_ - without), "p_value": float("nan")})
+            rerank[d][f"R@{kk}"] = {"without": ci(without), "with": ci(with_), "difference": diff}
+    return {"matching": matching, "rerank": rerank}
 
 
 def _finite(obj: Any) -> Any:
@@ -594,6 +659,13 @@ def _stats(result: dict, emb: Embedded) -> dict[str, Any]:
         "n_images_embedded": int(len(emb.images)),
         "n_texts_embedded": int(len(emb.rows)),
     }
+    m = result.get("matching")
+    if m:
+        stats.update({f"matching_{k}": m[k]["value"] for k in ("accuracy", "f1", "auroc")})
+        stats["chance_matching_accuracy"] = m["chance"]["accuracy"]
+        for d in ("i2t", "t2i"):
+            for name, v in result["rerank"][d].items():
+                stats[f"rerank_{d}_{name.replace('@', '')}_diff"] = v["difference"]["value"]
     for split, comp in result.get("baseline", {}).items():
         for k, c in comp.get("retrieval", {}).items() if isinstance(comp, dict) else ():
             if not k.endswith("median_rank"):

@@ -105,6 +105,14 @@ def _fixed_test(cfg: PipelineConfig, run_dir: Path) -> str:
     return _path_digest(cfg.split.fixed_test, "none")
 
 
+def _teacher(cfg: PipelineConfig, run_dir: Path) -> str:
+    """The teacher model and a given caption bank (nothing while the stage is off)."""
+    p = cfg.pseudo
+    if not p.enabled:
+        return "off"
+    return text_digest(_path_digest(p.model_path, ""), _path_digest(p.captions, "train captions"))
+
+
 def _train_files(cfg: PipelineConfig, run_dir: Path) -> str:
     """The model presets, the synonym table, a local base model and a given tokenizer."""
     t = cfg.train
@@ -158,17 +166,22 @@ _STAGES = (
           "train/val/test by group, content digest, pHash, mirrored and semantic clusters (or a given split); "
           "checks that nothing leaks",
           extra=Extra("fixed test set", _fixed_test)),
-    Stage("train", "TrainConfig", "split", ("split",),
+    Stage("pseudo", "PseudoConfig", "split", ("split",),
+          "off by default; a teacher model gives train images without a usable caption the best caption of a "
+          "bank (pseudo-pairs, weighted); val and test rows without one are quarantined",
+          extra=Extra("teacher model, caption bank", _teacher)),
+    Stage("train", "TrainConfig", "pseudo", ("pseudo",),
           "decodes train and val images into shards and trains a CLIP dual encoder",
           writes=(layout.MODEL_DIR, layout.HISTORY_FILE, layout.TIMING_FILE, layout.CHECKPOINT_DIR,
                   layout.SHARDS_DIR),
           extra=Extra("model presets, synonyms, base model or tokenizer", _train_files)),
-    Stage("evaluate", "EvaluateConfig", "split", ("split", "train"),
+    Stage("evaluate", "EvaluateConfig", "pseudo", ("pseudo", "train"),
           "retrieval and zero-shot metrics with bootstrap CIs, robustness, a spot-check sheet",
           writes=(layout.METRICS_FILE, layout.PER_QUERY_FILE, layout.EMBEDDINGS_FILE, layout.ROBUSTNESS_FILE,
                   layout.SPOTCHECK_CSV, layout.SPOTCHECK_HTML),
           extra=Extra("trained model", _trained_model)),
-    Stage("report", "ReportConfig", LAST_RUN, ("clean", "probe", "quality", "decontam", "split", "train", "evaluate"),
+    Stage("report", "ReportConfig", LAST_RUN, ("clean", "probe", "quality", "decontam", "split", "pseudo", "train",
+                                                  "evaluate"),
           "one self-contained HTML page: funnel, reasons, galleries, curves, metrics",
           writes=(layout.REPORT_FILE,),
           extra=Extra("the run's stats, curves and evaluation files", _run_files), per_run=True),

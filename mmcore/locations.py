@@ -78,7 +78,7 @@ def url_of(path: str | os.PathLike | None) -> str | None:
     except ValueError:
         return None
     parts = rel.parts
-    return f"{parts[0]}://{'/'.join(parts[1:])}" if len(parts) >= 3 else None
+    return f"{parts[0]}://{'/'.join(parts[1:])}" if len(parts) >= 2 else None  # protocol, bucket, ...
 
 
 def as_local(value: Any, where: str) -> Any:

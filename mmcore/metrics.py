@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # metrics.json's top-level keys that are not split names (evaluate writes it, the report reads it).
-NOT_SPLITS = ("chance", "n_queries", "baseline", "n_decode_failed")
+NOT_SPLITS = ("chance", "n_queries", "baseline", "n_decode_failed", "matching", "rerank")
 
 NDCG_K = 10
 
@@ -223,6 +223,74 @@ def macro_f1(target: np.ndarray, pred: np.ndarray, c: int) -> np.ndarray | float
     present = (support + predicted) > 0
     out = (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
     return out if np.ndim(target) == 2 else float(out[0])
+
+
+# --------------------------------------------------------------------------- image-text matching
+
+MATCH_THRESHOLD = 0.5  # P(match) at or above which a pair is called a match
+
+
+def _counts(x: np.ndarray, threshold: float) -> tuple[np.ndarray, ...]:
+    """(tp, fp, fn, n) per resample of (B, n, 2) [probability, label] pairs."""
+    pred, y = x[..., 0] >= threshold, x[..., 1] > 0.5
+    return (pred & y).sum(-1), (pred & ~y).sum(-1), (~pred & y).sum(-1), x.shape[-2]
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray, empty: float = np.nan) -> np.ndarray:
+    """a / b, ``empty`` where b is 0."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.divide(a, b, out=np.full(np.broadcast(a, b).shape, empty), where=b > 0)
+
+
+def auroc(x: np.ndarray) -> np.ndarray:
+    """Area under the ROC curve of (..., n, 2) [score, label] pairs, batched (Mann-Whitney; ties count half)."""
+    from scipy.stats import rankdata
+
+    x = np.asarray(x, np.float64)
+    flat = x.reshape(-1, *x.shape[-2:])
+    y = flat[..., 1] > 0.5
+    r = rankdata(flat[..., 0], axis=-1)
+    n_pos, n_neg = y.sum(-1), (~y).sum(-1)
+    u = (r * y).sum(-1) - n_pos * (n_pos + 1) / 2
+    out = _safe_div(u, n_pos * n_neg)
+    return out.reshape(x.shape[:-2])
+
+
+def matching_values(prob: np.ndarray, label: np.ndarray, threshold: float = MATCH_THRESHOLD) -> dict[str, tuple[np.ndarray, Stat]]:
+    """Matching accuracy, precision, recall, F1 and AUROC as (per-pair values, statistic), for ``bootstrap_ci``.
+
+    Args:
+        prob: P(match) per pair; ``label``: 1 for a matched pair, 0 for a mismatched one.
+    """
+    prob, label = np.asarray(prob, np.float64), np.asarray(label, np.float64)
+    pairs = np.stack([prob, label], axis=1)
+
+    def precision(x):
+        tp, fp, _, _ = _counts(x, threshold)
+        return _safe_div(tp, tp + fp, 0.0)  # nothing called a match: 0, as scikit-learn's zero_division
+
+    def recall(x):
+        tp, _, fn, _ = _counts(x, threshold)
+        return _safe_div(tp, tp + fn)
+
+    def f1(x):
+        tp, fp, fn, _ = _counts(x, threshold)
+        return _safe_div(2 * tp, 2 * tp + fp + fn, 0.0)
+
+    return {
+        "accuracy": (((prob >= threshold) == (label > 0.5)).astype(np.float64), "mean"),
+        "precision": (pairs, precision),
+        "recall": (pairs, recall),
+        "f1": (pairs, f1),
+        "auroc": (pairs, auroc),
+    }
+
+
+def matching_chance(n_positive: int, n_negative: int) -> dict[str, float]:
+    """What guessing gets: accuracy of always answering the larger class, F1 of always answering "match", AUROC 0.5."""
+    n = n_positive + n_negative
+    p = n_positive / n if n else float("nan")
+    return {"accuracy": max(p, 1 - p), "auroc": 0.5, "f1": 2 * p / (1 + p) if n else float("nan")}
 
 
 # --------------------------------------------------------------------------- bootstrap

@@ -470,7 +470,9 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: QualityConfig) 
         names.append("low_alignment")
         cos = df["clip_score"].to_numpy(np.float64)
         if cfg.alignment_keep_fraction is not None:
-            cut = float(np.quantile(cos[ok.to_numpy()], 1 - cfg.alignment_keep_fraction)) if ok.any() else -1.0
+            # Rows without a caption (clean.keep_uncaptioned) have no score: not in the fraction, never flagged.
+            scored = ok.to_numpy() & np.isfinite(cos)
+            cut = float(np.quantile(cos[scored], 1 - cfg.alignment_keep_fraction)) if scored.any() else -1.0
             # Rows at the cut stay: "< threshold" flags strictly below it.
             thresholds["low_alignment"] = (cut + 1) / 2
         else:
@@ -527,7 +529,9 @@ def run(table: pd.DataFrame, cfg: QualityConfig, ctx: StageContext) -> StageResu
     if cfg.alignment_model is not None:
         table = table.copy()
         m = broadcast(table, measurements)
-        ok = (m[ERROR] == "").to_numpy()
+        # A row without a caption (text "", kept by clean.keep_uncaptioned for the pseudo stage) is not
+        # scored: its NaN score never flags it as misaligned.
+        ok = (m[ERROR] == "").to_numpy() & (table[TEXT].fillna("").astype("str").str.strip() != "").to_numpy()
         scores = np.full(len(table), np.nan)
         if ok.any():
             scores[ok], errors = clip_scores(table[ok], cfg.alignment_model, root, cfg.alignment_batch_size)

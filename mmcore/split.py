@@ -178,11 +178,15 @@ def caption_key(text: pd.Series) -> pd.Series:
 
 
 def _caption_codes(text: pd.Series) -> np.ndarray:
-    """Code per row of its normalised caption (distinct captions normalised once: they repeat)."""
+    """Code per row of its normalised caption (distinct captions normalised once: they repeat); -1 (no
+    key) for an empty one (clean's ``keep_uncaptioned`` rows have ""), so that uncaptioned rows are not
+    all one group: each is grouped by its other keys only."""
     enc = pc.dictionary_encode(tables.string_array(text))
     norm = caption_key(pd.Series(enc.dictionary.to_pandas(), dtype="str"))
+    codes = pd.factorize(norm)[0].astype(np.int64)
+    codes[(norm == "").to_numpy(bool)] = -1
     # A trailing -1 so that null captions (index -1) get no key.
-    remap = np.append(pd.factorize(norm)[0].astype(np.int64), -1)
+    remap = np.append(codes, -1)
     return remap[enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)]
 
 

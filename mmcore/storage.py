@@ -12,10 +12,11 @@ renames): object stores offer none of these. So a remote location is served by a
   another that mirrored the same objects (a local stat would differ in mtime and inode).
 - **The run folder** (``out: s3://bucket/runs/NAME``): the run works in its local copy
   (``local_path(url)``) and ``push_stage`` uploads each stage's files when the stage is done, its
-  ``stats.json`` last: a stage's remote folder is complete when its stats are there, and a reader
-  checks every file against the digests of the cache record before using it (``pull_stage``). A
-  cache hit whose files are not on this machine (another worker, a fresh checkout) is pulled from
-  the run folder it was computed in.
+  ``stats.json`` last, after a list of every file with its digest (``FILES_MANIFEST``): a stage's
+  remote folder is complete when its stats are there; objects an earlier result left are removed.
+  A cache hit whose files are not on this machine (another worker, a fresh checkout) is pulled from
+  the run folder it was computed in (``pull_files``): every listed file checked against its digest,
+  the stats and tables against the cache record's (``tasks.common.localize``).
 - **Prefect's result storage** (``storage.results``): ``result_storage`` gives the block the stage
   tasks persist their cache records in, so every worker that points at it shares the stage cache.
 
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mmcore.base import StrictModel
 from mmcore.digests import MIRROR_INDEX, mirror_index
@@ -54,6 +55,18 @@ class StorageConfig(StrictModel):
         "report artifact links there. Default: a signed link to the object (s3) or its file:// path.",
     )
     link_expiry_s: int = Field(7 * 24 * 3600, ge=60, description="Validity of a signed report link (s3), in seconds.")
+
+    @field_validator("results")
+    @classmethod
+    def _results(cls, v: str | None) -> str | None:
+        return check_url(v, "storage.results") if is_url(v) else v  # a known protocol, a usable key: at load
+
+    @field_validator("public_url")
+    @classmethod
+    def _public(cls, v: str | None) -> str | None:
+        if v is not None and not v.lower().startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s) URL that serves the run folder, got {v!r}")
+        return v
 
 
 def filesystem(url: str):
@@ -103,17 +116,22 @@ def _download(fs, remote: str, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_index(folder: str | os.PathLike) -> dict[str, str] | None:
-    """The mirror index of a local folder, or None when it is no mirror root."""
-    return mirror_index(str(folder))
-
-
 def mirror(url: str, single: bool = False) -> MirrorStats:
     """Bring the local copy of ``url`` (a prefix, or with ``single`` one object) up to date.
 
     Objects are listed under ``url`` only; each is downloaded when its size or ETag differs from the
-    index; local files whose object is gone are removed. Returns what was done.
+    index; local files whose object is gone are removed. Returns what was done. The provider's
+    errors (no credentials, access denied, no such bucket) are one line naming the URL.
     """
+    try:
+        return _mirror(url, single)
+    except InputError:
+        raise
+    except Exception as e:  # botocore's NoCredentialsError, ClientError, ...: what and where, in one line
+        raise InputError(f"cannot mirror {url}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+
+
+def _mirror(url: str, single: bool) -> MirrorStats:
     fs, root = filesystem(url)
     local = local_path(url)
     with _MIRROR_LOCK:
@@ -139,7 +157,7 @@ def mirror(url: str, single: bool = False) -> MirrorStats:
             listing = {}
         if not listing and not fs.isdir(root):
             raise InputError(f"not found: {url} (no object under it)")
-        old = read_index(local) or {}
+        old = mirror_index(str(local)) or {}
         new: dict[str, str] = {}
         n_down = n_bytes = n_unsafe = 0
         prefix = root.rstrip("/") + "/"
@@ -169,13 +187,14 @@ def mirror(url: str, single: bool = False) -> MirrorStats:
         return MirrorStats(url, str(local), len(new), n_down, removed, n_unsafe, n_bytes)
 
 
-_SYNCED: set[str] = set()  # locations this process has mirrored (sync_inputs(once=True) skips them)
+_SYNCED: set[tuple[str, str]] = set()  # (location, token) pairs this process has mirrored
 
 
-def sync_inputs(data, once: bool = False) -> list[MirrorStats]:
+def sync_inputs(data, token: str | None = None) -> list[MirrorStats]:
     """Mirror a data section's remote manifest and root (``data.image_root``) before a run: every
     object under the root, and the manifest when it lies elsewhere. Local inputs: nothing to do.
-    ``once``: not again in a process that mirrored them already (a stage task after the flow's sync)."""
+    ``token`` (a flow run's id): not again in a process that mirrored them for the same token (the
+    stage tasks after the flow's own sync), but again for the next run (a long-lived Dask worker)."""
     todo: list[tuple[str, bool]] = []
     root = url_of(data.image_root)
     if root is not None:
@@ -185,10 +204,11 @@ def sync_inputs(data, once: bool = False) -> list[MirrorStats]:
         todo.append((manifest, True))
     done = []
     for url, single in todo:
-        if once and url in _SYNCED:
+        if token is not None and (url, token) in _SYNCED:
             continue
         done.append(mirror(url, single=single))
-        _SYNCED.add(url)
+        if token is not None:
+            _SYNCED.add((url, token))
     return done
 
 
@@ -214,22 +234,51 @@ def _files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) if folder.is_dir() else []
 
 
-def push_files(local_dir: Path, url: str, names: list[str], last: str | None = None) -> int:
+FILES_MANIFEST = "files.json"  # a pushed folder's files and their digests, uploaded just before its last file
+
+
+def _digests(local_dir: Path, names: list[str]) -> dict[str, str]:
+    from mmcore.digests import file_digest
+
+    return {f.relative_to(local_dir).as_posix(): file_digest(f) for name in names for f in _files(local_dir / name)}
+
+
+def push_files(local_dir: Path, url: str, names: list[str], last: str | None = None, exact: bool = False) -> int:
     """Upload ``names`` (files or folders) of ``local_dir`` to ``url``, ``last`` after every other one.
 
     The remote ``last`` is deleted first, so while the upload runs the remote folder reads as
-    incomplete. Returns the number of files uploaded."""
+    incomplete. ``exact``: also remove remote objects under ``url`` that are not uploaded now (a
+    file an earlier result had and this one has not: a model's old matching head), and write
+    ``FILES_MANIFEST`` (each file's digest) before ``last``, for ``pull_files`` to check. Returns
+    the number of files uploaded."""
     fs, base = filesystem(url)
     if last is not None:
         try:
             fs.rm_file(posixpath.join(base, last))
         except FileNotFoundError:
             pass
-    n = 0
-    for name in names:
-        for f in _files(local_dir / name):
-            _put(fs, f, posixpath.join(base, f.relative_to(local_dir).as_posix()))
-            n += 1
+    digests = _digests(local_dir, names)
+    if exact:
+        keep = {*digests, FILES_MANIFEST, *([last] if last else [])}
+        try:
+            remote = fs.find(base)
+        except FileNotFoundError:
+            remote = []
+        prefix = base.rstrip("/") + "/"
+        stale = [o for o in remote if o.startswith(prefix) and o[len(prefix):] not in keep
+                 and o[len(prefix):].split("/")[0] in names]
+        for o in stale:
+            fs.rm_file(o)
+    for rel in digests:
+        _put(fs, local_dir / rel, posixpath.join(base, rel))
+    n = len(digests)
+    if exact:
+        tmp = local_dir / f".{FILES_MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(digests, sort_keys=True))
+        try:
+            _put(fs, tmp, posixpath.join(base, FILES_MANIFEST))
+        finally:
+            tmp.unlink(missing_ok=True)
     if last is not None and (local_dir / last).is_file():
         _put(fs, local_dir / last, posixpath.join(base, last))
         n += 1
@@ -246,26 +295,41 @@ def read_remote(url: str, max_bytes: int = 16 << 20) -> bytes | None:
         return None
 
 
-def pull_files(url: str, local_dir: Path, names: list[str]) -> int:
-    """Download ``names`` (files, or folders as prefixes) under ``url`` into ``local_dir``; keys that
-    would leave ``local_dir`` are refused. Returns the number of files downloaded."""
+def pull_files(url: str, local_dir: Path, names: list[str], extra: tuple[str, ...] = ()) -> int:
+    """Download the files ``push_files(exact=True)`` listed in ``url``'s ``FILES_MANIFEST`` (those under
+    ``names``), each checked against its digest, plus ``extra`` (checked by the caller); local files
+    under ``names`` that the manifest does not list are removed. ``InputError`` when the manifest is
+    missing, a key would leave ``local_dir`` or a file's bytes differ. Returns the number downloaded."""
+    from mmcore.digests import file_digest
+
     fs, base = filesystem(url)
+    blob = read_remote(join(url, FILES_MANIFEST))
+    if blob is None:
+        raise InputError(f"{url}: no {FILES_MANIFEST}: not a complete upload")
+    try:
+        listed = json.loads(blob)
+        assert isinstance(listed, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items())
+    except (ValueError, AssertionError):
+        raise InputError(f"{url}: {FILES_MANIFEST} is not a file list") from None
+    wanted = {rel: d for rel, d in listed.items() if rel.split("/")[0] in names}
+    for rel in [*wanted, *extra]:
+        if safe_key(rel):
+            raise InputError(f"{url}: {safe_key(rel)}")
+    for name in names:  # what an earlier result left here and this one has not
+        for f in _files(local_dir / name):
+            if f.relative_to(local_dir).as_posix() not in wanted:
+                f.unlink()
     n = 0
-    for name in names:
-        remote = posixpath.join(base, name)
-        if fs.isfile(remote):
-            found = {remote: None}
-        else:
-            try:
-                found = fs.find(remote)
-            except FileNotFoundError:
-                found = []
-        for obj in sorted(found):
-            rel = obj[len(base.rstrip("/")) + 1:]
-            if safe_key(rel):
-                raise InputError(f"{url}: {safe_key(rel)}")
-            _download(fs, obj, local_dir / rel)
+    for rel, digest in sorted(wanted.items()):
+        dst = local_dir / rel
+        if not (dst.is_file() and file_digest(dst) == digest):
+            _download(fs, posixpath.join(base, rel), dst)
             n += 1
+            if file_digest(dst) != digest:
+                raise InputError(f"{url}: {rel} is not the file the upload listed")
+    for rel in extra:
+        _download(fs, posixpath.join(base, rel), local_dir / rel)
+        n += 1
     return n
 
 
@@ -277,13 +341,11 @@ def report_link(run_url: str, rel: str, cfg: StorageConfig) -> str:
     fs, path = filesystem(join(run_url, rel))
     try:
         return fs.url(path, expires=cfg.link_expiry_s)
-    except (AttributeError, NotImplementedError, TypeError):
-        return join(run_url, rel)
-    except Exception:  # no credentials to sign with: the location itself still names the object
+    except Exception:  # no url() (NotImplementedError), no credentials to sign with: the location names it
         return join(run_url, rel)
 
 
 # The locations' helpers are storage's public face too (tasks and tests call storage.url_of, ...).
 __all__ = ["CACHE_ENV", "MIRROR_INDEX", "MirrorStats", "StorageConfig", "as_local", "cache_root", "check_url",
-           "filesystem", "is_url", "join", "local_path", "local_url", "mirror", "pull_files", "push_files", "read_index",
-           "read_remote", "report_link", "safe_key", "sync_inputs", "url_of"]
+           "filesystem", "is_url", "join", "local_path", "local_url", "mirror", "pull_files", "push_files",
+           "read_remote", "report_link", "FILES_MANIFEST", "safe_key", "sync_inputs", "url_of"]

@@ -11,7 +11,10 @@ resized, re-encoded, mirrored and cropped copies of its images (and one of its c
 are planted too (``source`` names what each copies), for the decontam stage.
 Optionally (off by default, so the default bytes never change) a share of rows gets the caption of
 another scene (the noise that alignment filtering removes) or a caption in French, German or Spanish
-(what a language filter removes); the default config keeps both, as planted.csv records.
+(what a language filter removes); the default config keeps both, as planted.csv records. A share of
+rows can also lose their caption (``uncaptioned``: empty text, the removed caption in planted.csv's
+``expected_text``), work for the pseudo-label stage (with ``clean.keep_uncaptioned``; otherwise clean
+quarantines them as ``empty_caption``).
 """
 
 from __future__ import annotations
@@ -335,7 +338,8 @@ def _mojibake(text: str) -> tuple[str, str]:
 
 
 def generate(
-    out: str | os.PathLike, n: int = 3000, seed: int = 0, mismatch_rate: float = 0.0, foreign_rate: float = 0.0
+    out: str | os.PathLike, n: int = 3000, seed: int = 0, mismatch_rate: float = 0.0, foreign_rate: float = 0.0,
+    uncaptioned_rate: float = 0.0,
 ) -> pd.DataFrame:
     """Write ``OUT/images/*``, ``OUT/manifest.csv`` and ``OUT/planted.csv``; returns the manifest.
 
@@ -348,10 +352,13 @@ def generate(
             replaced by a caption of another scene (defect ``mismatch``).
         foreign_rate: share of rows whose caption is replaced by one of the same scene in French,
             German or Spanish (defect ``foreign_language``).
+        uncaptioned_rate: share of rows (among those without another planted defect) whose caption is
+            emptied (defect ``uncaptioned``; ``expected_text`` is the caption removed).
     """
     if n < MIN_ROWS:
         raise InputError(f"synth: --n must be >= {MIN_ROWS} to plant every kind of defect, got {n}")
-    for name, rate in (("mismatch_rate", mismatch_rate), ("foreign_rate", foreign_rate)):
+    for name, rate in (("mismatch_rate", mismatch_rate), ("foreign_rate", foreign_rate),
+                       ("uncaptioned_rate", uncaptioned_rate)):
         if not 0 <= rate <= 0.5:
             raise InputError(f"synth: {name} must be in [0, 0.5], got {rate}")
     out = Path(out)
@@ -488,6 +495,7 @@ def generate(
 
     planted += _plant_copies(rows, files, planted, used, out, n, seed)
     planted += _plant_captions(rows, planted, mismatch_rate, foreign_rate, seed)
+    planted += _plant_uncaptioned(rows, planted, uncaptioned_rate, seed)
 
     for name, data in sorted(files.items()):
         (out / name).write_bytes(data)
@@ -712,6 +720,26 @@ def _plant_captions(rows: list[dict], planted: list[dict], mismatch_rate: float,
             lang = ("fr", "de", "es")[(k - n_mis) % 3]
             r["text"], defect = foreign_caption(r["_scene"], lang, rng), f"foreign_language_{lang}"
         out.append({"row_id": i, "defect": defect, "stage": "", "reason": "", "expected_text": r["text"]})
+    return out
+
+
+def _plant_uncaptioned(rows: list[dict], planted: list[dict], rate: float, seed: int) -> list[dict]:
+    """Empty the captions of a share of rows without another defect (a generator of its own: with a
+    rate of 0 every byte is as before). Only images with a single caption, so the image has none left."""
+    if not rate:
+        return []
+    rng = np.random.default_rng([seed, 23])
+    taken = {p["row_id"] for p in planted}
+    uses = pd.Series([r["image_path"] for r in rows]).value_counts()
+    free = rng.permutation([i for i in range(len(rows)) if i not in taken and uses[rows[i]["image_path"]] == 1])
+    k = round(len(rows) * rate)
+    if k > len(free):
+        raise InputError(f"synth: uncaptioned_rate leaves too few healthy rows ({len(free)})")
+    out = []
+    for i in sorted(free[:k].tolist()):
+        removed, rows[i]["text"] = rows[i]["text"], ""
+        out.append({"row_id": i, "defect": "uncaptioned", "stage": "clean", "reason": "empty_caption",
+                    "expected_text": removed})
     return out
 
 

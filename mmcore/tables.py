@@ -45,6 +45,11 @@ DOMAIN = "domain"
 GIVEN_SPLIT = "given_split"  # a split the dataset provides (Karpathy's train/val/test); split.mode "given" keeps it
 PSEUDO_LABEL = "pseudo_label"  # True on a pair whose caption a model chose (issue 20): train only, never val or test
 PSEUDO_WEIGHT = "pseudo_weight"  # its loss weight in training (1.0 on every real pair)
+# What the pseudo stage records of a pseudo-pair besides those two (NaN / "" on every other row).
+PSEUDO_MARGIN = "pseudo_margin"  # teacher cosine of the top caption minus the runner-up's
+PSEUDO_SIMILARITY = "pseudo_similarity"  # teacher cosine of the image and its pseudo caption
+PSEUDO_ORIGINAL = "pseudo_original"  # the caption the row had ("" when it had none)
+PSEUDO_TEACHER = "pseudo_teacher"  # content digest of the teacher's model folder
 
 # Quarantine columns.
 STAGE = "stage"

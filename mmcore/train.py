@@ -101,6 +101,23 @@ class TrainConfig(StrictModel):
         None, ge=0, description="Seed of initialisation, order and augmentation; default: the run's seed (so "
         "training seeds vary while the curation stages stay cached)."
     )
+    fusion: str = Field(
+        "none", description="Image-text matching head trained with the contrastive loss on in-batch hard negatives "
+        "(ALBEF/BLIP ITM): none, cross_attention (caption tokens attend to image patches) or concat (an MLP on the "
+        "two embeddings); saved with the model, scored by evaluate."
+    )
+    fusion_weight: float = Field(1.0, gt=0, description="With fusion: weight of the matching loss next to the contrastive loss.")
+    fusion_layers: int = Field(1, ge=1, le=12, description="With fusion cross_attention: fusion layers at the text width.")
+
+    @field_validator("fusion")
+    @classmethod
+    def _known_fusion(cls, v: str) -> str:
+        if v != "none":
+            from mmcore.fusion import HEADS  # torch: only when a head is asked for
+
+            if (msg := HEADS.problem(v)) is not None:
+                raise ValueError(f"{msg} or none")
+        return v
 
     @field_validator("augment")
     @classmethod
@@ -129,6 +146,14 @@ class TrainConfig(StrictModel):
         set_ = [k for k in ("epochs", "steps", "minutes") if getattr(self, k) is not None]
         if len(set_) > 1:
             raise ValueError(f"set exactly one of epochs, steps, minutes; got {', '.join(set_)}")
+        return self
+
+    @model_validator(mode="after")
+    def _fusion_one_process(self) -> TrainConfig:
+        # Checked again in trainloop (the world size); here so the run fails at load, not after curation.
+        if self.fusion != "none" and self.gpus > 1:
+            raise ValueError(f"fusion {self.fusion!r} trains its matching head in one process for now; "
+                             f"set gpus: 1 or fusion: none, got gpus {self.gpus}")
         return self
 
     @model_validator(mode="after")

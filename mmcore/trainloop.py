@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mmcore import augment, clip_model, shards, sources, tables
+from mmcore import augment, clip_model, fusion, shards, sources, tables
 from mmcore.base import StageContext
 from mmcore.errors import ConfigError, InputError, row_detail
 from mmcore.layout import (
@@ -38,7 +38,7 @@ from mmcore.layout import (
     TRAIN_CONFIG_FILE,
     RunLayout,
 )
-from mmcore.tables import ROW_ID, TEXT, StageResult
+from mmcore.tables import PSEUDO_LABEL, PSEUDO_WEIGHT, ROW_ID, TEXT, StageResult
 
 if TYPE_CHECKING:  # mmcore.train imports this module to run the stage; its config is a type here
     from mmcore.train import TrainConfig
@@ -59,25 +59,68 @@ def gather_features(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor,
     return torch.cat(dnf.all_gather(img), 0), torch.cat(dnf.all_gather(txt), 0)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class ClipLoss(nn.Module):
-    """Symmetric cross-entropy over the image-text similarity matrix (CLIP)."""
+    """Symmetric cross-entropy over the image-text similarity matrix (CLIP).
+
+    With ``weights`` (one per pair, e.g. a pseudo-labelled pair's ``pseudo_weight``) each pair's
+    term in both directions counts by its weight: a weighted mean. Without, the plain mean.
+    """
 
     def get_logits(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             img, txt = gather_features(img, txt)
         logits = logit_scale * img @ txt.T
         return logits, logits.T
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
         li, lt = self.get_logits(img, txt, logit_scale)
         labels = torch.arange(li.shape[0], device=li.device)
-        return (F.cross_entropy(li, labels) + F.cross_entropy(lt, labels)) / 2
+        if weights is None:
+            return (F.cross_entropy(li, labels) + F.cross_entropy(lt, labels)) / 2
+        if _distributed():  # every rank's pairs are in the logits: their weights too, in rank order
+            parts = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, weights)
+            weights = torch.cat(parts)
+        w = weights.float()
+        per_pair = F.cross_entropy(li, labels, reduction="none") + F.cross_entropy(lt, labels, reduction="none")
+        return (per_pair * w).sum() / (2 * w.sum().clamp_min(1e-12))
 
 
 def clip_forward(model, pixels: torch.Tensor, ids: torch.Tensor, loss_fn: ClipLoss) -> torch.Tensor:
     """Loss of one batch; goes through ``model(...)`` so DDP's gradient hooks see the whole model."""
     out = model(input_ids=ids, pixel_values=pixels)  # embeds come back L2-normalised
     return loss_fn(out.image_embeds.float(), out.text_embeds.float(), unwrap(model).logit_scale.exp())
+
+
+@dataclass
+class Fusion:
+    """The matching head trained next to the contrastive loss, and how much its loss counts."""
+
+    head: nn.Module
+    weight: float
+
+
+def fused_forward(
+    model, pixels: torch.Tensor, ids: torch.Tensor, loss_fn: ClipLoss, *, head: Fusion | None,
+    weights: torch.Tensor | None, generator: torch.Generator | None, groups: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """(total loss, matching loss) of one batch with a matching head or per-pair weights.
+
+    Hard negatives are mined within this rank's micro-batch (ALBEF gathers them across GPUs).
+    """
+    out = model(input_ids=ids, pixel_values=pixels)
+    scale = unwrap(model).logit_scale.exp()
+    loss = loss_fn(out.image_embeds.float(), out.text_embeds.float(), scale, weights)
+    if head is None:
+        return loss, float("nan")
+    img, txt = fusion.output_features(unwrap(model), ids, out)
+    itm, _ = fusion.itm_loss(head.head, img, txt, ids, scale, generator, weights, groups)
+    return loss + head.weight * itm, float(itm.detach())
 
 
 # --------------------------------------------------------------------------- schedule
@@ -197,13 +240,16 @@ def auto_schedule(cfg: TrainConfig, n_images: int, world: int = 1) -> Schedule:
 class PairDataset(Dataset):
     """Shard images and captions; item ``(epoch, i)`` is sample i augmented with seed (seed, epoch, i)."""
 
-    def __init__(self, jpegs, texts, scheme, size, seed, synonyms=None):
+    def __init__(self, jpegs, texts, scheme, size, seed, synonyms=None, weights=None, groups=None):
         # jpegs by position: a list, or a shard column's Arrow array read from the memory map (not
         # copied into this process, nor into DataLoader workers started by fork, Linux's default;
         # a spawned worker gets a pickled copy).
         self.jpegs, self.texts = jpegs, list(texts)
         self.scheme, self.size, self.seed = scheme, size, seed
         self.synonyms = synonyms
+        # Per-pair loss weights (pseudo_weight) and group codes (the matching head's negatives);
+        # with either, items are (image, text, weight, group), else (image, text).
+        self.weights, self.groups = weights, groups
 
     def __len__(self) -> int:
         return len(self.jpegs)
@@ -212,6 +258,9 @@ class PairDataset(Dataset):
         epoch, i = key
         rng = np.random.default_rng([self.seed, epoch, i])
         img, text = augment.apply(self.scheme, shards.decode(self.jpegs[i]), self.texts[i], rng, self.size, self.synonyms)
+        if self.weights is not None or self.groups is not None:
+            w = 1.0 if self.weights is None else float(self.weights[i])
+            return self.as_uint8(img), text, w, -1 if self.groups is None else int(self.groups[i])
         return self.as_uint8(img), text
 
     @staticmethod
@@ -221,6 +270,9 @@ class PairDataset(Dataset):
 
 
 def _collate(items):
+    if len(items[0]) == 4:  # with per-pair weights and groups
+        return (torch.stack([x[0] for x in items]), [x[1] for x in items],
+                torch.tensor([x[2] for x in items], dtype=torch.float32), torch.tensor([x[3] for x in items], dtype=torch.long))
     return torch.stack([x for x, _ in items]), [t for _, t in items]
 
 
@@ -355,6 +407,7 @@ class FitData:
     pre: clip_model.Preprocess
     fingerprint: str
     groups: np.ndarray | None = None  # per train row, its image (content digest or path)
+    match_groups: np.ndarray | None = None  # per train row, its split_group: the matching head's negatives avoid it
 
 
 class _Interrupted(Exception):
@@ -378,8 +431,10 @@ def fit(
     device: str,
     progress: bool = False,
     interrupt_at: int | None = None,
+    head: Fusion | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` in place; writes checkpoints and ``history.parquet`` under ``out`` (rank 0)."""
+    """Train ``model`` (and ``head``, a matching head) in place; writes checkpoints and ``history.parquet``
+    under ``out`` (rank 0). A ``pseudo_weight`` column in ``data.train`` weights each pair's loss terms."""
     rank, world = _dist()
     if cfg.batch_size % world:
         raise ConfigError(f"train.batch_size must be divisible by the {world} DDP ranks, got {cfg.batch_size}")
@@ -389,22 +444,36 @@ def fit(
             f"train.batch_size x grad_accum ({cfg.batch_size} x {cfg.grad_accum}) exceeds the {n} train rows; lower it"
         )
     synonyms = augment.load_synonyms(cfg.synonyms) if cfg.augment == "synonym" else None
-    ds = PairDataset(data.train["jpeg"].array, data.train[TEXT], cfg.augment, data.pre.image_size, seed, synonyms)
+    pair_w = pair_weights(data.train)
+    match_groups = None
+    if head is not None:  # pairs of one image or duplicate cluster are never the head's negatives
+        key = data.match_groups if data.match_groups is not None else data.groups
+        match_groups = pd.factorize(pd.Series(key, dtype=object))[0] if key is not None else np.arange(n)
+    ds = PairDataset(data.train["jpeg"].array, data.train[TEXT], cfg.augment, data.pre.image_size, seed, synonyms,
+                     pair_w, match_groups)
     weights = data.train["sample_weight"].to_numpy(float) if cfg.weighted_sampler and "sample_weight" in data.train else None
 
     # Resume: model, optimizer, step, RNG and history from the last checkpoint of this same run.
     ckpt_path = out / CHECKPOINT_DIR / LAST_CHECKPOINT
     proj_scale = cfg.projection_lr / cfg.lr if cfg.projection_lr is not None else None
-    opt = torch.optim.AdamW(param_groups(unwrap(model), cfg.weight_decay, proj_scale), lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6)
+    groups = param_groups(unwrap(model), cfg.weight_decay, proj_scale)
+    if head is not None:  # the head's own groups after the model's (decay on its weight matrices only)
+        groups += param_groups(head.head, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6)
     step, seconds, history = 0, 0.0, []
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         if ck.get("fingerprint") == data.fingerprint:
             unwrap(model).load_state_dict(ck["model"])
+            if head is not None:
+                head.head.load_state_dict(ck["fusion"])
             opt.load_state_dict(ck["optim"])
             step, seconds, history = int(ck["step"]), float(ck["seconds"]), list(ck["history"])
             torch.set_rng_state(ck["rng_torch"])
     model.to(device)
+    if head is not None:
+        head.head.to(device).train()
     for st in opt.state.values():  # optimizer state follows the model onto the device
         for k, v in st.items():
             if torch.is_tensor(v) and k != "step":
@@ -451,18 +520,26 @@ def fit(
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             t0 = time.perf_counter()
             loss_sum = 0.0
+            itm_sum = 0.0
             for j in range(cfg.grad_accum):
-                pixels, texts = next(it)
+                pixels, texts, *extra = next(it)
                 ids = clip_model.tokenize(tok, texts).to(device, non_blocking=True)
                 pixels = pixels.to(device, non_blocking=True).float().div_(255).sub_(mean_t).div_(std_t)
                 sync = j == cfg.grad_accum - 1 or world == 1
                 ctx_sync = ddp_model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx_sync, amp:
-                    loss = clip_forward(fwd_model, pixels, ids, loss_fn)
+                    if not extra:  # the plain CLIP step
+                        loss = clip_forward(fwd_model, pixels, ids, loss_fn)
+                    else:  # negatives drawn from (seed, step, micro-batch): the same after a resume
+                        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + j)
+                        w = extra[0].to(device) if pair_w is not None else None
+                        loss, itm = fused_forward(fwd_model, pixels, ids, loss_fn, head=head, weights=w, generator=gen,
+                                                  groups=extra[1])
+                        itm_sum += itm / cfg.grad_accum
                 (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach()) / cfg.grad_accum
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters() if head is None else params, cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():  # CLIP clamps the temperature so logits stay <= 100
@@ -472,13 +549,15 @@ def fit(
             scale = float(unwrap(model).logit_scale.detach().exp())
             row = {"step": step, "epoch": step / spe, "loss": loss_sum, "lr": lr, "logit_scale": scale,
                    "samples_per_s": cfg.batch_size * cfg.grad_accum / dt, "val_i2t_r5": float("nan")}
+            if head is not None:
+                row["itm_loss"] = itm_sum
             if step % spe == 0 and cfg.val_every_epoch and val_px is not None:
                 row["val_i2t_r5"] = last_val = i2t_recall(unwrap(model), val_px, val_ids, data.pre.mean, data.pre.std)
             history.append(row)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", scale=f"{scale:.1f}", r5=f"{last_val:.2f}", refresh=False)
             if step % cfg.checkpoint_every == 0:
-                _checkpoint(model, opt, step, time.perf_counter() - t_start, history, data.fingerprint, ckpt_path, rank)
+                _checkpoint(model, opt, step, time.perf_counter() - t_start, history, data.fingerprint, ckpt_path, rank, head)
             if interrupt_at is not None and step >= interrupt_at:
                 raise _Interrupted(step)
     finally:
@@ -489,15 +568,22 @@ def fit(
         last_val = i2t_recall(unwrap(model), val_px, val_ids, data.pre.mean, data.pre.std)
         if history:
             history[-1]["val_i2t_r5"] = last_val
-    _checkpoint(model, opt, step, seconds, history, data.fingerprint, ckpt_path, rank)
-    h = pd.DataFrame(history, columns=[*HISTORY_COLUMNS, "samples_per_s"])
+    _checkpoint(model, opt, step, seconds, history, data.fingerprint, ckpt_path, rank, head)
+    curves = [*HISTORY_COLUMNS, *(["itm_loss"] if head is not None else [])]  # the head's loss: only with a head
+    h = pd.DataFrame(history, columns=[*curves, "samples_per_s"])
     if rank == 0:
         # The curves are deterministic Parquet; the wall-clock throughput per step goes to JSON.
-        tables.write_parquet(h[list(HISTORY_COLUMNS)], out / HISTORY_FILE)
+        tables.write_parquet(h[curves], out / HISTORY_FILE)
         tables.write_json({"step": h["step"].tolist(), "samples_per_s": [round(float(x), 3) for x in h["samples_per_s"]]},
                           out / TIMING_FILE)
     train_time = float(sum(cfg.batch_size * cfg.grad_accum / r for r in h["samples_per_s"])) if len(h) else 0.0
+    extra = {}
+    if head is not None:
+        extra["final_itm_loss"] = round(float(h["itm_loss"].tail(max(1, min(spe, 20))).mean()), 4) if len(h) else float("nan")
+    if pair_w is not None:
+        extra["n_weighted_pairs"] = int((pair_w != 1.0).sum())
     return {
+        **extra,
         "steps": step,
         "epochs": round(step / spe, 3),
         "steps_per_epoch": spe,
@@ -512,10 +598,10 @@ def fit(
     }
 
 
-def _checkpoint(model, opt, step, seconds, history, fingerprint, path, rank) -> None:
+def _checkpoint(model, opt, step, seconds, history, fingerprint, path, rank, head: Fusion | None = None) -> None:
     if rank != 0:
         return
-    save_checkpoint(path, {
+    state = {
         "model": unwrap(model).state_dict(),
         "optim": opt.state_dict(),
         "step": step,
@@ -523,7 +609,21 @@ def _checkpoint(model, opt, step, seconds, history, fingerprint, path, rank) -> 
         "history": history,
         "rng_torch": torch.get_rng_state(),
         "fingerprint": fingerprint,
-    })
+    }
+    if head is not None:
+        state["fusion"] = head.head.state_dict()
+    save_checkpoint(path, state)
+
+
+def pair_weights(train: pd.DataFrame) -> np.ndarray | None:
+    """Per-pair loss weights from ``pseudo_weight`` (missing = 1.0, a real pair), or None without the column."""
+    if PSEUDO_WEIGHT not in train.columns:
+        return None
+    w = pd.to_numeric(train[PSEUDO_WEIGHT], errors="coerce").fillna(1.0).to_numpy(np.float64)
+    if not np.isfinite(w).all() or (w < 0).any():
+        bad = w[~np.isfinite(w) | (w < 0)][0]
+        raise InputError(f"train: column {PSEUDO_WEIGHT} must hold finite weights >= 0, got {bad}")
+    return w
 
 
 # --------------------------------------------------------------------------- the stage
@@ -588,10 +688,12 @@ def run_stage(
         meta = tables.read_json(shard_dir / shards.META_FILE)
     failed = {int(k): v for k, v in meta["failed"].items()}
     train_df, val_df = shards.read(shard_dir, "train"), shards.read(shard_dir, "val")  # memory-mapped
-    if "sample_weight" in table:
-        weight = table.set_index(ROW_ID)["sample_weight"]
-        for df in (train_df, val_df):
-            df["sample_weight"] = weight.reindex(df[ROW_ID]).to_numpy()
+    # Row columns the loop reads, carried from the split table onto the shard rows.
+    for col in ("sample_weight", PSEUDO_LABEL, PSEUDO_WEIGHT):
+        if col in table:
+            values = table.set_index(ROW_ID)[col]
+            for df in (train_df, val_df):
+                df[col] = values.reindex(df[ROW_ID]).to_numpy()
     if not len(train_df):
         raise InputError(f"train: no decodable rows with split == 'train' in the input ({len(table)} rows)")
 
@@ -618,6 +720,19 @@ def run_stage(
         else:
             mean, std = list(clip_model.IMAGENET_MEAN), list(clip_model.IMAGENET_STD)
         pre = clip_model.Preprocess(image_size=image_size, mean=tuple(mean), std=tuple(std), context_length=ctx_len)
+    head = None
+    if cfg.fusion != fusion.NONE:
+        if world > 1:
+            raise ConfigError(f"train.fusion: a matching head trains in one process for now; got train.gpus / "
+                              f"a world of {world} processes")
+        spec = fusion.FusionSpec.for_model(model, cfg.fusion, cfg.fusion_layers)
+        prev = src.fusion if src is not None else None
+        with torch.random.fork_rng(devices=[]):  # the head's init leaves the model's RNG stream alone
+            torch.manual_seed(seed + 1)
+            built = fusion.build(spec)
+        if prev is not None and prev.spec == spec:  # fine-tuning a model with a head: start from it
+            built.load_state_dict(prev.state_dict())
+        head = Fusion(built, cfg.fusion_weight)
     if cfg.grad_checkpointing:
         model.activation_checkpointing_enable()
     # WiSE-FT mixes the fine-tuned weights with these (kept on the CPU).
@@ -630,8 +745,15 @@ def run_stage(
     cfg = cfg.model_copy(update=sched.update())
     if rank == 0:
         print(f"train: {sched.reason}", flush=True)
-    data = FitData(train_df, val_df, pre, _fingerprint(cfg, meta["key"], seed, world), groups)
-    stats = fit(model, tok, data, cfg, out, seed=seed, device=device, progress=ctx.progress, interrupt_at=interrupt_at)
+    fp = _fingerprint(cfg, meta["key"], seed, world)
+    if PSEUDO_WEIGHT in train_df:  # the weights change the math: a checkpoint of other weights is not resumed
+        fp = tables.json_digest({"run": fp, "pair_weights": pair_weights(train_df).tolist()})
+    match_groups = None
+    if "split_group" in table.columns:  # the split's groups: one image's copies, near-duplicates, clusters
+        match_groups = table.set_index(ROW_ID)["split_group"].astype(str).reindex(train_df[ROW_ID]).to_numpy(dtype=object)
+    data = FitData(train_df, val_df, pre, fp, groups, match_groups)
+    stats = fit(model, tok, data, cfg, out, seed=seed, device=device, progress=ctx.progress, interrupt_at=interrupt_at,
+                head=head)
 
     model_dir = out / MODEL_DIR
     if rank == 0:
@@ -647,6 +769,10 @@ def run_stage(
             m.save_pretrained(model_dir)
             clip_model.save_tokenizer(tok, model_dir, pre.context_length)
             pre.save(model_dir)
+        for f in (fusion.FUSION_CONFIG_FILE, fusion.FUSION_WEIGHTS_FILE):  # an earlier run's head must not pass for this one's
+            (model_dir / f).unlink(missing_ok=True)
+        if head is not None:
+            fusion.save(head.head.to("cpu").eval(), model_dir)
         tables.write_json(cfg.model_dump(mode="json"), out / TRAIN_CONFIG_FILE)
     bad = table[ROW_ID].isin(list(failed))
     detail = table.loc[bad, ROW_ID].map(lambda r: failed.get(int(r), "")).astype(str)
@@ -670,6 +796,8 @@ def run_stage(
         schedule=sched.reason,
         model_dir=str(model_dir.relative_to(ctx.run_dir)) if model_dir.is_relative_to(ctx.run_dir) else str(model_dir),
     )
+    if head is not None:
+        stats.update(fusion=cfg.fusion, n_fusion_params=int(sum(p.numel() for p in head.head.parameters())))
     return StageResult(res.kept, res.quarantined, stats)
 
 

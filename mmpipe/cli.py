@@ -101,11 +101,15 @@ def synth(
     foreign_rate: Annotated[
         float, typer.Option(min=0, max=0.5, help="Share of rows given a French, German or Spanish caption.")
     ] = 0.0,
+    uncaptioned_rate: Annotated[
+        float, typer.Option(min=0, max=0.5, help="Share of rows whose caption is emptied (work for the pseudo stage).")
+    ] = 0.0,
 ) -> None:
     """Generate the built-in synthetic dataset (shapes with compositional captions, ~10% planted defects)."""
     from mmcore import synth as synth_mod
 
-    m = synth_mod.generate(out, n=n, seed=seed, mismatch_rate=mismatch_rate, foreign_rate=foreign_rate)
+    m = synth_mod.generate(out, n=n, seed=seed, mismatch_rate=mismatch_rate, foreign_rate=foreign_rate,
+                            uncaptioned_rate=uncaptioned_rate)
     typer.echo(f"wrote {len(m)} rows to {out / 'manifest.csv'} (images in {out / 'images'}, defects in planted.csv)")
 
 
@@ -461,14 +465,15 @@ def ablate(
     ] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override for every variant (repeatable).")] = None,
     preset: Annotated[Optional[list[str]], typer.Option(help="Config preset for every variant (repeatable).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder (overrides the config's `out`).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Run folder (overrides the config's `out`): a path, or a URL "
+                                              "(s3://bucket/runs/NAME) each variant's stages are uploaded under.")] = None,
 ) -> None:
     """Compare curation variants as DataComp does: one fixed test set, the same training steps, only the
     curation varies; metrics with CIs and the paired bootstrap difference against the baseline.
 
     Every variant's config is validated before anything runs. Shared stages run once (cached).
     """
-    from mmcore import ablation, clean
+    from mmcore import ablation, clean, storage
     from mmcore.augment import SCHEMES
     from mmcore.config import check_paths
 
@@ -486,6 +491,8 @@ def ablate(
     overrides = list(set_ or []) + ([f"out={out}"] if out is not None else [])
     configs = ablation.variant_configs(config, spec, overrides, list(preset or []), source)
     for v in configs.values():
+        for line in (m.line() for m in storage.sync_inputs(v.data)):  # remote inputs: their local mirror first
+            typer.echo(f"mirror: {line}")
         clean.check_columns(v.data)
         check_paths(v)
     if spec.test_manifest is not None and not spec.test_manifest.is_file():

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from mmcore import execute, tables
+from mmcore import execute, graph, tables
 from mmcore.errors import MMPipeError
 from mmcore.layout import RunLayout, StagePaths
 
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if cuda else "gloo")
-        split = StagePaths.of(run_dir, "split")
+        split = StagePaths.of(run_dir, graph.stage("train").input)  # train's input stage (pseudo, after split)
         table = tables.read_parquet(split.kept)
         rank = dist.get_rank() if distributed else 0
         # The same digests the train task records: input (split's kept table), config, code, extra.

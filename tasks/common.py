@@ -100,6 +100,7 @@ def stage_cache(stage: str) -> CachePolicy:
         s = graph.stage(stage)
         cfg: PipelineConfig = params["cfg"]
         upstream: dict[str, StageOutput] = params["upstream"]
+        _worker_inputs(cfg, upstream)  # the key reads local files: remote ones are brought here first
         parts = [
             CACHE_SCHEME,
             stage,
@@ -247,16 +248,21 @@ def _stage_files(stage: str) -> list[str]:
 
 def localize(out: StageOutput) -> StageOutput | None:
     """``out`` with its files on this machine: as it is when they are intact here, else pulled from the
-    remote run folder it was uploaded to (into this machine's copy of it) and checked against the
-    record's digests. None when neither has them whole (the stage runs again)."""
+    remote run folder it was uploaded to (into this machine's copy of it), each file checked against
+    the upload's list and the tables and stats against the record's digests. None when neither has
+    them whole (the stage runs again). A location that is not a clean URL (a record planted in
+    shared result storage) is never followed."""
     if out.intact():
         return out
     if not out.location:
         return None
-    here = replace(out, run_dir=str(storage.local_path(out.location)))
     try:
-        storage.pull_files(storage.join(out.location, out.stage), here.paths.dir, [*_stage_files(out.stage), STATS_FILE])
-    except (OSError, errors.InputError):
+        if storage.check_url(out.location, "location") != out.location:
+            return None
+        here = replace(out, run_dir=str(storage.local_path(out.location)))
+        storage.pull_files(storage.join(out.location, out.stage), here.paths.dir, _stage_files(out.stage),
+                           extra=(STATS_FILE,))
+    except (OSError, errors.MMPipeError):
         return None
     return here if here.intact() else None
 
@@ -270,9 +276,24 @@ def push(out: StageOutput) -> None:
     remote = storage.join(url, out.stage)
     p = out.paths
     if storage.read_remote(storage.join(remote, STATS_FILE)) != p.stats.read_bytes():
-        storage.push_files(p.dir, remote, _stage_files(out.stage), last=STATS_FILE)
+        storage.push_files(p.dir, remote, _stage_files(out.stage), last=STATS_FILE, exact=True)
     if p.status.is_file():
         storage.push_files(p.dir, remote, [STATUS_FILE])
+
+
+def _flow_run_token() -> str | None:
+    flow = FlowRunContext.get()
+    return str(flow.flow_run.id) if flow is not None and flow.flow_run is not None else None
+
+
+def _worker_inputs(cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> None:
+    """On the worker a stage task runs on (a thread of the flow, or a Dask worker with a disk of its
+    own): remote inputs mirrored (once per flow run and process) and upstream stages pulled from
+    their remote run folder, before the cache key digests local files and before the body reads them."""
+    storage.sync_inputs(cfg.data, token=_flow_run_token())
+    for out in upstream.values():
+        if out.location and localize(out) is None:
+            raise OSError(f"{out.stage}: its files are neither in {out.run_dir} nor in its remote run folder {out.location}")
 
 
 def _key_extra(ctx: TaskRunContext, stage: str, cfg: PipelineConfig) -> str:
@@ -371,11 +392,11 @@ def publish_run(task, task_run, state) -> None:
     out = _local_result(state)
     if out is None:
         return
-    create_markdown_artifact(key="mmpipe-run-summary", markdown=report.summary_markdown(out.run_dir) + headline_plots(out.run_dir),
+    create_markdown_artifact(key="mmpipe-run-summary", markdown=report.summary_markdown(out.run_dir) + report.headline_plots(out.run_dir),
                              description="mmpipe run: funnel, headline metrics and plots")
     html = RunLayout(out.run_dir).report
     if out.location:  # where the run folder's storage serves it, not this worker's disk
-        link = storage.report_link(out.location, html.relative_to(out.run_dir).as_posix(), _storage_settings())
+        link = storage.report_link(out.location, html.relative_to(out.run_dir).as_posix(), _storage_settings(out.run_dir))
         text = storage.join(out.location, html.relative_to(out.run_dir).as_posix())
     else:
         link, text = html.resolve().as_uri(), str(html)
@@ -389,35 +410,19 @@ def _local_result(state) -> StageOutput | None:
     return localize(out) if isinstance(out, StageOutput) else None
 
 
-def _storage_settings():
-    """The storage section of the flow run that asked (a hook has no parameters of its own)."""
+def _storage_settings(run_dir: str | os.PathLike):
+    """The storage section of the flow run that asked (a hook has no parameters of its own), else the
+    one the run folder's config.yaml holds (``from_config`` takes a file, not a config)."""
     flow = FlowRunContext.get()
     cfg = flow.parameters.get("cfg") if flow is not None else None
-    return cfg.storage if isinstance(cfg, PipelineConfig) else storage.StorageConfig()
-
-
-def headline_plots(run_dir: str | os.PathLike) -> str:
-    """Markdown with the run's headline plots inline (PNG data URIs): test R@k with CIs and the
-    training loss, so the Prefect UI shows them without the report file."""
-    from mmcore.report import plots
-
-    layout, parts = RunLayout(run_dir), []
+    if isinstance(cfg, PipelineConfig):
+        return cfg.storage
     try:
-        if layout.metrics.is_file():
-            from mmcore.report.sections import headline_metrics
+        from mmcore.config import load_config
 
-            test = tables.read_json(layout.metrics).get("test")
-            head = headline_metrics(test) if isinstance(test, dict) else {}
-            bars = {k: 100 * float(v["value"]) for k, v in head.items()}
-            if bars:
-                parts.append(f"![test headline metrics]({plots.barh(bars, title='test headline metrics (%)')})")
-        if layout.history.is_file():
-            h = tables.read_parquet(layout.history)
-            if {"step", "loss"} <= set(h.columns) and len(h):
-                parts.append(f"![training loss]({plots.line_panels(h['step'].to_numpy(), [('loss', h['loss'].to_numpy())], xlabel='step')})")
-    except Exception as e:  # a plot is no reason to fail the run's summary
-        return f"\n*Plots unavailable: {type(e).__name__}: {str(e)[:200]}*\n"
-    return "\n\n" + "\n\n".join(parts) + "\n" if parts else ""
+        return load_config(RunLayout(run_dir).config).storage
+    except Exception:  # no readable config.yaml: the defaults (a signed link)
+        return storage.StorageConfig()
 
 
 def materialize(out: StageOutput, run_dir: str | os.PathLike) -> StageOutput:

@@ -7,11 +7,13 @@ content digests (``tasks.common.stage_cache``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from prefect import Task, task
 from prefect.artifacts import create_table_artifact
+from prefect.context import FlowRunContext
 
 from mmcore import ablation as ablation_mod
 from mmcore import execute, graph, ingest, storage, tables
@@ -52,10 +54,13 @@ def stage_task(s: Stage) -> Task:
     """The Prefect task of one stage of the graph."""
 
     def run_stage(cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> StageOutput:
-        storage.sync_inputs(cfg.data, once=True)  # a worker of its own (Dask) mirrors remote inputs once
-        upstream = {name: _local(out) for name, out in upstream.items()}
+        upstream = {name: _local(out) for name, out in upstream.items()}  # pulled by the cache key already
         out = _run(cfg, upstream)
-        push(out)  # a remote run folder has the stage as soon as it is done, whichever worker ran it
+        try:  # a remote run folder has the stage as soon as it is done, whichever worker ran it
+            push(out)
+        except Exception as e:  # not a reason to compute the stage again: run_cached pushes from the flow
+            logging.getLogger("mmpipe").warning("%s: upload to %s failed on this worker (%s); the flow retries it",
+                                                s.name, out.location, e)
         return out
 
     def _run(cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> StageOutput:
@@ -105,10 +110,11 @@ def save_config(cfg: PipelineConfig) -> Path:
     return path
 
 
-@task(name="fetch-inputs", persist_result=False, retries=2, retry_delay_seconds=2)
+@task(name="fetch-inputs", persist_result=False, retries=2, retry_delay_seconds=2, retry_condition_fn=is_transient)
 def fetch_inputs(cfg: PipelineConfig) -> list[str]:
     """Mirror remote inputs (data.manifest, data.root as URLs) to local disk: changed objects only."""
-    done = storage.sync_inputs(cfg.data)
+    flow = FlowRunContext.get()
+    done = storage.sync_inputs(cfg.data, token=str(flow.flow_run.id) if flow is not None and flow.flow_run else None)
     for line in (d.line() for d in done):
         print(f"mirror: {line}")
     return [d.line() for d in done]
@@ -124,9 +130,10 @@ def held_out(cfg: PipelineConfig, test_split: StageOutput, test_cfg: PipelineCon
 
 
 @task(name="ablation-compute", persist_result=False)
-def ablation_compute(cfg: PipelineConfig, baseline_split: StageOutput, steps: int | None = None) -> tuple[int, int]:
-    """Training steps and batch size of every variant: the baseline's on its own train split."""
-    return ablation_mod.derive_compute(cfg, ablation_mod.n_train_rows(tables.read_json(baseline_split.paths.stats)), steps)
+def ablation_compute(cfg: PipelineConfig, baseline_curated: StageOutput, steps: int | None = None) -> tuple[int, int]:
+    """Training steps and batch size of every variant: the baseline's, on the train rows its train
+    stage reads (the kept table of train's input stage: pseudo, after split)."""
+    return ablation_mod.derive_compute(cfg, ablation_mod.n_train_rows(tables.read_json(baseline_curated.paths.stats)), steps)
 
 
 @task(name="ablation", persist_result=False)

@@ -68,3 +68,16 @@ def wait_until(predicate, what: str, timeout: float = 60, interval: float = 0.5)
             return got
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def write_train_run(run_dir: Path, table, data, train: dict) -> None:
+    """A run folder ``mmpipe train`` (torchrun's entry) can train in: train's input table and a config.yaml."""
+    import yaml
+
+    from mmcore import graph, tables
+
+    run_dir.mkdir(parents=True)
+    tables.write_parquet(table, tables.StagePaths.of(run_dir, graph.stage("train").input).kept)
+    cfg = {"data": {"manifest": str(data.manifest), "label_column": "label", "domain_column": "domain"},
+           "workers": 1, "train": train}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))

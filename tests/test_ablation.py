@@ -12,7 +12,7 @@ import pytest
 from mmcore import ablation, checks, clean, split, synth, tables
 from mmcore.base import DataConfig, StageContext
 from mmcore.config import load_config, preset_names
-from mmcore.errors import ConfigError
+from mmcore.errors import ConfigError, InputError
 from mmcore.layout import RunLayout
 from tests.conftest import REPO, demo_config
 
@@ -76,6 +76,29 @@ def test_derived_steps_are_the_baselines_epochs_of_its_train_split(tmp_path):
     assert ablation.derive_steps(cfg, 100) == 3 * 7
     with pytest.raises(ConfigError, match="train.minutes is not equal compute"):
         ablation.derive_steps(load_config(None, [f"data.manifest={tmp_path / 'm.csv'}", "train.minutes=1"]), 100)
+
+
+def test_equal_compute_counts_the_train_rows_train_sees_after_pseudo(tmp_path):
+    """clean.keep_uncaptioned with pseudo off: pseudo quarantines uncaptioned train rows, so the steps come
+    from its kept train rows (train's input), not split's."""
+    from mmcore import pseudo
+
+    assert ablation.TRAIN_INPUT == "pseudo"
+    n = 100
+    df = _split_input(n)
+    df[tables.TEXT] = np.where(np.arange(n) % 4 == 0, "", df[tables.TEXT])  # 25 rows without a caption
+    df[tables.IMAGE] = [f"i{i}.png" for i in range(n)]
+    ctx = StageContext(data=DataConfig(manifest=tmp_path / "m.csv"), run_dir=tmp_path / "run", seed=0)
+    split_res = split.run(df, split.SplitConfig(strata=[]), ctx)
+    res = pseudo.run(split_res.kept, pseudo.PseudoConfig(), ctx)
+    n_split, n_seen = ablation.n_train_rows(split_res.stats), ablation.n_train_rows(res.stats)
+    kept_train = res.kept[res.kept[split.SPLIT] == "train"]
+    assert n_seen == len(kept_train) < n_split == int((split_res.kept[split.SPLIT] == "train").sum())
+    assert res.stats["splits"]["val"]["rows"] == int((res.kept[split.SPLIT] == "val").sum())
+    cfg = load_config(None, [f"data.manifest={tmp_path / 'm.csv'}", "train.batch_size=4", "train.epochs=1"])
+    assert ablation.derive_compute(cfg, ablation.n_train_rows(res.stats)) == (-(-n_seen // 4), 4)
+    with pytest.raises(InputError, match=r"no per-split row counts .* expected the stats of 'pseudo'"):
+        ablation.n_train_rows({"enabled": False})
 
 
 # --------------------------------------------------------------------------- fixed test set (split)

@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
@@ -28,6 +27,7 @@ from mmcore.errors import InputError
 from mmcore.evaluate import EvaluateConfig
 from mmcore.layout import CHECKPOINT_DIR, LAST_CHECKPOINT, METRICS_FILE, TRAIN_CONFIG_FILE, RunLayout
 from mmcore.train import FINETUNE_DEFAULTS, TrainConfig
+from tests.conftest import write_train_run
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -375,12 +375,6 @@ def test_finetune_config_errors():
     assert TrainConfig(model_path="/m", lock_image=True, lock_text=True, lock_text_unlocked_layers=1).lock_text
 
 
-def _write_run(run_dir: Path, table: pd.DataFrame, data, train: dict) -> None:
-    run_dir.mkdir(parents=True)
-    tables.write_parquet(table, run_dir / "split" / "kept.parquet")
-    cfg = {"data": {"manifest": str(data.manifest), "label_column": "label", "domain_column": "domain"},
-           "workers": 1, "train": train}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
 @pytest.mark.parametrize("case", ["not_clip", "no_processor", "vocab", "lock"])
@@ -399,7 +393,7 @@ def test_mmpipe_train_exits_2_with_one_line_and_writes_nothing(case, demo, opena
     else:
         train, msg = {"model_path": str(broken[case][0])}, broken[case][1]
     run = tmp_path / "run"
-    _write_run(run, table, data, {**train, "steps": 2, "batch_size": 16, "num_workers": 0})
+    write_train_run(run, table, data, {**train, "steps": 2, "batch_size": 16, "num_workers": 0})
     assert trainer.main([str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err

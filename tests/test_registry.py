@@ -80,12 +80,12 @@ def test_checks_are_a_registry_used_by_quality():
 
 def test_every_augmentation_scheme_is_registered_and_applies():
     assert isinstance(augment.SCHEMES, Registry)
-    assert augment.SCHEMES.names() == ("none", "light", "aligned", "cross_modal", "synonym")  # 'none' first
+    assert augment.SCHEMES.names() == ("none", "light", "aligned", "cross_modal", "synonym", "degrade")  # 'none' first
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
     for name in augment.SCHEMES:
         out, text = augment.apply(name, img, "a red circle on the left", np.random.default_rng(1), 32, {"red": ["crimson"]})
         assert out.size == (32, 32) and text, name
-    with pytest.raises(ConfigError, match=r"^train.augment: unknown augmentation 'bogus'; expected one of aligned, cross_modal, light, none, synonym$"):
+    with pytest.raises(ConfigError, match=r"^train.augment: unknown augmentation 'bogus'; expected one of aligned, cross_modal, degrade, light, none, synonym$"):
         augment.apply("bogus", img, "x", np.random.default_rng(0), 32)
 
 
@@ -93,7 +93,7 @@ def test_train_augment_is_checked_against_the_registry_not_a_literal(monkeypatch
     from mmcore.train import TrainConfig
 
     assert TrainConfig.model_fields["augment"].annotation is str
-    with pytest.raises(ValueError, match="unknown augmentation 'bogus'; expected one of aligned, cross_modal, light"):
+    with pytest.raises(ValueError, match="unknown augmentation 'bogus'; expected one of aligned, cross_modal, degrade, light"):
         TrainConfig(augment="bogus")
     # A newly registered scheme is a valid config value without touching train.py.
     monkeypatch.setitem(augment.SCHEMES._items, "grayscale", lambda img, text, rng, size, syn: (img, text))
@@ -180,7 +180,7 @@ def test_an_unsupported_manifest_format_lists_the_registered_suffixes(tmp_path):
     "override, message",
     [
         ("train.augment=bogus",
-         "train.augment: unknown augmentation 'bogus'; expected one of aligned, cross_modal, light, none, synonym, got 'bogus'"),
+         "train.augment: unknown augmentation 'bogus'; expected one of aligned, cross_modal, degrade, light, none, synonym, got 'bogus'"),
         ("evaluate.degradations={fog: [1]}",
          "evaluate.degradations: unknown degradation 'fog'; expected one of blur, brightness, downscale, jpeg, noise, got {'fog': [1]}"),
         ("quality.checks=[fuzzy]",
@@ -200,9 +200,9 @@ def test_an_unknown_plugin_in_the_config_is_one_line_naming_the_key_once(overrid
     "args, line",
     [
         (["run", "c.yaml", "--set", "train.augment=bogus"],
-         "error: train.augment: unknown augmentation 'bogus'; expected one of aligned, cross_modal, light, none, synonym, got 'bogus' (c.yaml)"),
+         "error: train.augment: unknown augmentation 'bogus'; expected one of aligned, cross_modal, degrade, light, none, synonym, got 'bogus' (c.yaml)"),
         (["ablate", "c.yaml", "--schemes", "none,bogus"],
-         "error: --schemes: unknown augmentation(s) 'bogus'; expected one of aligned, cross_modal, light, none, synonym"),
+         "error: --schemes: unknown augmentation(s) 'bogus'; expected one of aligned, cross_modal, degrade, light, none, synonym"),
     ],
 )
 def test_cli_prints_one_line_and_exits_2(tmp_path, args, line):

@@ -27,7 +27,7 @@ from mmcore.stale import extra_digest, format_stale, stale
 from tests.conftest import demo_config
 
 SPLITS = ("train", "val", "test")
-REAL = ("clean", "probe", "quality", "decontam", "split")  # run for real here; train and evaluate are written
+REAL = ("clean", "probe", "quality", "decontam", "split", "pseudo")  # run for real here; train and evaluate are written
 
 
 # --------------------------------------------------------------------------- building a run
@@ -329,7 +329,7 @@ def test_spotcheck_gallery_shows_queries_with_their_top5(full_run):
 def test_missing_stages_show_as_not_run(tmp_path, synth_small):
     run_dir, cfg = make_run(tmp_path, synth_small, until="clean")
     page = parse(build(run_dir, cfg))
-    assert page.sections == {"funnel": "ok", "provenance": "ok", **{s: "not-run" for s in ("scores", "decontam", "split", "training", "metrics", "spotcheck")}}
+    assert page.sections == {"funnel": "ok", "provenance": "ok", **{s: "not-run" for s in ("scores", "decontam", "split", "pseudo", "training", "metrics", "spotcheck")}}
     assert "Not run: <code>train</code>" in (run_dir / "report" / "report.html").read_text()
     md = report.summary_markdown(run_dir)
     assert "| probe | | | | *not run* |" in md and "evaluate has not run" in md
@@ -374,7 +374,7 @@ def test_run_passes_rows_through_and_gives_the_bytes_build_gives(tmp_path, synth
     assert res.kept is table and res.quarantined.empty and {"reason", "detail"} <= set(res.quarantined.columns)
     assert res.stats["report_path"] == str(run_dir / "report" / "report.html")
     assert res.stats["sections"] == {"funnel": "ok", "scores": "ok", "provenance": "ok",
-                                     **{s: "not-run" for s in ("decontam", "split", "training", "metrics", "spotcheck")}}
+                                     **{s: "not-run" for s in ("decontam", "split", "pseudo", "training", "metrics", "spotcheck")}}
     # No timestamp in the page and no metadata in the PNGs: the same run gives the same bytes.
     assert (run_dir / "report" / "report.html").read_bytes() == built
 

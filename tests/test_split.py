@@ -335,6 +335,42 @@ def test_caption_overlap_is_counted_and_grouping_by_caption_removes_it():
     assert grouped.kept.loc[grouped.kept["text"].isin(["A red circle!", "a  RED circle"]), "split"].nunique() == 1
 
 
+def test_empty_captions_are_no_caption_group():
+    """Rows clean.keep_uncaptioned keeps ("" or only punctuation) are not one caption group: each is
+    grouped by its other keys only, and they count as no caption overlap."""
+    text = pd.Series(["", "", "  ", "...", "a red circle", "A red circle!", "", "blue"], dtype="str")
+    codes = split._caption_codes(text)
+    assert codes[[0, 1, 2, 3, 6]].tolist() == [-1] * 5
+    assert codes[4] == codes[5] >= 0 and codes[7] >= 0 and codes[7] != codes[4]
+    df = make_table(300, 2)
+    df["text"] = pd.Series(np.where(np.arange(300) % 2 == 0, "", df["text"]), dtype="str")  # half uncaptioned
+    res = split.run(df, SplitConfig(group_by_caption=True), ctx())
+    kept = res.kept
+    empty = kept["text"] == ""
+    assert set(kept.loc[empty, "split"]) == set(SPLITS)  # not one group: spread over every split
+    assert res.stats["largest_group"] < 10
+    assert res.stats["caption_overlap"] == 0
+    assert_groups_whole(kept)
+
+
+def test_held_out_mask_does_not_group_uncaptioned_rows_with_a_fixed_test_row(tmp_path):
+    from mmcore import ingest
+
+    (tmp_path / "manifest.csv").write_text("x\n")
+    c = StageContext(data=DataConfig(manifest=tmp_path / "manifest.csv"), run_dir=tmp_path / "run", seed=0)
+    n = 40
+    df = pd.DataFrame({
+        "row_id": np.arange(n, dtype=np.int64),
+        "text": pd.Series(["" if i % 2 else f"caption {i}" for i in range(n)], dtype="str"),
+        "content_digest": pd.Series([f"d{i}" for i in range(n)], dtype="str"),
+    })
+    # One uncaptioned and one captioned fixed test row, from this manifest.
+    held = split.held_out_rows(df[df["row_id"].isin([1, 2])], ingest.input_key(c.data))
+    hit, why = split.held_out_mask(df, held, SplitConfig(group_by_caption=True), c)
+    assert hit[hit].index.tolist() == [1, 2]  # its own rows only: no other uncaptioned row goes with row 1
+    assert why.loc[1] == "row_id in the fixed test set"
+
+
 def test_sample_weights_favour_rare_strata():
     df = make_table(3000, 2)
     res = split.run(df, SplitConfig(strata=["label"], weight_exponent=1.0), ctx())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mmcore import storage
+from mmcore import graph, storage
 from mmcore.config import load_config
 from mmcore.digests import files_fingerprint
 from mmcore.errors import ConfigError, InputError
@@ -152,6 +152,57 @@ def test_an_interrupted_upload_leaves_a_stage_that_reads_as_incomplete(s3, tmp_p
     assert storage.read_remote(f"{url}/stats.json") is None
 
 
+def test_a_pushed_folder_is_exact_and_a_pull_checks_every_file(s3, tmp_path):
+    """An earlier result's extra file (a model's old matching head) is removed from the bucket by the
+    next upload, and from a local copy by the next pull; a file changed in the bucket is refused."""
+    src, url = tmp_path / "src", f"s3://{BUCKET}/runs/exact/train"
+    (src / "model").mkdir(parents=True)
+    for name, data in {"kept.parquet": b"k", "stats.json": b"s", "model/weights": b"w", "model/head": b"h"}.items():
+        (src / name).write_bytes(data)
+    storage.push_files(src, url, ["kept.parquet", "model"], last="stats.json", exact=True)
+    dst = tmp_path / "dst"
+    assert storage.pull_files(url, dst, ["kept.parquet", "model"], extra=("stats.json",)) == 4
+    (src / "model" / "head").unlink()
+    storage.push_files(src, url, ["kept.parquet", "model"], last="stats.json", exact=True)
+    assert not s3.exists(f"{url}/model/head") and s3.exists(f"{url}/model/weights")
+    storage.pull_files(url, dst, ["kept.parquet", "model"], extra=("stats.json",))
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == [
+        "kept.parquet", "model/weights", "stats.json"]
+    s3.pipe(f"{url}/model/weights", b"tampered")
+    (dst / "model" / "weights").unlink()
+    with pytest.raises(InputError, match="not the file the upload listed"):
+        storage.pull_files(url, dst, ["kept.parquet", "model"])
+    with pytest.raises(InputError, match="no files.json"):
+        storage.pull_files(f"s3://{BUCKET}/runs/never-pushed/train", dst, ["model"])
+
+
+def test_a_cache_record_naming_a_location_outside_the_cache_is_never_followed(s3, tmp_path, monkeypatch):
+    from tasks.common import StageOutput, localize
+
+    _cache(tmp_path, monkeypatch)
+    planted = StageOutput(stage="clean", run_dir=str(tmp_path / "gone"), kept_digest="x", quarantine_digest="x",
+                          n_kept=1, n_quarantined=0, stats_digest="x", location="s3://../../../../tmp/evil")
+    assert localize(planted) is None
+    assert not (tmp_path / "tmp" / "evil").exists() and not Path("/tmp/evil/clean").exists()
+
+
+def test_remote_settings_are_checked_at_load_and_travel_as_urls(s3, tmp_path, monkeypatch):
+    from mmcore.config import portable
+
+    _cache(tmp_path, monkeypatch)
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.manifest=s3://{BUCKET}/manifest.csv", f"out=s3://{BUCKET}"])
+    assert storage.url_of(cfg.data.image_root) == f"s3://{BUCKET}" and storage.url_of(cfg.run_dir) == f"s3://{BUCKET}"
+    tree = portable(cfg)  # what config.yaml and a typed deployment's parameters hold: no machine's cache path
+    assert tree["out"] == f"s3://{BUCKET}" and tree["data"]["manifest"] == f"s3://{BUCKET}/manifest.csv"
+    with pytest.raises(ConfigError, match=r"storage.results: cannot use nosuch://"):
+        load_config(REPO / "configs" / "demo.yaml", ["data.manifest=m.csv", "storage.results=nosuch://b/r"])
+    with pytest.raises(ConfigError, match=r"storage.public_url: .*expected an http\(s\) URL"):
+        load_config(REPO / "configs" / "demo.yaml", ["data.manifest=m.csv", "storage.public_url=s3://b/r"])
+    with pytest.raises(InputError, match=r"s3://no-such-bucket-here/x") as e:  # the provider's error, one line
+        storage.mirror("s3://no-such-bucket-here/x")
+    assert "\n" not in str(e.value)
+
+
 def _mmpipe(args: list[str], home: Path, cache: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
            storage.CACHE_ENV: str(cache)}
@@ -161,7 +212,7 @@ def _mmpipe(args: list[str], home: Path, cache: Path, cwd: Path) -> subprocess.C
 
 def _statuses(s3, run_url: str) -> dict[str, bool]:
     out = {}
-    for stage in ("clean", "probe", "quality", "decontam", "split", "train", "evaluate", "report"):
+    for stage in graph.ORDER:
         blob = storage.read_remote(f"{run_url}/{stage}/status.json")
         if blob is not None:
             out[stage] = json.loads(blob)["cached"]
@@ -184,7 +235,7 @@ def test_pipeline_on_s3_runs_twice_and_the_second_run_is_cached_also_on_a_fresh_
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert f"uploaded to {run_url}" in first.stdout
     ran = _statuses(s3, run_url)
-    assert set(ran) == {"clean", "probe", "quality", "decontam", "split", "train", "evaluate", "report"}
+    assert set(ran) == set(graph.ORDER)
     assert not any(ran.values())
     for stage in ran:  # each stage's files are in the bucket, its stats written last
         assert s3.exists(f"{run_url}/{stage}/kept.parquet") and s3.exists(f"{run_url}/{stage}/stats.json")
@@ -220,7 +271,7 @@ def test_pipeline_on_s3_runs_twice_and_the_second_run_is_cached_also_on_a_fresh_
     assert storage.report_link(run_url, "report/report.html", public) == \
         "https://reports.example.org/runs/acceptance/report/report.html"
     # The run summary artifact carries the headline plots inline.
-    from tasks.common import headline_plots
+    from mmcore.report import headline_plots
 
     md = headline_plots(pulled)
     assert md.count("](data:image/png;base64,") == 2, md[:300]

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,6 +21,7 @@ from mmcore.errors import ConfigError
 from mmcore.layout import TRAIN_CONFIG_FILE
 from mmcore.train import REASONS, TrainConfig
 from mmpipe import trainer
+from tests.conftest import write_train_run
 
 # The micro preset and a few steps keep the whole file well under a minute on 2 cores.
 FAST = dict(preset="micro", batch_size=16, steps=4, warmup_steps=2, num_workers=0, checkpoint_every=2, vocab_size=400)
@@ -98,6 +98,18 @@ def test_config_lengths_are_exclusive():
     with pytest.raises(ValueError, match="exactly one of epochs, steps, minutes"):
         TrainConfig(epochs=2, minutes=1.0)
     assert TrainConfig().length == ("epochs", 8)
+
+
+def test_config_fusion_with_several_gpus_fails_at_load(tmp_path):
+    """A matching head trains in one process: the config says so at load, before any curation runs."""
+    with pytest.raises(ValueError, match=r"fusion 'concat' trains its matching head in one process .*gpus 2"):
+        TrainConfig(fusion="concat", gpus=2)
+    from mmcore.config import load_config
+
+    with pytest.raises(ConfigError, match=r"train.*fusion 'concat' trains its matching head in one process") as e:
+        load_config(None, [f"data.manifest={tmp_path / 'm.csv'}", "train.fusion=concat", "train.gpus=2"])
+    assert "\n" not in str(e.value)
+    assert TrainConfig(fusion="concat", gpus=1).gpus == 1
 
 
 def test_shards_are_deterministic_cached_and_quarantine_bad_images(demo, tmp_path):
@@ -215,21 +227,15 @@ def test_resume_after_kill_gives_identical_weights(demo, tmp_path):
     assert (tmp_path / "full/train/history.parquet").read_bytes() == (tmp_path / "killed/train/history.parquet").read_bytes()
 
 
-def _write_run(run_dir: Path, table: pd.DataFrame, data, train: dict) -> None:
-    run_dir.mkdir(parents=True)
-    tables.write_parquet(table, run_dir / "split" / "kept.parquet")
-    cfg = {"data": {"manifest": str(data.manifest), "label_column": "label", "domain_column": "domain"},
-           "workers": 1, "train": train}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 
 def test_ddp_two_gloo_processes_match_single_process(demo, tmp_path):
     table, data = demo
     train = {**FAST, "steps": 3, "val_every_epoch": False}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    _write_run(tmp_path / "single", table, data, train)
+    write_train_run(tmp_path / "single", table, data, train)
     assert trainer.main([str(tmp_path / "single")]) == 0
-    _write_run(tmp_path / "ddp", table, data, train)
+    write_train_run(tmp_path / "ddp", table, data, train)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "mmpipe", "train", str(tmp_path / "ddp")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -247,7 +253,7 @@ def test_ddp_rank0_failing_to_build_shards_stops_every_rank_at_once(demo, tmp_pa
     """Every rank stops with rank 0's reason. Before, rank 1 waited at a barrier for shards that
     would never come: torchrun tears such a group down, other launchers waited for the timeout."""
     table, data = demo
-    _write_run(tmp_path / "ddp", table, data, {**FAST, "steps": 3})
+    write_train_run(tmp_path / "ddp", table, data, {**FAST, "steps": 3})
     (tmp_path / "ddp" / "train").mkdir(parents=True)
     (tmp_path / "ddp" / "train" / "shards").write_text("a file where the shard folder goes")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}

@@ -16,7 +16,7 @@ function per section), ``page`` (the page, the stage's ``run``, the markdown sum
 (HTML pieces) and ``plots`` (matplotlib charts).
 """
 
-from mmcore.report.page import build, render, run, summary_markdown
+from mmcore.report.page import build, headline_plots, render, run, summary_markdown
 from mmcore.report.sections import SECTIONS as _SECTIONS
 from mmcore.report.sections import ReportConfig
 from mmcore.report.stats import STAGE
@@ -24,4 +24,4 @@ from mmcore.report.stats import STAGE
 REASONS: dict[str, str] = {}  # the report quarantines nothing
 SECTIONS: tuple[str, ...] = tuple(_SECTIONS)  # section ids, in page order
 
-__all__ = ["REASONS", "SECTIONS", "STAGE", "ReportConfig", "build", "render", "run", "summary_markdown"]
+__all__ = ["REASONS", "SECTIONS", "STAGE", "ReportConfig", "build", "headline_plots", "render", "run", "summary_markdown"]

@@ -18,6 +18,7 @@ from mmcore import graph, images, sources, tables
 from mmcore.base import StageContext
 from mmcore.errors import InputError
 from mmcore.layout import RunLayout
+from mmcore.report import plots
 from mmcore.report.markup import Thumbs, badge, ci_text, esc, fmt
 from mmcore.report.sections import ERROR, NOT_RUN, SECTIONS, ReportConfig, Section, headline, headline_metrics
 from mmcore.report.stats import Run, TrainStats
@@ -242,3 +243,24 @@ def summary_markdown(run_dir: str | os.PathLike) -> str:
     if run.layout.report.is_file():
         lines += ["", f"Report: `{run.layout.report.resolve()}`"]
     return "\n".join(lines) + "\n"
+
+
+def headline_plots(run_dir: str | os.PathLike) -> str:
+    """Markdown with the run's headline plots inline (PNG data URIs): the headline test metrics (point
+    estimates; ``summary_markdown``'s table has their CIs) and the training loss, so the Prefect UI
+    shows them without the report file."""
+    layout, parts = RunLayout(Path(run_dir)), []
+    try:
+        if layout.metrics.is_file():
+            test = tables.read_json(layout.metrics).get("test")
+            head = headline_metrics(test) if isinstance(test, dict) else {}
+            bars = {k: 100 * float(v["value"]) for k, v in head.items()}
+            if bars:
+                parts.append(f"![test headline metrics]({plots.barh(bars, title='test headline metrics (%)')})")
+        if layout.history.is_file():
+            h = tables.read_parquet(layout.history)
+            if {"step", "loss"} <= set(h.columns) and len(h):
+                parts.append(f"![training loss]({plots.line_panels(h['step'].to_numpy(), [('loss', h['loss'].to_numpy())], xlabel='step')})")
+    except Exception as e:  # a plot is no reason to fail the run's summary
+        return f"\n*Plots unavailable: {type(e).__name__}: {str(e)[:200]}*\n"
+    return "\n\n" + "\n\n".join(parts) + "\n" if parts else ""

@@ -42,9 +42,30 @@ from mmcore.report.markup import (
     stat_card,
     table,
 )
-from mmcore.report.stats import STAGE, UPSTREAM, DecontamStats, QualityStats, Run, SplitShare, SplitStats, TrainStats
+from mmcore.report.stats import (
+    STAGE,
+    UPSTREAM,
+    DecontamStats,
+    PseudoStats,
+    QualityStats,
+    Run,
+    SplitShare,
+    SplitStats,
+    TrainStats,
+)
 from mmcore.spotcheck import cell_text
-from mmcore.tables import DETAIL, IMAGE, REASON, ROW_ID, TEXT, TEXT_RAW
+from mmcore.tables import (
+    DETAIL,
+    IMAGE,
+    PSEUDO_LABEL,
+    PSEUDO_MARGIN,
+    PSEUDO_ORIGINAL,
+    PSEUDO_SIMILARITY,
+    REASON,
+    ROW_ID,
+    TEXT,
+    TEXT_RAW,
+)
 
 OK, NOT_RUN, ERROR = "ok", "not-run", "error"
 _HEADLINE = ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "acc1")
@@ -400,6 +421,47 @@ def training(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
     return Section(OK, "".join(out))
 
 
+# --------------------------------------------------------------------------- pseudo-labels
+
+# The pseudo stage's columns (named in mmcore.tables, not mmcore.pseudo: the report's code digest stays its own).
+_PSEUDO_COLUMNS = (PSEUDO_LABEL, PSEUDO_MARGIN, PSEUDO_SIMILARITY, PSEUDO_ORIGINAL)
+
+
+def pseudo(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
+    """Counts, the margin histogram and a gallery of pseudo-pairs (the original caption beside the teacher's)."""
+    st = run.stats("pseudo", PseudoStats)
+    if st is None:
+        return Section(NOT_RUN, not_run("pseudo"))
+    if not st.enabled:
+        dropped = st.reasons.get("no_caption", 0)
+        return Section(OK, f"<p>Off (<code>pseudo.enabled: false</code>): rows passed through; {dropped:,} rows "
+                           "without a usable caption quarantined as <code>no_caption</code>.</p>")
+    cards = {"candidates": st.n_candidates, "pseudo-pairs": st.n_pseudo, "from empty captions": st.n_pseudo_uncaptioned,
+             "relabelled (low alignment)": st.n_pseudo_relabelled, "train rows": st.n_train, "caption bank": st.n_bank}
+    out = [f'<div class="stats">{"".join(stat_card(k, f"{v:,}", None, v) for k, v in cards.items())}</div>',
+           f"<p>Teacher {short(st.teacher)}; bank: {esc(st.bank)}; a pseudo-pair needs a margin "
+           f"(top cosine minus the runner-up's) of at least {fmt(st.min_margin)} and weighs {fmt(st.weight)} in the "
+           "loss. Pseudo-pairs are train rows only; val and test rows without a caption are quarantined.</p>"]
+    h = st.margin_hist
+    if h.counts:
+        bins = {f"{lo:.3f}–{hi:.3f}": c for lo, hi, c in zip(h.edges[:-1], h.edges[1:], h.counts)}
+        out.append(charts(figure(plots.barh(bins, "Teacher margin of every candidate", "candidates"),
+                                 f"margin (top-1 minus top-2 cosine); threshold {fmt(st.min_margin)}")))
+    kept = run.table("pseudo", columns=[ROW_ID, IMAGE, TEXT, *_PSEUDO_COLUMNS])
+    if kept is not None and PSEUDO_LABEL in kept.columns:
+        rows = kept[kept[PSEUDO_LABEL].astype(bool)].sort_values(PSEUDO_MARGIN, ascending=False)
+        n = max(cfg.thumbnails_per_reason, 1) * 3
+        cards_html = []
+        for r in rows.head(n).to_dict("records"):
+            was = r.get(PSEUDO_ORIGINAL) or "(no caption)"
+            cards_html.append(_card(thumbs, r, f"was: {was} · margin {r.get(PSEUDO_MARGIN, float('nan')):.3f}"))
+        if cards_html:
+            out.append(f"<h3>Pseudo-pairs <small>{len(cards_html)} of {len(rows):,}, highest margins</small></h3>"
+                       f'<div class="cards">{"".join(cards_html)}</div>')
+    out.append(details("pseudo stats", kv_table(st.figures(), "pseudo")))
+    return Section(OK, "".join(out))
+
+
 # --------------------------------------------------------------------------- metrics
 
 
@@ -602,6 +664,40 @@ def _confusion(m: np.ndarray, classes: list[str], split: str, n_pairs: int = 20)
     return out
 
 
+# Blocks of metrics.json that are not splits (both in metrics.NOT_SPLITS): the fusion head's matching and
+# re-ranking (test split).
+_MATCHING, _RERANK = "matching", "rerank"
+_MATCH_ORDER = ("accuracy", "precision", "recall", "f1", "auroc")
+
+
+def _matching(m: Mapping[str, Any]) -> str:
+    """The fusion head's pair classification (CI leaves, pair counts, chance levels) and its re-ranking
+    of the dual encoder's top k (R@k without, with, and the paired difference)."""
+    out = []
+    mt = _mapping(m.get(_MATCHING))
+    if mt:
+        chance = _mapping(mt.get("chance"))
+        names = ordered([k for k, v in mt.items() if is_ci(v)], _MATCH_ORDER)
+        rows = [[f"<td>{esc(n)}</td>", cell(f"evaluate.matching.{n}", mt[n]), cell(None, chance.get(n), cls="chance")]
+                for n in names]
+        counts = ", ".join(f"{fmt(mt.get(k))} {k.removeprefix('n_')}" for k in ("n_pairs", "n_positive", "n_negative")
+                           if mt.get(k) is not None)
+        out.append(f"<h3>Image-text matching (fusion head) <small>{esc(counts)} · 95% bootstrap CI</small></h3>"
+                   + table(["metric", "value [95% CI]", "chance"], rows, "metrics"))
+    rr = _mapping(m.get(_RERANK))
+    if rr:
+        rows = []
+        for d, label in (("i2t", "image → text"), ("t2i", "text → image")):
+            for k, leaf in _mapping(rr.get(d)).items():
+                leaf = _mapping(leaf)
+                rows.append([f"<td>{esc(label)}</td>", f"<td>{esc(k)}</td>",
+                             *(cell(f"evaluate.rerank.{d}.{k}.{part}", leaf.get(part)) if is_ci(leaf.get(part))
+                               else "<td>–</td>" for part in ("without", "with", "difference"))])
+        out.append(f"<h3>Re-ranking the top {esc(fmt(rr.get('k')))} with the fusion head</h3>"
+                   + table(["direction", "metric", "dual encoder", "re-ranked", "difference [95% CI]"], rows, "metrics"))
+    return "".join(out)
+
+
 def metrics(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
     path = run.layout.metrics
     if not path.is_file():
@@ -611,7 +707,8 @@ def metrics(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
     m = tables.read_json(path)
     chance = _mapping(m.get("chance"))
     splits = [s for s in ("test", "val", "train") if isinstance(m.get(s), Mapping)]
-    splits += [s for s, v in m.items() if s not in splits and s not in NOT_SPLITS and isinstance(v, Mapping)]
+    splits += [s for s, v in m.items()
+               if s not in splits and s not in NOT_SPLITS and isinstance(v, Mapping)]
     out = []
     for s in splits:
         body = m[s]
@@ -622,6 +719,7 @@ def metrics(run: Run, cfg: ReportConfig, thumbs: Thumbs) -> Section:
         zs = _mapping(body.get("zeroshot"))
         if s == splits[0] and zs.get("confusion") and zs.get("classes"):
             out.append(_confusion(np.asarray(zs["confusion"], dtype=float), [str(c) for c in zs["classes"]], s))
+    out.append(_matching(m))
     out.append(_baseline(m, "evaluate.baseline"))
     first = splits[0] if splits else None
     if first and isinstance(m[first].get("per_domain"), Mapping):
@@ -747,6 +845,7 @@ SECTIONS: dict[str, tuple[str, Builder]] = {
     "scores": ("Scores", scores),
     "decontam": ("Decontamination", decontam),
     "split": ("Split", split),
+    "pseudo": ("Pseudo-labels", pseudo),
     "training": ("Training", training),
     "metrics": ("Metrics", metrics),
     "spotcheck": ("Spot check", spotcheck),

@@ -107,6 +107,32 @@ class SplitStats(StageStats):
     warnings: list[str] = []
 
 
+class MarginHistogram(_Shape):
+    edges: list[float] = []
+    counts: list[int] = []
+
+
+class PseudoStats(StageStats):
+    """The pseudo stage's own figures (off: ``enabled`` false and nothing else)."""
+
+    enabled: bool = False
+    teacher: str = ""
+    bank: str = ""
+    n_bank: int = 0
+    n_train: int = 0
+    n_uncaptioned: int = 0
+    n_uncaptioned_train: int = 0
+    n_low_alignment: int = 0
+    n_candidates: int = 0
+    n_pseudo: int = 0
+    n_pseudo_uncaptioned: int = 0
+    n_pseudo_relabelled: int = 0
+    min_margin: float | None = None
+    weight: float | None = None
+    margin_hist: MarginHistogram = MarginHistogram()
+    margin_quantiles: dict[str, float] = {}
+
+
 class TrainStats(StageStats):
     device: str | None = None
     steps: int | None = None
