@@ -715,6 +715,10 @@ def run_stage(
         _lock(model, cfg)
         ctx_len = clip_model.context_length(model)
         clip_model.configure_tokenizer(tok, ctx_len)
+        if cfg.tokenizer_path is not None:  # a given tokenizer's special tokens may sit at other ids than build_model's
+            tc = model.config.text_config
+            tc.pad_token_id, tc.bos_token_id = tok.token_to_id(clip_model.PAD), tok.token_to_id(clip_model.SOT)
+            clip_model.align_pooling(model, tok, tok.token_to_id(clip_model.EOT), "train.tokenizer_path")
         if cfg.normalize == "dataset":
             mean, std = shards.mean_std(train_df["jpeg"].array)
         else:

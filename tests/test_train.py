@@ -349,3 +349,24 @@ def test_an_unset_batch_size_is_chosen_alike_after_a_round_trip_through_the_save
     assert trainloop.auto_schedule(again, 20000).batch_size == trainloop.auto_schedule(cfg, 20000).batch_size == 128
     ft = TrainConfig.model_validate({"model_path": "/m"})
     assert trainloop.auto_schedule(ft, 20000).batch_size == trainloop.FINETUNE_BATCH
+
+
+def test_a_given_tokenizer_is_pooled_at_its_own_end_token(demo, tmp_path):
+    """A preset model trained with train.tokenizer_path pools the caption at that tokenizer's end
+    token, wherever its id is (build_model assumes mmpipe's own order, end token = id 3)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    table, data = demo
+    tok = Tokenizer(models.BPE(unk_token=clip_model.UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = [clip_model.EOT, clip_model.SOT, clip_model.PAD, clip_model.UNK]  # not mmpipe's order
+    tok.train_from_iterator(table["text"].tolist(), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    assert tok.token_to_id(clip_model.EOT) == 0
+    tok.save(str(tmp_path / "tokenizer.json"))
+    trainloop.run_stage(table, TrainConfig(**{**FAST, "steps": 1}, tokenizer_path=tmp_path / "tokenizer.json"),
+                        _ctx(data, tmp_path / "run"))
+    tc = clip_model.load(tmp_path / "run" / "train" / "model").model.config.text_config
+    assert (tc.eos_token_id, tc.bos_token_id, tc.pad_token_id) == (0, 1, 2)
