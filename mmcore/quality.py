@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -73,6 +74,10 @@ class QualityConfig(StrictModel):
     )
     alignment_keep_fraction: float | None = Field(None, gt=0, le=1, description="Keep this top fraction by cosine.")
     alignment_batch_size: int = Field(64, ge=1, description="Images and captions per CLIP forward pass.")
+    alignment_score: Literal["cosine", "match"] = Field(
+        "cosine", description="cosine: the CLIP score; match: P(match) of the alignment model's matching head "
+        "(train.fusion), stored as 2 P - 1 in clip_score so the threshold reads on one scale (0 = P 0.5)."
+    )
 
     @field_validator("checks")
     @classmethod
@@ -441,6 +446,37 @@ def clip_scores(table: pd.DataFrame, model_dir: Path, root: sources.ImageSource 
     return out, [image_error[c] for c in codes]
 
 
+def match_scores(table: pd.DataFrame, model_dir: Path, root: sources.ImageSource | str,
+                 batch_size: int = 64) -> tuple[np.ndarray, list[str]]:
+    """2 P(match) - 1 of each row's image and caption by the model's matching head (``train.fusion``):
+    on the cosine's scale, so ``alignment_threshold`` and the report read the same way.
+
+    Returns the scores and, per row, '' or why its image could not be decoded (score NaN then).
+    """
+    from mmcore import clip_model, fusion
+
+    try:
+        model = clip_model.load(Path(model_dir), where="quality.alignment_model")
+        fusion.require_head(model)
+    except MMPipeError as e:  # no model, or one without a head: a config mistake, one line
+        raise ConfigError(f"quality.alignment_score match: {str(e).removeprefix('quality.alignment_model: ')}") from None
+    source = sources.as_source(root)
+    n, texts, paths = len(table), table[TEXT].tolist(), table[IMAGE].tolist()
+    out, errors = np.full(n, np.nan), [""] * n
+    for lo in range(0, n, batch_size):
+        rows, images = [], []
+        for i in range(lo, min(n, lo + batch_size)):
+            try:
+                images.append(sources.load_rgb(source, paths[i], max_side=448))
+                rows.append(i)
+            except Exception as e:  # changed or broken since it was measured: its row, never the batch
+                errors[i] = row_detail(e, "alignment decode: ")
+        if rows:
+            p = fusion.match_probability(model, images, [texts[i] for i in rows], batch_size=batch_size)
+            out[rows] = 2 * p - 1
+    return out, errors
+
+
 # --------------------------------------------------------------------------- stage
 
 
@@ -506,7 +542,7 @@ def decide(table: pd.DataFrame, measurements: pd.DataFrame, cfg: QualityConfig) 
         "scores": {checks.score_column(n): _quantiles(df[checks.score_column(n)]) for n in names},
         "n_dup_clusters": int(pd.Series(dup[ok.to_numpy()]).nunique()),
         "n_rows_in_near_dup_clusters": int(pd.Series(dup).duplicated(keep=False)[ok.to_numpy()].sum()),
-        "alignment": "on" if alignment else "off: no quality.alignment_model configured",
+        "alignment": f"on ({cfg.alignment_score})" if alignment else "off: no quality.alignment_model configured",
     }
     return StageResult(kept, res.quarantined, stats)
 
@@ -534,7 +570,8 @@ def run(table: pd.DataFrame, cfg: QualityConfig, ctx: StageContext) -> StageResu
         ok = (m[ERROR] == "").to_numpy() & (table[TEXT].fillna("").astype("str").str.strip() != "").to_numpy()
         scores = np.full(len(table), np.nan)
         if ok.any():
-            scores[ok], errors = clip_scores(table[ok], cfg.alignment_model, root, cfg.alignment_batch_size)
+            score = match_scores if cfg.alignment_score == "match" else clip_scores
+            scores[ok], errors = score(table[ok], cfg.alignment_model, root, cfg.alignment_batch_size)
             # An image that no longer decodes is quarantined as corrupt, like any other.
             failed = {p: e for p, e in zip(table.loc[ok, IMAGE], errors) if e}
             if failed:

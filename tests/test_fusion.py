@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -253,3 +254,30 @@ def test_matching_metrics_match_scikit_learn():
     assert v["f1"] == pytest.approx(f1_score(y, pred)) and v["precision"] == pytest.approx(precision_score(y, pred))
     assert v["recall"] == pytest.approx(recall_score(y, pred)) and v["accuracy"] == pytest.approx((pred == y).mean())
     assert metrics.matching_chance(100, 200) == pytest.approx({"accuracy": 2 / 3, "auroc": 0.5, "f1": 0.5})
+
+
+def test_quality_alignment_can_score_with_the_matching_head(trained):
+    """quality.alignment_score: match: the head's P(match) (as 2 P - 1) flags mismatched captions
+    more often than their own ones, on held-out test images."""
+    from mmcore import quality
+    from mmcore.quality import QualityConfig
+
+    table, data, run, _ = trained
+    rows, _, _ = _pairs(table, data)
+    wrong = rows.assign(text=_mismatched(rows))
+    both = pd.concat([rows, wrong], ignore_index=True)
+    scores, errors = quality.match_scores(both, run / "train" / "model", data.image_root, batch_size=32)
+    assert not any(errors) and ((scores >= -1) & (scores <= 1)).all()
+    own, other = scores[: len(rows)], scores[len(rows):]
+    assert own.mean() > other.mean()
+    cfg = QualityConfig(alignment_model=run / "train" / "model", alignment_score="match", alignment_threshold=0.0)
+    assert cfg.alignment_score == "match"
+    with pytest.raises(ConfigError, match=r"^quality.alignment_score match: .*no fusion head"):
+        quality.match_scores(both.head(2), _plain_model(table, data, run), data.image_root)
+
+
+def _plain_model(table, data, run) -> Path:
+    out = run.parent / (run.name + "-plain")
+    if not (out / "train" / "model").is_dir():
+        train.run(table, TrainConfig(**FAST, steps=1), _ctx(data, out))
+    return out / "train" / "model"

@@ -256,7 +256,7 @@ def test_alignment_check_scores_with_a_local_clip_model(root, tmp_path, monkeypa
     ctx = _ctx(root, tmp_path)
     p = probe.run(table, probe.ProbeConfig(), ctx)
     res = quality.run(p.kept, quality.QualityConfig(alignment_model=model, alignment_keep_fraction=0.5, alignment_batch_size=4), ctx)
-    assert res.stats["alignment"] == "on"
+    assert res.stats["alignment"] == "on (cosine)"
     allrows = pd.concat([res.kept, res.quarantined])
     assert allrows["clip_score"].between(-1, 1).all() and allrows["clip_score"].nunique() == 6
     low = res.quarantined[res.quarantined[tables.REASON] == "low_alignment"]
