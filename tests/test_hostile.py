@@ -845,12 +845,12 @@ def test_a_rerun_on_other_data_with_a_shorter_until_retires_the_older_later_stag
         tables.write_bytes(dump_config(cfg2).encode(), layout.config)
         ctx = execute.context(cfg2, progress=False)
         table, digest = execute.read_source(cfg2, "clean")
-        for stage in REAL:
+        for stage in (r for r in REAL if r in planned):  # up to split, as --until split runs
             s = graph.stage(stage)
             if s.input is not None:
                 table, digest = tables.load(run_dir, s.input), tables.read_json(layout.stage(s.input).stats)["kept_digest"]
             execute.run_stage(stage, cfg2, table, digest, extra_digest(stage, cfg2), ctx=ctx)
-    assert set(moved) == {"train", "evaluate"}
+    assert set(moved) == {s.name for s in graph.plan("evaluate")} - set(planned) - {"report"}  # pseudo, train, evaluate
     for name in moved:  # moved aside, not deleted, and no longer where the report and inspect read
         assert (run_dir / SUPERSEDED_DIR / run_id / name).is_dir() and not layout.stage_dir(name).exists()
     html, statuses = report.render(run_dir, cfg2.report, cfg2.data.image_root, cfg2.run_name)
