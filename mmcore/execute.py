@@ -55,13 +55,20 @@ def _copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def stage_files(stage: str) -> list[str]:
+    """A stage's own files besides its stats: kept, quarantine and the graph's ``writes``, not
+    ``layout.SCRATCH`` (shards and checkpoints are rebuilt if ever needed). What travels when a stage
+    is copied to another run folder or to and from a remote one."""
+    return [KEPT_FILE, QUARANTINE_FILE, *(w for w in graph.stage(stage).writes if w not in SCRATCH)]
+
+
 def copy_stage(stage: str, src_run: str | os.PathLike, dst_run: str | os.PathLike) -> None:
     """Copy a stage's own files (kept, quarantine, stats and the graph's ``writes``, not
     ``layout.SCRATCH``: shards and checkpoints are rebuilt if ever needed) from one run folder to
     another, replacing the destination's; nothing else of either folder is touched (the user's
     verdicts, external evaluations)."""
     src, dst = StagePaths.of(src_run, stage).dir, StagePaths.of(dst_run, stage).dir
-    names = [KEPT_FILE, QUARANTINE_FILE, STATS_FILE, *(w for w in graph.stage(stage).writes if w not in SCRATCH)]
+    names = [*stage_files(stage), STATS_FILE]
     for name in names:
         if (dst / name).is_dir() and not (dst / name).is_symlink():
             shutil.rmtree(dst / name)

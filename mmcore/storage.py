@@ -37,6 +37,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from mmcore import tables
 from mmcore.base import StrictModel
 from mmcore.digests import MIRROR_INDEX, mirror_index
 from mmcore.errors import InputError
@@ -181,9 +182,7 @@ def _mirror(url: str, single: bool) -> MirrorStats:
                 (local / rel).unlink(missing_ok=True)
                 removed += 1
         local.mkdir(parents=True, exist_ok=True)
-        tmp = local / f".{MIRROR_INDEX}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"url": url, "objects": new}, sort_keys=True))
-        os.replace(tmp, local / MIRROR_INDEX)
+        tables.write_bytes(json.dumps({"url": url, "objects": new}, sort_keys=True).encode(), local / MIRROR_INDEX)
         return MirrorStats(url, str(local), len(new), n_down, removed, n_unsafe, n_bytes)
 
 

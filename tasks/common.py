@@ -32,7 +32,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
 from mmcore import errors, execute, faults, graph, ingest, storage, tables
 from mmcore.config import PipelineConfig
-from mmcore.layout import KEPT_FILE, QUARANTINE_FILE, SCRATCH, STATS_FILE, STATUS_FILE, RunLayout, StagePaths
+from mmcore.layout import STATS_FILE, STATUS_FILE, RunLayout, StagePaths
 from mmcore.provenance import code_digest, settings_json
 from mmcore.stale import extra_digest
 
@@ -241,11 +241,6 @@ def result_storage(cfg: PipelineConfig):
     return _RESULT_BLOCKS[key]
 
 
-def _stage_files(stage: str) -> list[str]:
-    """A stage's files that travel with it: kept, quarantine and the graph's ``writes`` (not scratch)."""
-    return [KEPT_FILE, QUARANTINE_FILE, *(w for w in graph.stage(stage).writes if w not in SCRATCH)]
-
-
 def localize(out: StageOutput) -> StageOutput | None:
     """``out`` with its files on this machine: as it is when they are intact here, else pulled from the
     remote run folder it was uploaded to (into this machine's copy of it), each file checked against
@@ -260,7 +255,7 @@ def localize(out: StageOutput) -> StageOutput | None:
         if storage.check_url(out.location, "location") != out.location:
             return None
         here = replace(out, run_dir=str(storage.local_path(out.location)))
-        storage.pull_files(storage.join(out.location, out.stage), here.paths.dir, _stage_files(out.stage),
+        storage.pull_files(storage.join(out.location, out.stage), here.paths.dir, execute.stage_files(out.stage),
                            extra=(STATS_FILE,))
     except (OSError, errors.MMPipeError):
         return None
@@ -276,7 +271,7 @@ def push(out: StageOutput) -> None:
     remote = storage.join(url, out.stage)
     p = out.paths
     if storage.read_remote(storage.join(remote, STATS_FILE)) != p.stats.read_bytes():
-        storage.push_files(p.dir, remote, _stage_files(out.stage), last=STATS_FILE, exact=True)
+        storage.push_files(p.dir, remote, execute.stage_files(out.stage), last=STATS_FILE, exact=True)
     if p.status.is_file():
         storage.push_files(p.dir, remote, [STATUS_FILE])
 

@@ -54,7 +54,9 @@ def stage_task(s: Stage) -> Task:
     """The Prefect task of one stage of the graph."""
 
     def run_stage(cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> StageOutput:
-        upstream = {name: _local(out) for name, out in upstream.items()}  # pulled by the cache key already
+        # Pulled by the cache key already (tasks.common._worker_inputs); again here only for a remote
+        # upstream, in case no key was computed: a local run's tables are not hashed once more.
+        upstream = {name: _local(out) if out.location else out for name, out in upstream.items()}
         out = _run(cfg, upstream)
         try:  # a remote run folder has the stage as soon as it is done, whichever worker ran it
             push(out)
