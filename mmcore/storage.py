@@ -15,10 +15,11 @@ renames): object stores offer none of these. So a remote location is served by a
   ``stats.json`` last, after a list of every file with its digest (``FILES_MANIFEST``): a stage's
   remote folder is complete when its stats are there; objects an earlier result left are removed.
   A cache hit whose files are not on this machine (another worker, a fresh checkout) is pulled from
-  the run folder it was computed in (``pull_files``): every listed file checked against its digest,
-  the stats and tables against the cache record's (``tasks.common.localize``).
-- **Prefect's result storage** (``storage.results``): ``result_storage`` gives the block the stage
-  tasks persist their cache records in, so every worker that points at it shares the stage cache.
+  the run folder it was computed in (``pull_stage``): every listed file checked against its digest,
+  the stats and tables against the cache record's.
+- **Prefect's result storage** (``storage.results``): ``results_base`` is where the stage tasks
+  persist their cache records (``tasks.common.result_storage``), so every worker that points at it
+  shares the stage cache; ``remove_unless`` deletes a record there that is not mmpipe's.
 
 Credentials and endpoints are fsspec's and the provider's own (``AWS_ACCESS_KEY_ID``,
 ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS``, fsspec's config files): mmpipe never
@@ -31,6 +32,7 @@ import json
 import os
 import posixpath
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,8 @@ from pydantic import Field, field_validator
 from mmcore import tables
 from mmcore.base import StrictModel
 from mmcore.digests import MIRROR_INDEX, mirror_index
-from mmcore.errors import InputError
+from mmcore.errors import InputError, MMPipeError
+from mmcore.layout import STATS_FILE, STATUS_FILE
 from mmcore.locations import CACHE_ENV, as_local, cache_root, check_url, is_url, local_path, local_url, safe_key, url_of
 
 
@@ -285,7 +288,7 @@ def push_files(local_dir: Path, url: str, names: list[str], last: str | None = N
 
 
 def read_remote(url: str, max_bytes: int = 16 << 20) -> bytes | None:
-    """A small remote object's bytes, or None when it does not exist."""
+    """A small object's (or local file's) first ``max_bytes``, or None when it does not exist."""
     fs, path = filesystem(url)
     try:
         with fs.open(path, "rb") as f:
@@ -332,6 +335,66 @@ def pull_files(url: str, local_dir: Path, names: list[str], extra: tuple[str, ..
     return n
 
 
+def files_match(folder: Path, digests: Mapping[str, str]) -> bool:
+    """Whether every file ``digests`` names (relative to ``folder``) is there with that digest."""
+    from mmcore.digests import file_digest
+
+    return (all((folder / rel).is_file() for rel in digests)
+            and all(file_digest(folder / rel) == d for rel, d in digests.items()))
+
+
+def push_stage(run_dir: str | os.PathLike, run_url: str, stage: str, files: list[str]) -> int:
+    """Upload a stage folder of the local ``run_dir`` to the remote run folder ``run_url``: ``files``
+    exactly (``push_files(exact=True)``), its ``stats.json`` deleted first and uploaded last, skipped
+    when the remote stats are already these bytes (the same result); then its ``status.json``, if
+    any. Returns the number of files uploaded."""
+    local, remote = Path(run_dir) / stage, join(run_url, stage)
+    n = 0
+    if read_remote(join(remote, STATS_FILE)) != (local / STATS_FILE).read_bytes():
+        n += push_files(local, remote, files, last=STATS_FILE, exact=True)
+    if (local / STATUS_FILE).is_file():
+        n += push_files(local, remote, [STATUS_FILE])
+    return n
+
+
+def pull_stage(run_url: str, stage: str, files: list[str], digests: Mapping[str, str]) -> Path | None:
+    """The local copy of the remote run folder ``run_url`` (``local_path``) with ``stage``'s ``files``
+    and stats pulled into it (``pull_files``) and those named in ``digests`` checked against them.
+
+    None when the bucket does not hold them whole, or when ``run_url`` is not a clean URL (a cache
+    record planted in shared result storage names a place outside the mirror: never followed).
+    """
+    try:
+        if check_url(run_url, "location") != run_url:
+            return None
+        run_dir = local_path(run_url)
+        pull_files(join(run_url, stage), run_dir / stage, files, extra=(STATS_FILE,))
+    except (OSError, MMPipeError):
+        return None
+    return run_dir if files_match(run_dir / stage, digests) else None
+
+
+def results_base(results: str) -> str:
+    """Where ``storage.results`` keeps the cache records: its URL, checked, or an absolute local path
+    (a path or a ``file://`` URL)."""
+    return check_url(results, "storage.results") if is_url(results) else str(Path(local_url(results)).absolute())
+
+
+def remove_unless(location: str, keep: Callable[[bytes], bool], max_bytes: int = 1 << 20) -> bool:
+    """Delete the file or object at ``location`` (a local path or a URL) unless ``keep`` accepts its
+    first ``max_bytes``. Returns whether it was deleted: False when there is none. Other read errors
+    (access denied, a dropped connection) raise: what could not be checked is not passed as kept."""
+    content = read_remote(location, max_bytes)
+    if content is None or keep(content):
+        return False
+    fs, path = filesystem(location)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:  # removed meanwhile: gone either way
+        pass
+    return True
+
+
 def report_link(run_url: str, rel: str, cfg: StorageConfig) -> str:
     """A link to ``rel`` of the remote run folder where its storage serves it: ``public_url`` when
     set, else the filesystem's own URL for it (a signed https link on s3), else the URL itself."""
@@ -346,5 +409,6 @@ def report_link(run_url: str, rel: str, cfg: StorageConfig) -> str:
 
 # The locations' helpers are storage's public face too (tasks and tests call storage.url_of, ...).
 __all__ = ["CACHE_ENV", "MIRROR_INDEX", "MirrorStats", "StorageConfig", "as_local", "cache_root", "check_url",
-           "filesystem", "is_url", "join", "local_path", "local_url", "mirror", "pull_files", "push_files",
-           "read_remote", "report_link", "FILES_MANIFEST", "safe_key", "sync_inputs", "url_of"]
+           "files_match", "filesystem", "is_url", "join", "local_path", "local_url", "mirror", "pull_files",
+           "pull_stage", "push_files", "push_stage", "read_remote", "remove_unless", "report_link", "results_base",
+           "FILES_MANIFEST", "safe_key", "sync_inputs", "url_of"]

@@ -30,9 +30,9 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.serializers import Serializer
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
-from mmcore import errors, execute, faults, graph, ingest, storage, tables
+from mmcore import execute, faults, graph, ingest, storage, tables
 from mmcore.config import PipelineConfig
-from mmcore.layout import STATS_FILE, STATUS_FILE, RunLayout, StagePaths
+from mmcore.layout import KEPT_FILE, QUARANTINE_FILE, STATS_FILE, RunLayout, StagePaths
 from mmcore.provenance import code_digest, settings_json
 from mmcore.stale import extra_digest
 
@@ -66,19 +66,16 @@ class StageOutput:
     def paths(self) -> StagePaths:
         return StagePaths.of(self.run_dir, self.stage)
 
+    @property
+    def digests(self) -> dict[str, str]:
+        """The recorded digest of each checked file, by its name in the stage folder."""
+        return {KEPT_FILE: self.kept_digest, QUARANTINE_FILE: self.quarantine_digest, STATS_FILE: self.stats_digest}
+
     def intact(self) -> bool:
         """Artifacts still on disk with the bytes this output recorded: not deleted, not overwritten,
         and not replaced by a later run of the stage with another config (its stats differ even when
         its tables do not: train and evaluate keep the same rows whatever their settings)."""
-        p = self.paths
-        return (
-            p.kept.is_file()
-            and p.quarantine.is_file()
-            and p.stats.is_file()
-            and tables.file_digest(p.kept) == self.kept_digest
-            and tables.file_digest(p.quarantine) == self.quarantine_digest
-            and tables.file_digest(p.stats) == self.stats_digest
-        )
+        return storage.files_match(self.paths.dir, self.digests)
 
 
 def digest_of(value: Any) -> str:
@@ -145,9 +142,9 @@ def is_transient(task, task_run, state) -> bool:
 # default: whoever can write a record into the result storage (a shared PREFECT_HOME, as multi-node
 # Dask suggests) would run code in every later cached run. A stage task's result is a StageOutput:
 # six strings and numbers, written here as JSON, and ``guard_record`` deletes any record in the
-# local result storage that is not such JSON before Prefect looks it up (a miss: the stage runs
-# again). A result storage block configured elsewhere (PREFECT_DEFAULT_RESULT_STORAGE_BLOCK) is
-# not guarded: keep such storage writable by the run's user only.
+# result storage (PREFECT_HOME's, or ``storage.results``) that is not such JSON before Prefect looks
+# it up (a miss: the stage runs again). A result storage block configured elsewhere
+# (PREFECT_DEFAULT_RESULT_STORAGE_BLOCK) is not guarded: keep such storage writable by the run's user only.
 STAGE_OUTPUT_SERIALIZER = "mmpipe-stage-output-json"
 
 
@@ -192,29 +189,23 @@ def guard_record(key: str, results: str | None = None) -> bool:
     ``storage.results`` URL): a record that is not mmpipe's JSON stage result (a pickle planted in a
     shared PREFECT_HOME or bucket) is deleted unread, so the lookup is a miss and the stage runs
     again. Returns whether one was deleted."""
-    if results is not None and storage.is_url(results):
-        fs, base = storage.filesystem(storage.join(results, key))
-        content = storage.read_remote(storage.join(results, key), max_bytes=1 << 20)
-        if content is None:
-            return False
-        remove = lambda: fs.rm_file(base)  # noqa: E731
-    else:
-        path = Path(storage.local_url(results) if results else PREFECT_LOCAL_STORAGE_PATH.value()) / key
-        try:
-            with open(path, "rb") as f:
-                content = f.read(1 << 20)  # a StageOutput record is a few hundred bytes
-        except OSError:  # no record: a miss anyway
-            return False
-        remove = lambda: path.unlink(missing_ok=True)  # noqa: E731
+    base = storage.results_base(results) if results else str(PREFECT_LOCAL_STORAGE_PATH.value())
+    return storage.remove_unless(storage.join(base, key), _is_stage_record, max_bytes=1 << 20)  # a few hundred bytes
+
+
+def _is_stage_record(content: bytes) -> bool:
+    """Whether a Prefect result record is mmpipe's JSON stage result (checked without unpickling)."""
     try:
         record = json.loads(content)
-        ok = record["metadata"]["serializer"]["type"] == STAGE_OUTPUT_SERIALIZER
         StageOutputSerializer().loads(record["result"])
+        return record["metadata"]["serializer"]["type"] == STAGE_OUTPUT_SERIALIZER
     except Exception:
-        ok = False
-    if not ok:
-        remove()
-    return not ok
+        return False
+
+
+def _flow_run_token() -> str | None:
+    flow = FlowRunContext.get()
+    return str(flow.flow_run.id) if flow is not None and flow.flow_run is not None else None
 
 
 _RESULT_BLOCKS: dict[tuple[str, str], Any] = {}
@@ -229,13 +220,12 @@ def result_storage(cfg: PipelineConfig):
     url = cfg.storage.results
     if url is None:
         return None
-    flow = FlowRunContext.get()
-    key = (url, str(flow.flow_run.id) if flow is not None and flow.flow_run is not None else "")
+    key = (url, _flow_run_token() or "")
     if key not in _RESULT_BLOCKS:
         from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
-        block = (RemoteFileSystem(basepath=storage.check_url(url, "storage.results")) if storage.is_url(url)
-                 else LocalFileSystem(basepath=str(Path(storage.local_url(url)).absolute())))
+        base = storage.results_base(url)
+        block = RemoteFileSystem(basepath=base) if storage.is_url(base) else LocalFileSystem(basepath=base)
         block.save(f"mmpipe-results-{tables.text_digest(url).split(':')[-1][:12]}", overwrite=True)
         _RESULT_BLOCKS[key] = block
     return _RESULT_BLOCKS[key]
@@ -243,42 +233,22 @@ def result_storage(cfg: PipelineConfig):
 
 def localize(out: StageOutput) -> StageOutput | None:
     """``out`` with its files on this machine: as it is when they are intact here, else pulled from the
-    remote run folder it was uploaded to (into this machine's copy of it), each file checked against
-    the upload's list and the tables and stats against the record's digests. None when neither has
-    them whole (the stage runs again). A location that is not a clean URL (a record planted in
-    shared result storage) is never followed."""
+    remote run folder it was uploaded to (``storage.pull_stage``: checked against the record's
+    digests). None when neither has them whole (the stage runs again)."""
     if out.intact():
         return out
     if not out.location:
         return None
-    try:
-        if storage.check_url(out.location, "location") != out.location:
-            return None
-        here = replace(out, run_dir=str(storage.local_path(out.location)))
-        storage.pull_files(storage.join(out.location, out.stage), here.paths.dir, execute.stage_files(out.stage),
-                           extra=(STATS_FILE,))
-    except (OSError, errors.MMPipeError):
-        return None
-    return here if here.intact() else None
+    run_dir = storage.pull_stage(out.location, out.stage, execute.stage_files(out.stage), out.digests)
+    return replace(out, run_dir=str(run_dir)) if run_dir is not None else None
 
 
 def push(out: StageOutput) -> None:
-    """Upload a stage's files to the remote run folder its local copy stands for (nothing for a local
-    run), ``stats.json`` last; skipped when the remote stats are already these (the same result)."""
+    """Upload a stage's files to the remote run folder its local copy stands for (``storage.push_stage``:
+    ``stats.json`` last, skipped when the remote stats are already these); nothing for a local run."""
     url = storage.url_of(out.run_dir)
-    if url is None:
-        return
-    remote = storage.join(url, out.stage)
-    p = out.paths
-    if storage.read_remote(storage.join(remote, STATS_FILE)) != p.stats.read_bytes():
-        storage.push_files(p.dir, remote, execute.stage_files(out.stage), last=STATS_FILE, exact=True)
-    if p.status.is_file():
-        storage.push_files(p.dir, remote, [STATUS_FILE])
-
-
-def _flow_run_token() -> str | None:
-    flow = FlowRunContext.get()
-    return str(flow.flow_run.id) if flow is not None and flow.flow_run is not None else None
+    if url is not None:
+        storage.push_stage(out.run_dir, url, out.stage, execute.stage_files(out.stage))
 
 
 def _worker_inputs(cfg: PipelineConfig, upstream: dict[str, StageOutput]) -> None:
@@ -436,10 +406,8 @@ def _same_dir(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def record_status(out: StageOutput, cached: bool, task_run_id: Any) -> None:
     """``RUN_DIR/<stage>/status.json``: whether this run took the stage from cache."""
-    flow = FlowRunContext.get()
     tables.write_json(
-        {"cached": cached, "task_run_id": str(task_run_id),
-         "flow_run_id": str(flow.flow_run.id) if flow is not None and flow.flow_run is not None else None,
+        {"cached": cached, "task_run_id": str(task_run_id), "flow_run_id": _flow_run_token(),
          "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         out.paths.status,
     )

@@ -18,7 +18,7 @@ import pytest
 
 from mmcore import graph, storage
 from mmcore.config import load_config
-from mmcore.digests import files_fingerprint
+from mmcore.digests import file_digest, files_fingerprint
 from mmcore.errors import ConfigError, InputError
 from tests.conftest import FAST, REPO
 
@@ -174,6 +174,91 @@ def test_a_pushed_folder_is_exact_and_a_pull_checks_every_file(s3, tmp_path):
         storage.pull_files(url, dst, ["kept.parquet", "model"])
     with pytest.raises(InputError, match="no files.json"):
         storage.pull_files(f"s3://{BUCKET}/runs/never-pushed/train", dst, ["model"])
+
+
+def _stage_folder(run_dir: Path, stage: str, files: dict[str, bytes]) -> dict[str, str]:
+    """A stage folder of ``files`` in ``run_dir``; the digests of kept, quarantine and stats."""
+    for name, data in files.items():
+        (run_dir / stage / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / stage / name).write_bytes(data)
+    return {n: file_digest(run_dir / stage / n) for n in ("kept.parquet", "quarantine.parquet", "stats.json")}
+
+
+def test_push_stage_uploads_the_stats_last_and_only_when_they_changed(s3, tmp_path, monkeypatch):
+    run, url = tmp_path / "run", f"s3://{BUCKET}/runs/push-stage"
+    _stage_folder(run, "train", {"kept.parquet": b"k", "quarantine.parquet": b"q", "model/weights": b"w",
+                                 "stats.json": b"s1", "status.json": b"{}"})
+    files = ["kept.parquet", "quarantine.parquet", "model"]
+    s3.pipe(f"{url}/train/stats.json", b"an earlier result's stats")
+    calls: list[str] = []
+    fs = storage.filesystem(url)[0]  # fsspec's cached instance: the one push_stage gets
+    real_rm, real_put = fs.rm_file, storage._put
+    monkeypatch.setattr(fs, "rm_file", lambda path: (calls.append(f"rm {path.rsplit('/', 1)[-1]}"), real_rm(path))[1])
+    monkeypatch.setattr(storage, "_put", lambda fs, src, remote: (calls.append(remote.split("/train/")[1]),
+                                                                  real_put(fs, src, remote))[1])
+    assert storage.push_stage(run, url, "train", files) == 5
+    assert calls[0] == "rm stats.json" and calls[-3:] == ["files.json", "stats.json", "status.json"]
+    assert sorted(calls[1:-3]) == ["kept.parquet", "model/weights", "quarantine.parquet"]
+    assert json.loads(storage.read_remote(f"{url}/train/files.json")) == {
+        "kept.parquet": file_digest(run / "train" / "kept.parquet"), "model/weights": file_digest(run / "train" / "model" / "weights"),
+        "quarantine.parquet": file_digest(run / "train" / "quarantine.parquet")}
+    calls.clear()
+    assert storage.push_stage(run, url, "train", files) == 1  # the same stats: only status.json again
+    assert calls == ["status.json"]
+    (run / "train" / "status.json").unlink()
+    (run / "train" / "stats.json").write_bytes(b"s2")
+    calls.clear()
+    assert storage.push_stage(run, url, "train", files) == 4
+    assert calls[0] == "rm stats.json" and calls[-1] == "stats.json"
+
+
+def test_pull_stage_brings_a_pushed_stage_to_another_worker_and_checks_its_digests(s3, tmp_path, monkeypatch):
+    url = f"s3://{BUCKET}/runs/pull-stage"
+    digests = _stage_folder(tmp_path / "worker1", "clean", {"kept.parquet": b"k", "quarantine.parquet": b"q",
+                                                           "stats.json": b"s"})
+    files = ["kept.parquet", "quarantine.parquet"]
+    storage.push_stage(tmp_path / "worker1", url, "clean", files)
+    _cache(tmp_path, monkeypatch)  # worker 2: its own disk
+    assert storage.pull_stage(url, "clean", files, {**digests, "stats.json": "sha256:other"}) is None
+    here = storage.pull_stage(url, "clean", files, digests)
+    assert here == storage.local_path(url) and storage.files_match(here / "clean", digests)
+    assert (here / "clean" / "stats.json").read_bytes() == b"s"
+    (here / "clean" / "kept.parquet").write_bytes(b"changed here")
+    assert not storage.files_match(here / "clean", digests)
+    assert storage.pull_stage(url, "clean", files, digests) == here  # brought back from the bucket
+    s3.rm(f"{url}/clean/files.json")
+    assert storage.pull_stage(url, "clean", files, digests) is None  # not a complete upload
+    assert storage.pull_stage(f"s3://{BUCKET}/runs/../../evil", "clean", files, digests) is None
+    assert storage.pull_stage(f"S3://{BUCKET}/runs/pull-stage/", "clean", files, digests) is None  # not as checked
+    assert not storage.files_match(tmp_path / "nowhere", digests)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_remove_unless_deletes_what_its_check_refuses_and_reads_nothing_else(s3, tmp_path, where):
+    base = str(tmp_path / "records") if where == "local" else f"s3://{BUCKET}/records"
+    if where == "local":
+        (tmp_path / "records").mkdir()
+    fs, _ = storage.filesystem(base)
+    seen: list[bytes] = []
+    check = lambda blob: seen.append(blob) or blob.startswith(b"{")  # noqa: E731
+    for key, blob in (("good", b'{"ok": 1}'), ("bad", b"\x80\x04pickle")):
+        fs.pipe_file(storage.filesystem(storage.join(base, key))[1], blob)
+    assert not storage.remove_unless(storage.join(base, "good"), check)
+    assert storage.remove_unless(storage.join(base, "bad"), check)
+    assert not storage.remove_unless(storage.join(base, "missing"), check)
+    assert seen == [b'{"ok": 1}', b"\x80\x04pickle"]
+    assert storage.read_remote(storage.join(base, "good")) == b'{"ok": 1}'
+    assert storage.read_remote(storage.join(base, "bad")) is None
+    assert storage.remove_unless(storage.join(base, "good"), check, max_bytes=2) is False and seen[-1] == b'{"'
+
+
+def test_results_base_is_a_checked_url_or_an_absolute_path(s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.results_base(f"s3://{BUCKET}/prefect-results/") == f"s3://{BUCKET}/prefect-results"
+    assert storage.results_base("results") == str(tmp_path / "results")
+    assert storage.results_base(f"file://{tmp_path}/r") == str(tmp_path / "r")
+    with pytest.raises(ConfigError, match=r"storage.results: cannot use nosuch://"):
+        storage.results_base("nosuch://b/r")
 
 
 def test_a_cache_record_naming_a_location_outside_the_cache_is_never_followed(s3, tmp_path, monkeypatch):
