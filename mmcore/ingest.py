@@ -9,8 +9,9 @@
   ``caption``, its ``width``/``height`` as ``src_width``/``src_height``). The image column holds
   ``<shard>::<member>`` (``sources.TarSource``). Members that cannot become a clean sample are rows
   with a reason (``REASONS``) that clean quarantines: failed downloads, unsafe names, links and
-  devices, images without a caption and captions without an image, oversized members, and members
-  lost to a truncated shard. A shard that is not a tar at all is a one-line ``InputError``; a shard
+  devices, the earlier copies of a repeated member, images without a caption and captions without an
+  image, oversized members, and members lost to a truncated shard. A shard that is not a tar at all,
+  or holds more than ``sources.MAX_TAR_MEMBERS`` members, is a one-line ``InputError``; a shard
   damaged part-way gives the rows before the damage, the cut member as ``truncated_shard`` and, when
   the per-shard Parquet lists what should have followed, those rows as ``truncated_shard`` too.
 - ``parquet``: one row per row of each file, its non-image columns read batch by batch
@@ -49,7 +50,9 @@ REASONS = {
     "download_failed": "img2dataset could not download the image (status not success); detail: its error_message, "
                        "the row keeps its url for a retry manifest",
     "unsafe_member_name": "a tar member's name is absolute or climbs out with '..': never read",
-    "special_member": "a tar member is a symlink, hard link, device or FIFO, not a regular file: never read",
+    "special_member": "a tar member is a symlink, hard link, device, FIFO or sparse file, not a regular file: never read",
+    "duplicate_member": "a tar member whose name (or key and extension) a later member repeats, or a key the per-shard "
+                        "Parquet lists again: the last copy is the sample, as tar extracts",
     "member_too_large": "a tar member (image or caption) is larger than data.max_member_bytes: never read",
     "missing_caption": "an image member has no caption (.txt, or data.caption_field in its .json)",
     "missing_image": "a caption (or a successful download in the per-shard Parquet) without an image member",
@@ -124,9 +127,19 @@ def input_digest(data: DataConfig, table: pd.DataFrame | None = None) -> str:
     if isinstance(table, pa.Table):
         table = table.to_pandas()
     t = table.drop(columns=[tables.ROW_ID], errors="ignore")
+    for c in t.columns:  # a joined list or struct column (img2dataset's save_additional_columns): hashed as JSON
+        if t[c].dtype == object and t[c].map(lambda v: isinstance(v, (list, dict, np.ndarray))).any():
+            t[c] = t[c].map(_json_cell)
     schema = ",".join(f"{c}:{t[c].dtype}" for c in t.columns)
     rows = pd.util.hash_pandas_object(t, index=False).to_numpy().tobytes() if len(t) else b""
     return text_digest("ingest-1", data.format, schema, rows)
+
+
+def _json_cell(value: Any) -> Any:
+    """A list, dict or array as JSON text (hashable); any other value as it is."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    return json.dumps(value, sort_keys=True, default=str) if isinstance(value, (list, dict)) else value
 
 
 # --------------------------------------------------------------------------- files under the root
@@ -166,26 +179,43 @@ def _split_name(name: str) -> tuple[str | None, str]:
     return (m.group(1), m.group(2).lower()) if m else (None, "")
 
 
-def _shard_table(path: str) -> dict[str, dict[str, Any]] | None:
-    """img2dataset's per-shard Parquet (``NNNNN.parquet`` beside ``NNNNN.tar``) by key, or None."""
+def _shard_table(path: str) -> tuple[dict[str, dict[str, Any]], list[tuple[str, dict[str, Any], int]]] | None:
+    """img2dataset's per-shard Parquet (``NNNNN.parquet`` beside ``NNNNN.tar``) by key, or None; with
+    the listings of a key it lists again, all but the last (key, columns, row number): rows of their own.
+
+    Read a row group at a time, so Arrow holds one, never the file; one larger than
+    ``sources.MAX_ROW_GROUP_BYTES`` is refused by its size in the footer, unread.
+    """
     side = Path(path).with_suffix(".parquet")
     if not side.is_file():
         return None
+    where = f"{side.name} beside {Path(path).name}"
+    by_key: dict[str, dict[str, Any]] = {}
+    row_of: dict[str, int] = {}
+    repeats: list[tuple[str, dict[str, Any], int]] = []
+    n = 0
     try:
-        names = pq.read_schema(side).names
-        if KEY not in names:
-            raise InputError(f"data.shards: {side.name} beside {Path(path).name} has no 'key' column; got "
-                             f"{', '.join(map(repr, names[:10]))}")
-        t = pq.read_table(side)
+        with pq.ParquetFile(side) as pf:
+            names = pf.schema_arrow.names
+            if KEY not in names:
+                raise InputError(f"data.shards: {where} has no 'key' column; got {', '.join(map(repr, names[:10]))}")
+            for g in range(pf.num_row_groups):
+                nbytes = pf.metadata.row_group(g).total_byte_size
+                if nbytes > sources.MAX_ROW_GROUP_BYTES:
+                    raise InputError(f"data.shards: {where}: row group {g} holds {nbytes} bytes > "
+                                     f"{sources.MAX_ROW_GROUP_BYTES}; expected img2dataset's per-shard Parquet in "
+                                     "smaller row groups")
+                for rec in pf.read_row_group(g).to_pylist():
+                    key = str(rec.pop(KEY))
+                    if key in by_key:
+                        repeats.append((key, by_key[key], row_of[key]))
+                    by_key[key], row_of[key] = {_joined_name(k): v for k, v in rec.items()}, n  # the last is joined
+                    n += 1
     except InputError:
         raise
     except Exception as e:
         raise InputError(f"data.shards: cannot read {side.name}: {str(e).strip().splitlines()[0]}") from None
-    out: dict[str, dict[str, Any]] = {}
-    for rec in t.to_pylist():
-        key = str(rec.pop(KEY))
-        out[key] = {_joined_name(k): v for k, v in rec.items()}
-    return out
+    return by_key, repeats
 
 
 def _joined_name(column: str) -> str:
@@ -227,17 +257,21 @@ def _shard_rows(data: DataConfig, root: str, rel: str) -> list[dict[str, Any]]:
         raise InputError(str(e).replace(sources._short(path), rel)) from None
     except OSError as e:
         raise InputError(f"data.shards: cannot read {rel}: {getattr(e, 'detail', None) or e}") from None
-    side = _shard_table(path)
+    side, repeats = _shard_table(path) or ({}, [])
     limit = data.max_member_bytes
     rows: list[dict[str, Any]] = []
 
-    def row(ref: str, key: str, reason: str = "", detail: str = "", text: str = "") -> dict[str, Any]:
+    def row(ref: str, key: str, reason: str = "", detail: str = "", text: str = "", rec: dict | None = None) -> dict[str, Any]:
         return {IMAGE: ref, TEXT: text, KEY: key, SHARD: rel, REASON: reason, DETAIL: detail,
-                **((side or {}).get(key) or {})}
+                **(side.get(key, {}) if rec is None else rec)}
 
-    # Members by sample key, in archive order; a repeated name: the last wins, as tar extracts.
+    # Members by sample key and extension, in archive order. Tar extracts a repeated name's last copy (and
+    # TarSource reads it); webdataset refuses a second member of a key and extension. Here the last is the
+    # sample's, every earlier one that ingest would read (an image, the caption) a duplicate_member row.
+    last = index.by_name()
+    reads = IMAGE_EXTENSIONS | {"json" if data.caption_field is not None else "txt"}
     samples: dict[str, dict[str, sources.Member]] = {}
-    for m in index.by_name().values():
+    for m in index.members:
         ref = f"{rel}{sources.SEP}{m.name}"
         key, ext = _split_name(m.name)
         if m.kind == "dir":
@@ -247,7 +281,18 @@ def _shard_rows(data: DataConfig, root: str, rel: str) -> list[dict[str, Any]]:
         elif m.kind != "file":
             rows.append(row(ref, key or m.name, "special_member", f"member {m.name!r} is a {m.kind}"))
         elif key is not None:
-            samples.setdefault(key, {})[ext] = m
+            parts = samples.setdefault(key, {})  # a key's place: its first member
+            if ext not in reads:
+                continue
+            if last[m.name] is not m:
+                rows.append(row(ref, key, "duplicate_member", f"member {m.name!r} is repeated later in the shard "
+                                                              f"(at byte {last[m.name].offset}); the last copy is read"))
+                continue
+            if (earlier := parts.get(ext)) is not None:
+                rows.append(row(f"{rel}{sources.SEP}{earlier.name}", key, "duplicate_member",
+                                f"member {earlier.name!r} has the key and extension of {m.name!r}, a later member; "
+                                "the last is read"))
+            parts[ext] = m
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         for key, parts in samples.items():
@@ -255,8 +300,8 @@ def _shard_rows(data: DataConfig, root: str, rel: str) -> list[dict[str, Any]]:
     finally:
         os.close(fd)
     # Keys the per-shard Parquet lists that the tar does not hold: failed downloads, or lost.
-    for key, rec in (side or {}).items():
-        if key in samples:
+    for key, rec in side.items():
+        if samples.get(key):  # a key of only members ingest does not read (.cls) has no image either
             continue
         ref = ""
         if rec.get("status") not in (None, _SUCCESS):
@@ -267,6 +312,10 @@ def _shard_rows(data: DataConfig, root: str, rel: str) -> list[dict[str, Any]]:
         else:
             rows.append(row(ref, key, "missing_image", "listed as downloaded in the shard's Parquet, no image member",
                             str(rec.get("caption") or "")))
+    side_name = Path(path).with_suffix(".parquet").name
+    for key, rec, at in repeats:
+        rows.append(row("", key, "duplicate_member", f"row {at} of {side_name} lists key {key!r}, which a later row lists "
+                                                     "again; the last listing is joined", str(rec.get("caption") or ""), rec))
     return rows
 
 

@@ -37,12 +37,19 @@ from mmcore.digests import files_fingerprint
 from mmcore.errors import InputError
 
 SEP = "::"  # between the file and the member (or row) in a reference
-# Shard indexes and Parquet footers kept per process (each a few KB per thousand members).
+# Shard indexes (~170 bytes a member) and Parquet footers kept per process: at most this many files,
+# and this many members in all (one shard of MAX_TAR_MEMBERS fits).
 _MAX_OPEN_INDEXES = 256
+_MAX_CACHED_MEMBERS = 1 << 20
+# A shard of more members is refused before its index grows: a member can be a bare 512-byte header,
+# so a 1 GB tar of empty members holds 2 million (each ~20 µs to read and ~170 bytes to keep). An
+# img2dataset shard of 10,000 samples has 30,000 members.
+MAX_TAR_MEMBERS = 1 << 20
 # A row group's image column is read whole: one larger than this is refused (file_too_large).
 MAX_ROW_GROUP_BYTES = 1 << 30
 # Per process, never pickled: shard indexes, Parquet footers, and the row group read last.
-_TAR_INDEXES: dict[str, tuple[tuple[int, int, int], dict[str, Member]]] = {}
+# A shard refused whole (not a tar, too many members) is cached as its error, so it is read once.
+_TAR_INDEXES: dict[str, tuple[tuple[int, int, int], dict[str, Member] | str]] = {}
 # Thread-safe: several threads of one process may read (a Dask worker with threads). Shard indexes
 # are shared under a lock; open Parquet files and the row group read last are per thread.
 _LOCK = threading.Lock()
@@ -169,14 +176,14 @@ def unsafe_member(name: str) -> str:
     return ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     """A tar member's place in its shard: where its data starts, its size, and its kind."""
 
     name: str
     offset: int
     size: int
-    kind: str  # "file", "dir", "symlink", "hardlink", "device", "fifo", "other"
+    kind: str  # "file", "dir", "symlink", "hardlink", "device", "fifo", "sparse", "other"
 
 
 @dataclass(frozen=True)
@@ -200,24 +207,77 @@ class TarIndex:
 _KINDS = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTTYPE: "file", tarfile.DIRTYPE: "dir",
           tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink", tarfile.CHRTYPE: "device",
           tarfile.BLKTYPE: "device", tarfile.FIFOTYPE: "fifo"}
-# Long names and pax headers are read into memory by tarfile: a hostile one may not be large.
+# Long names and pax headers are read into memory by tarfile: a hostile one may not be large. Each is
+# held until its member's header is read, one recursion deeper per header: a chain of them may not be long
+# (a real tar has at most a global pax header, a pax header, a long name and a long link in a row).
+# tarfile applies the global pax keywords to every later member, one by one: a few are real (git
+# archive writes one), 50,000 cost 4 ms a member.
 _MAX_META_BYTES = 1 << 20
+_MAX_META_CHAIN = 8
+_MAX_GLOBAL_PAX_KEYS = 64
+_META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+               tarfile.SOLARIS_XHDTYPE)
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
-    def _proc_member(self, tarfile_):  # tarfile's hook for long-name and pax records (read whole)
-        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                         tarfile.SOLARIS_XHDTYPE) and self.size > _MAX_META_BYTES:
-            raise tarfile.InvalidHeaderError(f"a {self.size}-byte extended header")
-        return super()._proc_member(tarfile_)
+    """tarfile's header reader within bounds: extended headers, their chains and sparse maps."""
+
+    def _proc_member(self, tarfile_):  # tarfile's hook for every header
+        if getattr(tarfile_, "_mmpipe_refused", ""):  # tarfile reads on after a bad header it took for the end
+            raise tarfile.InvalidHeaderError(tarfile_._mmpipe_refused)
+        if self.type not in _META_TYPES:
+            return super()._proc_member(tarfile_)
+        depth = getattr(tarfile_, "_mmpipe_meta_depth", 0) + 1
+        if self.size > _MAX_META_BYTES:
+            _refuse(tarfile_, f"a {self.size}-byte extended header")
+        if depth > _MAX_META_CHAIN:
+            _refuse(tarfile_, f"more than {_MAX_META_CHAIN} extended headers in a row")
+        tarfile_._mmpipe_meta_depth = depth
+        try:
+            member = super()._proc_member(tarfile_)
+        finally:
+            tarfile_._mmpipe_meta_depth = depth - 1
+        if len(tarfile_.pax_headers) > _MAX_GLOBAL_PAX_KEYS:
+            _refuse(tarfile_, f"more than {_MAX_GLOBAL_PAX_KEYS} global pax keywords")
+        return member
+
+    # A sparse member is never read (special_member), so its map of regions is skipped, not kept: GNU's
+    # old format chains 512-byte blocks of 21 regions (tarfile keeps them all, and fails at the end of
+    # the file with an IndexError); pax sparse 1.0 keeps its map in the data blocks (tarfile parses it
+    # whole, a short one is a ValueError). The next header's place does not depend on the map.
+    def _proc_sparse(self, tarfile_):
+        _, extended, real_size = self._sparse_structs
+        del self._sparse_structs
+        while extended:
+            block = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
+            if len(block) < tarfile.BLOCKSIZE:
+                raise tarfile.TruncatedHeaderError("a sparse member's map is cut off")
+            extended = block[504]
+        self.sparse = []
+        self.offset_data = tarfile_.fileobj.tell()
+        tarfile_.offset = self.offset_data + self._block(self.size)
+        self.size = real_size
+        return self
+
+    def _skip_sparse_map(self, next_, *_):
+        next_.sparse = []
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _skip_sparse_map
+
+
+def _refuse(tarfile_: tarfile.TarFile, why: str) -> None:
+    """Stop reading headers. tarfile takes a bad header after the first for the end of the archive, so
+    ``why`` is also kept for ``read_tar_index`` to report as the damage."""
+    tarfile_._mmpipe_refused = why
+    raise tarfile.InvalidHeaderError(why)
 
 
 def read_tar_index(path: str | os.PathLike) -> TarIndex:
     """The member index of an uncompressed tar, from its headers (the data is skipped by seek).
 
     Raises ``errors.InputError`` (one line) for a file that is not an uncompressed tar at all
-    (empty, compressed, garbage); a tar that is damaged later gives the members before the damage
-    and says why in ``damage``.
+    (empty, compressed, garbage) or holds more than ``MAX_TAR_MEMBERS`` members (refused at the one
+    past it); a tar that is damaged later gives the members before the damage and says why in ``damage``.
     """
     members: list[Member] = []
     damage = ""
@@ -237,8 +297,16 @@ def read_tar_index(path: str | os.PathLike) -> TarIndex:
                     break
                 if ti is None:
                     break
-                members.append(Member(ti.name, ti.offset_data, ti.size, _KINDS.get(ti.type, "other")))
+                tf.members.clear()  # tarfile keeps every TarInfo it read (~400 bytes each): keep only ours
+                if len(members) == MAX_TAR_MEMBERS:
+                    raise InputError(f"data.shards: cannot read {_short(path)}: more than {MAX_TAR_MEMBERS} members "
+                                     "(a member-count bomb, or not one shard); expected a webdataset shard of at most "
+                                     f"{MAX_TAR_MEMBERS}: split it")
+                kind = "sparse" if ti.sparse is not None else _KINDS.get(ti.type, "other")
+                members.append(Member(ti.name, ti.offset_data, ti.size, kind))
             end = tf.offset
+            if not damage and getattr(tf, "_mmpipe_refused", ""):
+                damage = f"damaged after {len(members)} members: {tf._mmpipe_refused}"
         cut = next((m.name for m in members if m.kind == "file" and m.offset + m.size > size), "")
         if cut:
             damage = f"truncated at byte {size}: member {cut!r} runs past the end"
@@ -317,14 +385,12 @@ class TarSource(_ShardSource):
             cached = _TAR_INDEXES.get(path)
         if cached is None or cached[0] != stamp:
             try:
-                idx = read_tar_index(path)
+                cached = (stamp, read_tar_index(path).by_name())
             except InputError as e:
-                raise faults.ReadError(path, "read_error", str(e)) from None
-            cached = (stamp, idx.by_name())
-            with _LOCK:
-                while len(_TAR_INDEXES) >= _MAX_OPEN_INDEXES:
-                    _TAR_INDEXES.pop(next(iter(_TAR_INDEXES)))
-                _TAR_INDEXES[path] = cached
+                cached = (stamp, str(e))
+            _cache_index(path, cached)
+        if isinstance(cached[1], str):
+            raise faults.ReadError(path, "read_error", cached[1])
         m = cached[1].get(name)
         if m is None:
             raise faults.ReadError(ref, "missing_file", f"no member {name!r} in the shard")
@@ -351,6 +417,19 @@ class TarSource(_ShardSource):
         if len(data) != m.size:
             raise faults.ReadError(ref, "read_error", f"member {m.name!r} is cut off: the shard is truncated")
         return data
+
+
+def _cache_index(path: str, entry: tuple[tuple[int, int, int], dict[str, Member] | str]) -> None:
+    """Keep a shard's index, dropping the oldest while too many shards or members are kept."""
+    def members(e) -> int:
+        return len(e[1]) if isinstance(e[1], dict) else 0
+
+    with _LOCK:
+        _TAR_INDEXES.pop(path, None)
+        while _TAR_INDEXES and (len(_TAR_INDEXES) >= _MAX_OPEN_INDEXES or members(entry) + sum(
+                map(members, _TAR_INDEXES.values())) > _MAX_CACHED_MEMBERS):
+            _TAR_INDEXES.pop(next(iter(_TAR_INDEXES)))
+        _TAR_INDEXES[path] = entry
 
 
 class ParquetSource(_ShardSource):

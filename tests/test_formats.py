@@ -234,6 +234,64 @@ def test_a_truncated_shard_keeps_the_whole_members_and_a_broken_one_is_one_line(
         clean.read_manifest(DataConfig(format="webdataset", root=root, shards="nothing-*.tar"))
 
 
+def test_a_repeated_member_or_key_is_a_duplicate_member_row_and_the_last_copy_is_the_sample(samples, tmp_path):
+    """Tar keeps a repeated name's last copy (webdataset refuses the shard): the earlier copies, a second
+    member of the same key and extension, and a key the per-shard Parquet lists twice are rows, never lost."""
+    img = list(samples.bytes[:5])
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in (("a.jpg", img[0]), ("a.txt", b"an old caption of a"), ("b.jpg", img[1]),
+                           ("b.txt", b"the caption of b"), ("a.jpg", img[2]), ("a.txt", b"the new caption of a"),
+                           ("c.JPG", img[3]), ("c.jpg", img[4]), ("c.txt", b"the caption of c"),
+                           ("d.txt", b"a caption without an image"), ("d.txt", b"it again"), ("a.cls", b"1"),
+                           ("a.cls", b"2")):
+            _add(tf, name, data)
+    recs = [{"key": k, "status": st, "error_message": None if st == "success" else "timeout", "url": f"https://x/{k}{i}"}
+            for i, (k, st) in enumerate((("a", "success"), ("b", "success"), ("f", "failed_to_download"),
+                                         ("b", "success"), ("c", "success"), ("f", "failed_to_download")))]
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "shards" / "00000.parquet")
+    data = DataConfig(format="webdataset", root=tmp_path, shards="shards/*.tar")
+    table = clean.read_manifest(data)
+    got = sorted(zip(table[tables.IMAGE], table[ingest.REASON], table["url"].fillna("-")))
+    assert got == sorted([  # the repeated a.cls is not read, so not a row (as a single one)
+        ("shards/00000.tar::a.jpg", "duplicate_member", "https://x/a0"),
+        ("shards/00000.tar::a.txt", "duplicate_member", "https://x/a0"),
+        ("shards/00000.tar::c.JPG", "duplicate_member", "https://x/c4"),
+        ("shards/00000.tar::d.txt", "duplicate_member", "-"),
+        ("", "duplicate_member", "https://x/b1"),
+        ("", "duplicate_member", "https://x/f2"),
+        ("shards/00000.tar::a.jpg", "", "https://x/a0"),
+        ("shards/00000.tar::b.jpg", "", "https://x/b3"),
+        ("shards/00000.tar::c.jpg", "", "https://x/c4"),
+        ("", "missing_image", "-"),
+        ("", "download_failed", "https://x/f5")])
+    # Every image member is a row: the two copies of a.jpg too.
+    assert table[tables.IMAGE].str.lower().str.endswith(".jpg").sum() == 5
+    kept = table[table[ingest.REASON] == ""].set_index("key")
+    assert kept.loc["a", tables.TEXT] == "the new caption of a" and kept.loc["c", tables.TEXT] == "the caption of c"
+    assert sources.TarSource(tmp_path).read(kept.loc["a", tables.IMAGE]) == img[2]  # as tar extracts: the last copy
+    dup = table[table[ingest.REASON] == "duplicate_member"].set_index(tables.IMAGE)[ingest.DETAIL]
+    assert "repeated later in the shard" in dup["shards/00000.tar::a.jpg"]
+    assert "'c.jpg'" in dup["shards/00000.tar::c.JPG"] and "which a later row lists again" in dup[""].iloc[0]
+    res = clean.run(table, clean.CleanConfig(), StageContext(data, tmp_path / "run", workers=1))
+    assert len(res.kept) + len(res.quarantined) == len(table) == 11
+    assert sorted(res.kept["key"]) == ["a", "b", "c"]
+    assert (res.quarantined[tables.REASON] == "duplicate_member").sum() == 6
+
+
+def test_per_shard_parquet_list_and_struct_columns_are_joined_and_digested(samples, tmp_path):
+    """img2dataset's --save_additional_columns may carry lists and structs: joined as they are, hashed as JSON."""
+    (tmp_path / "shards").mkdir()
+    recs = _write_shard(tmp_path / "shards" / "00000.tar", samples.iloc[:3], 0)
+    side = pa.Table.from_pylist(recs).append_column("tags", pa.array([["a", "b"], None, []]))
+    pq.write_table(side.append_column("meta", pa.array([{"w": 1}, {"w": 2}, None])), tmp_path / "shards" / "00000.parquet")
+    data = DataConfig(format="webdataset", root=tmp_path, shards="shards/*.tar")
+    table = clean.read_manifest(data)
+    assert table["tags"].tolist()[:2] == [["a", "b"], None] and table["meta"].iloc[1] == {"w": 2}
+    digest = ingest.input_digest(data, table)
+    assert digest == ingest.input_digest(data) and digest != ingest.input_digest(data, table.assign(tags=None))
+
+
 def test_parquet_ingest_reads_no_image_bytes_and_the_source_one_row_group_at_a_time(pq_root, samples):
     data = _pq_data(pq_root)
     table = clean.read_manifest(data)

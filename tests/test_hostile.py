@@ -16,6 +16,7 @@ import resource
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -876,3 +877,156 @@ def test_an_error_inside_a_task_is_one_line_without_prefects_traceback(tmp_path)
     assert lines[-1].startswith("error: data.manifest: column 'row_id' is reserved"), r.stderr[-3000:]
     assert sum(ln.startswith("error:") for ln in lines) == 1
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+
+
+# --------------------------------------------------------------------------- 13. tar shards and their Parquet
+
+
+def _headers(names, fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    """The headers of empty members, written directly (``TarFile.addfile`` is slow for thousands)."""
+    ti = tarfile.TarInfo()
+    ti.mtime = 0
+    out = []
+    for name in names:
+        ti.name = name
+        out.append(ti.tobuf(fmt))
+    return b"".join(out)
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    """A whole tar of regular members, without its end-of-archive marker (the caller appends more)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mtime = len(data), 0
+            tf.addfile(ti, io.BytesIO(data))
+        end = tf.offset  # before close writes the end-of-archive blocks
+    return buf.getvalue()[:end]
+
+
+def _shards(root: Path, **tars: bytes) -> DataConfig:
+    (root / "shards").mkdir(parents=True)
+    for name, data in tars.items():
+        (root / "shards" / f"{name}.tar").write_bytes(data)
+    return DataConfig(format="webdataset", root=root, shards="shards/*.tar")
+
+
+def _traced_peak(fn, *args):
+    """``fn(*args)`` (or the exception it raised) and the peak of Python allocations while it ran."""
+    tracemalloc.start()
+    try:
+        try:
+            out = fn(*args)
+        except Exception as e:  # noqa: BLE001 - returned for the caller to check
+            out = e
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_tar_of_too_many_members_is_refused_in_one_line_before_its_index_grows(tmp_path, monkeypatch):
+    from mmcore import clean, sources
+
+    monkeypatch.setattr(sources, "MAX_TAR_MEMBERS", 1000)
+    # 20,000 empty members in 10 MB: unbounded, their index alone is ~12 MB of Python objects.
+    data = _shards(tmp_path, **{"00000": _headers(f"{i:06d}.jpg" for i in range(20_000)) + b"\0" * 1024})
+    err, peak = _traced_peak(sources.read_tar_index, tmp_path / "shards" / "00000.tar")
+    assert isinstance(err, InputError) and "more than 1000 members" in str(err)
+    assert peak < 1 << 20, peak
+    with pytest.raises(InputError, match=r"^data.shards: cannot read shards/00000.tar: more than 1000 members "
+                                         r"\(a member-count bomb"):
+        clean.read_manifest(data)
+    # A shard that grew past the limit after ingest: each of its rows is a read_error, the index is never built.
+    rows = pd.DataFrame({tables.ROW_ID: [0, 1], tables.IMAGE: ["shards/00000.tar::000001.jpg"] * 2})
+    m = probe.measure(rows, probe.ProbeConfig(), sources.TarSource(tmp_path))
+    assert m[probe.ERROR].tolist() == ["read_error"] * 2
+    assert m[probe.DETAIL].str.contains("more than 1000 members").all()
+
+
+def test_chained_extended_headers_and_sparse_maps_are_bounded_not_a_traceback(tmp_path):
+    from mmcore import clean, ingest, sources
+
+    jpg = _save(_photo(1), "JPEG")
+    good = _tar([("a.jpg", jpg), ("a.txt", b"a photo of a red square")])
+    # 300 GNU long-name headers in a row: tarfile recurses once per header (a RecursionError), each held
+    # whole until the member's own header arrives (400 pax headers of 1 MiB: 900 MB, then the RecursionError).
+    longname = tarfile.TarInfo("././@LongLink")
+    longname.type, longname.size = tarfile.GNUTYPE_LONGNAME, 512
+    chain = (longname.tobuf(tarfile.GNU_FORMAT) + b"x.jpg".ljust(512, b"\0")) * 300
+    # A pax GNU sparse 1.0 member whose map promises more numbers than it holds (tarfile: ValueError).
+    sparse10 = tarfile.TarInfo("s.jpg")
+    sparse10.size = 512
+    sparse10.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "s.jpg",
+                            "GNU.sparse.realsize": "9999"}
+    short_map = sparse10.tobuf(tarfile.PAX_FORMAT) + b"100\n1\n1\n".ljust(512, b"\0")
+    # An old GNU sparse member chaining 20,000 extension blocks of 21 regions (tarfile keeps all 420,000).
+    old = bytearray(_headers(["t.jpg"]))
+    old[156:157], old[482] = tarfile.GNUTYPE_SPARSE, 1
+    old[148:156] = b" " * 8
+    old[148:156] = b"%06o\0 " % sum(old)
+    block = bytearray(b"%011o\0%011o\0" % (1, 1) * 21 + bytes(8))
+    block[504] = 1
+    many_blocks = bytes(old) + bytes(block) * 19_999 + bytes(block[:504]) + bytes(8)
+    # Global pax keywords: tarfile applies each to every later member (50,000 of them: 4 ms a member).
+    global_keys = tarfile.TarInfo.create_pax_global_header({f"k{i}": "v" for i in range(1000)})
+    after = _tar([("c.jpg", jpg), ("c.txt", b"a photo of a blue circle")])
+    git_archive = tarfile.TarInfo.create_pax_global_header({"comment": "0" * 40})  # one global keyword: fine
+    end = bytes(1024)
+    data = _shards(tmp_path, **{"00000": good + chain + after + end, "00001": good + short_map + after + end,
+                                "00002": good + many_blocks + after + end, "00003": good + global_keys + after + end,
+                                "00004": global_keys + after + end, "00005": git_archive + after + end})
+    for shard, names, why in (("00000", ["a.jpg", "a.txt"], "more than 8 extended headers in a row"),
+                              ("00003", ["a.jpg", "a.txt"], "more than 64 global pax keywords"),
+                              ("00004", [], "more than 64 global pax keywords"), ("00005", ["c.jpg", "c.txt"], "")):
+        index, peak = _traced_peak(sources.read_tar_index, tmp_path / "shards" / f"{shard}.tar")
+        assert isinstance(index, sources.TarIndex), index
+        assert [m.name for m in index.members] == names, shard
+        assert index.damage == (f"damaged after {len(names)} members: {why}" if why else ""), shard
+        assert peak < 1 << 20, peak
+    for shard in ("00001", "00002"):
+        index, peak = _traced_peak(sources.read_tar_index, tmp_path / "shards" / f"{shard}.tar")
+        assert isinstance(index, sources.TarIndex), index
+        assert [(m.name, m.kind) for m in index.members] == [
+            ("a.jpg", "file"), ("a.txt", "file"), ("s.jpg" if shard == "00001" else "t.jpg", "sparse"), ("c.jpg", "file"),
+            ("c.txt", "file")], shard
+        assert not index.damage and peak < 1 << 20, (shard, peak)
+    # The images before the damage are rows; a sparse member is a special_member row, the members after it rows.
+    table = clean.read_manifest(data)
+    kept = ["00000.tar::a.jpg", "00001.tar::a.jpg", "00001.tar::c.jpg", "00002.tar::a.jpg", "00002.tar::c.jpg",
+            "00003.tar::a.jpg", "00005.tar::c.jpg"]
+    assert dict(zip(table[tables.IMAGE], table[ingest.REASON])) == {
+        **{f"shards/{ref}": "" for ref in kept}, "shards/00001.tar::s.jpg": "special_member",
+        "shards/00002.tar::t.jpg": "special_member"}
+    with pytest.raises(faults.ReadError, match="is a sparse"):
+        sources.TarSource(tmp_path).read("shards/00001.tar::s.jpg")
+
+
+def test_the_per_shard_parquet_is_read_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """img2dataset's Parquet beside a shard: Arrow holds one row group at a time, not the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmcore import ingest, sources
+
+    data = _shards(tmp_path, **{"00000": _tar([("000000000.jpg", _save(_photo(1), "JPEG"))]) + bytes(1024)})
+    side = tmp_path / "shards" / "00000.parquet"
+    n = 8 * 512
+    pq.write_table(pa.table({"key": [f"{i:09d}" for i in range(n)], "status": ["success"] * n,
+                             "error_message": pa.nulls(n, pa.string()),
+                             "blob": [i.to_bytes(4, "big") * 1024 for i in range(n)]}),  # 16 MB: 8 row groups of 2 MB
+                   side, row_group_size=512, compression="none", use_dictionary=False)
+    code = f"""
+import pyarrow as pa
+from mmcore import ingest
+table = ingest._shard_table({str(tmp_path / "shards" / "00000.tar")!r})
+print(len(table[0] if isinstance(table, tuple) else table), pa.default_memory_pool().max_memory())
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows, peak = map(int, r.stdout.split())
+    assert rows == n and peak < 6 << 20, peak  # the file's 16 MB whole: 16 MB and more
+    # A row group larger than a read may hold is refused by its size in the footer, in one line.
+    monkeypatch.setattr(sources, "MAX_ROW_GROUP_BYTES", 1 << 20)
+    with pytest.raises(InputError, match=r"^data.shards: 00000.parquet beside 00000.tar: row group 0 holds \d+ bytes"):
+        ingest.read(data)
