@@ -601,37 +601,45 @@ def _fusion_metrics(
     local = np.searchsorted(imgs, rows["img"].to_numpy())
     ie, te = emb.img_emb[imgs], emb.txt_emb[rows.index.to_numpy()]
     max_side = max(64, 2 * int(getattr(encoder, "image_size", 224)))
-    pil = [_load(ctx.data, rel, max_side) for rel in emb.images[IMAGE].iloc[imgs]]
+    refs = emb.images[IMAGE].iloc[imgs].tolist()
     texts = rows[TEXT].astype(str).tolist()
-    fi, ft = fusion.encode_pairs_source(encoder, pil, texts, cfg.batch_size, device)
-    head.to(device).eval()
     alpha = 1 - cfg.ci
 
     def ci(v, stat="mean"):
         return metrics.bootstrap_ci(v, n=cfg.bootstrap, seed=ctx.seed, alpha=alpha, stat=stat)
 
-    # 1) matching: every positive, a hard and a random negative each
+    # Every pair the head scores: the matching pairs (every positive, a hard and a random negative each)
+    # and each query's contrastive top k, both directions; the images decoded a chunk at a time, each once.
     scale = float(encoder.model.logit_scale.detach().exp()) if hasattr(encoder, "model") else 100.0
     ii, tt, label = fusion.matching_pairs(ie, te, local, texts, ctx.seed, scale)
-    prob = 1 / (1 + np.exp(-fusion.pair_logits(head, fi, ft, ii, tt, cfg.batch_size, device).astype(np.float64)))
+    top_i2t = fusion.topk(ie, te, min(cfg.rerank_k, len(te)), cfg.chunk_size)  # image -> captions
+    top_t2i = fusion.topk(te, ie, min(cfg.rerank_k, len(ie)), cfg.chunk_size)  # caption -> images
+    qi, qt = np.repeat(np.arange(len(ie)), top_i2t.shape[1]), np.repeat(np.arange(len(te)), top_t2i.shape[1])
+    z, failed = fusion.pair_scores(encoder, head, lambda i: _load(ctx.data, refs[i], max_side), texts,
+                                   np.r_[ii, qi, top_t2i.ravel()], np.r_[tt, top_i2t.ravel(), qt], cfg.batch_size, device)
+    z_match, z_i2t, z_t2i = np.split(z, [len(ii), len(ii) + len(qi)])
+
+    # 1) matching; an image that failed to decode here (after the embedding pass read it) leaves its pairs out
+    ok = ~np.isnan(z_match)
+    prob, label = 1 / (1 + np.exp(-z_match[ok].astype(np.float64))), label[ok]
     n_pos, n_neg = int(label.sum()), int((label == 0).sum())
     matching: dict[str, Any] = {k: ci(v, s) for k, (v, s) in metrics.matching_values(prob, label).items()}
-    matching.update(n_pairs=int(len(label)), n_positive=n_pos, n_negative=n_neg, chance=metrics.matching_chance(n_pos, n_neg))
+    matching.update(n_pairs=int(len(label)), n_positive=n_pos, n_negative=n_neg, chance=metrics.matching_chance(n_pos, n_neg),
+                    n_decode_failed=len(failed))
 
-    # 2) re-ranking: the head re-orders each query's contrastive top k; ranks beyond k stay
+    # 2) re-ranking: the head re-orders each query's contrastive top k; ranks beyond k stay (and those of a
+    # query with a candidate it could not score)
     rerank: dict[str, Any] = {"k": int(cfg.rerank_k), "blend": bool(cfg.rerank_blend)}
-    def blended(score: np.ndarray, img: np.ndarray, txt: np.ndarray) -> np.ndarray:
-        # BLIP ranks its top k by ITM score + similarity: here the head's log-odds + the contrastive logit
-        return score + scale * np.sum(ie[img] * te[txt], axis=1) if cfg.rerank_blend else score
+    def blended(score: np.ndarray, img: np.ndarray, txt: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+        # BLIP ranks its top k by ITM score + similarity: here the head's log-odds + the contrastive logit;
+        # the cosine also breaks a tie in score (fusion.reranked_ranks)
+        cos = np.sum(ie[img] * te[txt], axis=1)
+        return (score + scale * cos if cfg.rerank_blend else score).reshape(shape), cos.reshape(shape)
 
-    cand = fusion.topk(ie, te, min(cfg.rerank_k, len(te)), cfg.chunk_size)  # image -> captions
-    qi = np.repeat(np.arange(len(ie)), cand.shape[1])
-    s_i2t = blended(fusion.pair_logits(head, fi, ft, qi, cand.ravel(), cfg.batch_size, device), qi, cand.ravel())
-    new_i2t = fusion.reranked_ranks(sc.retrieval.i2t_rank, local[cand] == np.arange(len(ie))[:, None], s_i2t.reshape(cand.shape))
-    cand = fusion.topk(te, ie, min(cfg.rerank_k, len(ie)), cfg.chunk_size)  # caption -> images
-    qt = np.repeat(np.arange(len(te)), cand.shape[1])
-    s_t2i = blended(fusion.pair_logits(head, fi, ft, cand.ravel(), qt, cfg.batch_size, device), cand.ravel(), qt)
-    new_t2i = fusion.reranked_ranks(sc.retrieval.t2i_rank, cand == local[:, None], s_t2i.reshape(cand.shape))
+    s_i2t = blended(z_i2t, qi, top_i2t.ravel(), top_i2t.shape)
+    new_i2t = fusion.reranked_ranks(sc.retrieval.i2t_rank, local[top_i2t] == np.arange(len(ie))[:, None], *s_i2t)
+    s_t2i = blended(z_t2i, top_t2i.ravel(), qt, top_t2i.shape)
+    new_t2i = fusion.reranked_ranks(sc.retrieval.t2i_rank, top_t2i == local[:, None], *s_t2i)
     for d, base, new in (("i2t", sc.retrieval.i2t_rank, new_i2t), ("t2i", sc.retrieval.t2i_rank, new_t2i)):
         rerank[d] = {}
         for kk in cfg.ks:

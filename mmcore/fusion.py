@@ -22,7 +22,7 @@ imports nothing of mmcore's above the registry, errors and tables.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcore.errors import ConfigError, InputError
+from mmcore.errors import ConfigError, InputError, row_detail
 from mmcore.registry import Registry
 
 FUSION_CONFIG_FILE = "fusion.json"  # in the model folder, next to Hugging Face's files
@@ -40,6 +40,7 @@ FUSION_WEIGHTS_FILE = "fusion.safetensors"
 NONE = "none"  # train.fusion without a head
 HEADS: Registry[type[nn.Module]] = Registry("fusion head")
 HARD_SHARE = 0.5  # share of a negative's draw from softmax(sim) (the rest uniform); see hard_negatives
+IMAGE_CHUNK = 256  # images decoded and encoded at once by pair_scores: what bounds evaluate's memory
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ def hard_negatives(
     sim: torch.Tensor, same: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image a wrong caption and for each caption a wrong image, drawn from
-    ``HARD_SHARE * softmax(sim) + (1 - HARD_SHARE) * uniform`` over the valid ones.
+    ``HARD_SHARE * softmax(sim) + (1 - HARD_SHARE) * uniform`` over the valid ones; -1 where none is valid.
 
     Args:
         sim: (n, n) scaled image-text similarities of the batch (row = image).
@@ -245,10 +246,11 @@ def hard_negatives(
         # Half hard (ALBEF's softmax(sim)), half uniform: fed hard negatives only, a head on a
         # small, young encoder sat at the class prior for hundreds of steps (bench/results/fusion.md).
         w = (HARD_SHARE * hard + (1 - HARD_SHARE) * uniform).masked_fill(m, 0.0)
-        empty = w.sum(1) == 0  # no valid negative at all (every other caption identical): anything but itself
-        if empty.any():
-            w[empty] = 1.0 - torch.eye(len(w))[empty]
-        out.append(torch.multinomial(w, 1, generator=generator).squeeze(1).to(sim.device))
+        # Every other pair of the batch a right one too (one group, one caption): no negative, rather
+        # than a right pair labelled "no match". A dummy weight keeps the draw (and the generator) in step.
+        empty = w.sum(1) == 0
+        neg = torch.multinomial(w.masked_fill(empty[:, None], 1.0), 1, generator=generator).squeeze(1)
+        out.append(neg.masked_fill(empty, -1).to(sim.device))
     return out[0], out[1]  # (negative caption per image, negative image per caption)
 
 
@@ -264,10 +266,10 @@ def itm_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the head on the batch's positives and one hard negative per image and per caption.
 
-    Returns (loss, accuracy on those 3n pairs). With ``weights`` (one per pair of the batch) each
-    term is weighted by its anchor pair's weight (a weighted mean). ``groups`` (one int per pair,
-    -1 = none) marks pairs of one image or duplicate cluster, which are never each other's
-    negatives (BLIP masks its image ids so).
+    Returns (loss, accuracy on those pairs). With ``weights`` (one per pair of the batch) each term is
+    weighted by its anchor pair's weight (a weighted mean). ``groups`` (one int per pair, -1 = none)
+    marks pairs of one image or duplicate cluster, which are never each other's negatives (BLIP masks
+    its image ids so); an image or caption whose every other pair is such gets no negative term.
     """
     n = len(ids)
     with torch.no_grad():
@@ -278,14 +280,16 @@ def itm_loss(
             same |= (g[:, None] == g[None, :]) & (g[:, None] >= 0)
         neg_txt, neg_img = hard_negatives(sim, same, generator)
     ar = torch.arange(n, device=ids.device)
-    ii = torch.cat([ar, ar, neg_img])
-    tt = torch.cat([ar, neg_txt, ar])
-    labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(ids.device)
+    has_txt, has_img = neg_txt >= 0, neg_img >= 0
+    ii = torch.cat([ar, ar[has_txt], neg_img[has_img]])
+    tt = torch.cat([ar, neg_txt[has_txt], ar[has_img]])
+    labels = torch.cat([torch.ones(n), torch.zeros(len(ii) - n)]).long().to(ids.device)
     logits = head(img.take(ii), txt.take(tt)).float()
     acc = (logits.argmax(1) == labels).float().mean().detach()
     if weights is None:
         return F.cross_entropy(logits, labels), acc
-    w = weights.float().repeat(3)
+    w = weights.float()
+    w = torch.cat([w, w[has_txt], w[has_img]])  # each term: its anchor pair's weight
     return (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum().clamp_min(1e-12), acc
 
 
@@ -309,14 +313,64 @@ def pair_logits(head: nn.Module, img: Features, txt: Features, ii: np.ndarray, t
 def encode_pairs_source(model: Any, images: Sequence, texts: Sequence[str], batch_size: int, device: str) -> tuple[Features, Features]:
     """Token features of PIL ``images`` and ``texts`` through a loaded model (``clip_model.Loaded`` or
     ``Encoder``: ``.model``, ``.pixels(images)``, ``.token_ids(texts)``), preprocessed as evaluate does."""
-    m = model.model.to(device).eval()
-    fi = [encode_images(m, model.pixels(list(images[a : a + batch_size])).to(device)).to("cpu")
-          for a in range(0, len(images), batch_size)]
-    ft = [encode_texts(m, model.token_ids(list(texts[a : a + batch_size])).to(device)).to("cpu")
-          for a in range(0, len(texts), batch_size)]
-    if not fi or not ft:
+    if not len(images) or not len(texts):
         raise InputError("fusion: no images or no texts to encode")
-    return Features.cat(fi), Features.cat(ft)
+    return _encode_images(model, images, batch_size, device), _encode_texts(model, texts, batch_size, device)
+
+
+def _encode_images(model: Any, images: Sequence, batch_size: int, device) -> Features:
+    m = model.model.to(device).eval()
+    return Features.cat([encode_images(m, model.pixels(list(images[a : a + batch_size])).to(device)).to("cpu")
+                         for a in range(0, len(images), batch_size)])
+
+
+def _encode_texts(model: Any, texts: Sequence[str], batch_size: int, device) -> Features:
+    m = model.model.to(device).eval()
+    return Features.cat([encode_texts(m, model.token_ids(list(texts[a : a + batch_size])).to(device)).to("cpu")
+                         for a in range(0, len(texts), batch_size)])
+
+
+def pair_scores(
+    model: Any, head: nn.Module, load_image: Callable[[int], Any], texts: Sequence[str], ii: np.ndarray,
+    tt: np.ndarray, batch_size: int = 64, device: str | torch.device = "cpu", chunk: int = IMAGE_CHUNK,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """The head's match log-odds of the pairs (image ``ii[p]``, caption ``texts[tt[p]]``), decoding and
+    encoding the images ``chunk`` at a time, each once.
+
+    Memory holds one chunk of images with their token features, and the token features of the
+    captions the pairs use. An image that fails to load leaves its pairs NaN; the second value maps
+    its index to why (as evaluate's quarantine ``detail`` says it).
+
+    Args:
+        model: a loaded model (``clip_model.Loaded`` or ``Encoder``), preprocessing as evaluate does.
+        load_image: image index -> PIL image; it may raise (a file broken since it was first read).
+    """
+    ii, tt = np.asarray(ii, np.int64), np.asarray(tt, np.int64)
+    out, failed = np.full(len(ii), np.nan, np.float32), {}
+    if not len(ii):
+        return out, failed
+    used = np.unique(tt)
+    ft = _encode_texts(model, [texts[t] for t in used], batch_size, device)
+    by_image = np.argsort(ii, kind="stable")
+    sorted_ii, images = ii[by_image], np.unique(ii)
+    for a in range(0, len(images), chunk):
+        part = images[a : a + chunk]
+        loaded, pil = [], []
+        for i in part.tolist():
+            try:
+                pil.append(load_image(i))
+                loaded.append(i)
+            except Exception as e:  # one image's failure: its pairs, not the evaluation
+                failed[i] = row_detail(e)
+        lo, hi = np.searchsorted(sorted_ii, [part[0], part[-1] + 1])  # the pairs of this chunk's images
+        sel = by_image[lo:hi][np.isin(sorted_ii[lo:hi], loaded)]
+        if not len(sel):
+            continue
+        fi = _encode_images(model, pil, batch_size, device)
+        out[sel] = pair_logits(head.to(device), fi, ft, np.searchsorted(loaded, ii[sel]), np.searchsorted(used, tt[sel]),
+                               batch_size, device)
+        del fi  # before the next chunk decodes
+    return out, failed
 
 
 def require_head(model: Any) -> nn.Module:
@@ -355,28 +409,41 @@ def match_probability(model: Any, images: Sequence, texts: Sequence[str], batch_
 # --------------------------------------------------------------------------- re-ranking
 
 
-def reranked_ranks(base_rank: np.ndarray, cand_positive: np.ndarray, cand_score: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's best positive after re-ordering its top-k candidates by ``cand_score``.
+def reranked_ranks(base_rank: np.ndarray, cand_positive: np.ndarray, cand_score: np.ndarray,
+                   cand_cosine: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's best positive after re-ordering its top-k candidates as ``rerank_order`` does.
 
-    Only the top k move: a query with a positive among them gets a rank in 1..k (1 + the wrong
-    candidates scoring above its best-scoring positive); one without keeps ``base_rank`` (> k).
+    Only the top k move: a query with a positive among them gets a rank in 1..k, 1 + the wrong
+    candidates ahead of its best positive (a higher score, or an equal score and a higher cosine);
+    one without keeps ``base_rank`` (> k), and so does one with a candidate the head could not score
+    (NaN: its image failed to decode). A wrong candidate equal to the positive in both counts for
+    the positive, as ``metrics.retrieval`` counts a cosine tie (a copy of the right caption), so a
+    head that scores every candidate alike leaves every rank at ``base_rank``.
 
     Args:
-        base_rank: (n,) the contrastive rank of the best positive.
+        base_rank: (n,) the contrastive rank of the best positive (``metrics.retrieval``'s).
         cand_positive: (n, k) whether each top-k candidate is a right answer.
         cand_score: (n, k) the re-ranking score of each candidate (higher = better).
+        cand_cosine: (n, k) the contrastive cosine of each candidate: what breaks a tie in score.
     """
     pos = np.asarray(cand_positive, bool)
-    s = np.asarray(cand_score, np.float64)
-    best = np.where(pos, s, -np.inf).max(1)
-    above = ((s > best[:, None]) & ~pos).sum(1)
-    return np.where(pos.any(1), above + 1, np.asarray(base_rank)).astype(np.int64)
+    s, c = np.asarray(cand_score, np.float64), np.asarray(cand_cosine, np.float64)
+    rows, order = np.arange(len(pos))[:, None], _order(s, c)
+    best = order[rows, np.argmax(pos[rows, order], axis=1)[:, None]]  # the first positive in that order
+    bs, bc = s[rows, best], c[rows, best]
+    above = (((s > bs) | ((s == bs) & (c > bc))) & ~pos).sum(1)
+    moved = pos.any(1) & ~np.isnan(s).any(1)
+    return np.where(moved, above + 1, np.asarray(base_rank)).astype(np.int64)
 
 
-def rerank_order(cand: np.ndarray, cand_score: np.ndarray) -> np.ndarray:
-    """The top-k candidates re-ordered by score (stable: ties keep the contrastive order)."""
-    order = np.argsort(-np.asarray(cand_score, np.float64), axis=1, kind="stable")
-    return np.take_along_axis(np.asarray(cand), order, axis=1)
+def rerank_order(cand: np.ndarray, cand_score: np.ndarray, cand_cosine: np.ndarray) -> np.ndarray:
+    """The top-k candidates re-ordered by score; a tie by the contrastive cosine, then the contrastive order."""
+    return np.take_along_axis(np.asarray(cand), _order(cand_score, cand_cosine), axis=1)
+
+
+def _order(score: np.ndarray, cosine: np.ndarray) -> np.ndarray:
+    """Per row, candidate positions best first: score, then cosine, descending; stable (lexsort's last key leads)."""
+    return np.lexsort((-np.asarray(cosine, np.float64), -np.asarray(score, np.float64)), axis=-1)
 
 
 def topk(query: np.ndarray, gallery: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:

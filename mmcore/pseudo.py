@@ -11,9 +11,10 @@ caption when it beats the runner-up by ``pseudo.min_margin`` (and, if set, score
 rows whose own caption the teacher scores below that cosine. A pseudo-pair carries
 ``pseudo_label`` (True), ``pseudo_weight`` (its loss weight), its margin and similarity, the
 original caption and the teacher's digest; every other row ``pseudo_label`` False, weight 1.0. A pick
-that is a val or test row's caption (normalised) is refused: an uncaptioned row is quarantined
-(``eval_caption``), a misaligned one keeps its own caption. The stats count kept rows per split
-(``splits``, like split's): train reads this stage, so these are the rows it trains on.
+that is a val or test row's caption (normalised) is refused and its row quarantined (``eval_caption``),
+uncaptioned or misaligned alike (an image the teacher finds closer to an eval caption than to its own
+is no pair to train on). The stats count kept rows per split (``splits``, like split's): train reads
+this stage, so these are the rows it trains on.
 
 Off (the default) the stage passes its input through unchanged, but for rows without a usable
 caption (there are none unless clean kept them), which it quarantines.
@@ -58,8 +59,9 @@ REASONS = {
     "low_margin": "a train row without a usable caption whose best bank caption won by less than pseudo.min_margin "
                   "(or scored below pseudo.min_similarity)",
     "image_error": "a candidate's image could not be decoded for the teacher",
-    "eval_caption": "a train row without a usable caption whose pseudo caption is a val or test row's caption "
-                    "(normalised: lower case, spacing collapsed), which a pseudo-pair must not carry into training",
+    "eval_caption": "a train row without a usable caption, or one relabelled (pseudo.relabel_below), whose pseudo "
+                    "caption is a val or test row's caption (normalised: lower case, spacing collapsed), which a "
+                    "pseudo-pair must not carry into training",
 }
 
 
@@ -225,8 +227,8 @@ def run(table: pd.DataFrame, cfg: PseudoConfig, ctx: StageContext) -> StageResul
     # A misaligned row is relabelled only when the teacher prefers another caption to its own.
     relabel = low.loc[cand] & ~empty.loc[cand]
     ok &= ~relabel | ((pd.Series(best, index=cand) > own_cos.loc[cand]) & (pick != df.loc[cand, TEXT].astype("str")))
-    # Never a val or test row's caption (a user bank may hold one): an uncaptioned row with such a pick is
-    # quarantined (eval_caption), a misaligned one keeps its own caption.
+    # Never a val or test row's caption (a user bank may hold one): a row with such a pick is quarantined
+    # (eval_caption), a misaligned one too: the teacher prefers an eval caption to its own.
     eval_captions = set(normalise_caption(df.loc[~train & captioned, TEXT]))
     eval_pick = ok & normalise_caption(pick).isin(eval_captions)
     ok &= ~eval_pick
@@ -254,7 +256,7 @@ def run(table: pd.DataFrame, cfg: PseudoConfig, ctx: StageContext) -> StageResul
     res = tables.partition(out, [
         ("no_caption", ~captioned & ~train, "no usable caption in a " + df[SPLIT].astype("str") + " row"),
         ("image_error", failed.reindex(df.index, fill_value=False) & empty, error_detail),
-        ("eval_caption", empty & eval_pick.reindex(df.index, fill_value=False),
+        ("eval_caption", eval_pick.reindex(df.index, fill_value=False),
          "pseudo caption " + pick.reindex(df.index, fill_value="").str.slice(0, 80).map(repr)
          + " is the caption of a val or test row"),
         ("low_margin", empty & ~ok.reindex(df.index, fill_value=False),
@@ -277,7 +279,7 @@ def run(table: pd.DataFrame, cfg: PseudoConfig, ctx: StageContext) -> StageResul
         "n_pseudo": int(len(chosen)),
         "n_pseudo_uncaptioned": int(chosen_empty.sum()),
         "n_pseudo_relabelled": int((~chosen_empty).sum()),
-        "n_eval_caption": int(eval_pick.sum()),  # picks refused: a val or test caption (uncaptioned: quarantined)
+        "n_eval_caption": int(eval_pick.sum()),  # picks refused (a val or test caption), their rows quarantined
         "splits": split_counts(res.kept),  # kept rows per split: train's input
         "min_margin": cfg.min_margin,
         "weight": cfg.weight,

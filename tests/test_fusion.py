@@ -105,29 +105,31 @@ def test_rerank_only_reorders_within_the_top_k(trained):
     k = 5
     cand = fusion.topk(ie, te, k)
     score = fusion.pair_logits(enc.fusion, fi, ft, np.repeat(np.arange(len(ie)), k), cand.ravel()).reshape(cand.shape)
-    order = fusion.rerank_order(cand, score)
+    cos = np.take_along_axis(ie @ te.T, cand, 1)
+    order = fusion.rerank_order(cand, score, cos)
     assert all(set(a) == set(b) for a, b in zip(cand, order))  # the same k candidates, reordered
     assert (np.diff(np.take_along_axis(score, np.argsort(-score, 1, kind="stable"), 1), axis=1) <= 0).all()
     r = metrics.retrieval(ie, te, np.arange(len(ie)))
-    new = fusion.reranked_ranks(r.i2t_rank, cand == np.arange(len(ie))[:, None], score)
+    new = fusion.reranked_ranks(r.i2t_rank, cand == np.arange(len(ie))[:, None], score, cos)
     outside = r.i2t_rank > k
     assert np.array_equal(new[outside], r.i2t_rank[outside])  # beyond k nothing moves
     assert (new[~outside] <= k).all() and (new[~outside] >= 1).all()
-    # The new rank is the positive's position in the reordered list, ties (a copy of its caption)
+    # The new rank is the positive's position in the reordered list, a full tie (a copy of its caption)
     # counting in its favour as in evaluate's ranks.
     for q in np.flatnonzero((cand == np.arange(len(ie))[:, None]).any(1)):  # (a tie may leave it out of the top k)
-        at = list(order[q]).index(q)
-        mine = score[q][list(cand[q]).index(q)]
-        assert new[q] == 1 + sum(score[q][list(cand[q]).index(c)] > mine for c in order[q][:at])
+        at, j = list(order[q]).index(q), list(cand[q]).index(q)
+        ahead = [list(cand[q]).index(c) for c in order[q][:at]]
+        assert new[q] == 1 + sum((score[q, i], cos[q, i]) != (score[q, j], cos[q, j]) for i in ahead)
 
 
 def test_reranked_ranks_on_hand_made_candidates():
     base = np.array([2, 7, 1])
     pos = np.array([[False, True, False], [False, False, False], [True, False, True]])
     score = np.array([[0.1, 0.5, 0.9], [1, 2, 3], [0.2, 0.9, 0.3]])
+    cos = np.array([[0.3, 0.2, 0.1], [0.3, 0.2, 0.1], [0.3, 0.2, 0.1]])
     # query 0: its positive (0.5) is beaten by one wrong candidate (0.9); query 1: none in the top 3,
     # rank kept; query 2: best of two positives (0.3) beaten by one wrong (0.9)
-    assert fusion.reranked_ranks(base, pos, score).tolist() == [2, 7, 2]
+    assert fusion.reranked_ranks(base, pos, score, cos).tolist() == [2, 7, 2]
 
 
 def test_evaluate_reports_matching_and_rerank_with_cis(trained, tmp_path):
@@ -138,7 +140,9 @@ def test_evaluate_reports_matching_and_rerank_with_cis(trained, tmp_path):
     res = evaluate.run(table, cfg, ctx, encoder=enc)
     m = json.loads((run / "evaluate" / "metrics.json").read_text())
     mt = m["matching"]
-    assert set(mt) == {"accuracy", "precision", "recall", "f1", "auroc", "n_pairs", "n_positive", "n_negative", "chance"}
+    assert set(mt) == {"accuracy", "precision", "recall", "f1", "auroc", "n_pairs", "n_positive", "n_negative", "chance",
+                       "n_decode_failed"}
+    assert mt["n_decode_failed"] == 0
     assert mt["n_pairs"] == mt["n_positive"] + mt["n_negative"] and mt["n_negative"] == 2 * mt["n_positive"]
     assert mt["n_positive"] == m["test"]["n_texts"]
     assert mt["chance"] == pytest.approx({"accuracy": 2 / 3, "auroc": 0.5, "f1": 0.5})
@@ -158,6 +162,63 @@ def test_evaluate_reports_matching_and_rerank_with_cis(trained, tmp_path):
         # R@10 can only change through positives that were in the top 8: never up beyond what 8 allows
     assert "test" in m and "matching" not in evaluate.metrics_table(m)["split"].tolist()
     assert res.stats["matching_auroc"] == mt["auroc"]["value"]
+
+
+def test_pair_scores_decode_each_image_once_a_chunk_at_a_time_and_a_failure_stays_its_own(trained):
+    import weakref
+
+    table, data, run, _ = trained
+    enc = clip_model.Encoder.load(run / "train" / "model")
+    rows, images, texts = _pairs(table, data)
+    images, texts = images[:7], texts[:7]
+    rng = np.random.default_rng(0)
+    ii, tt = rng.integers(0, 7, 40), rng.integers(0, 7, 40)
+    alive, calls = [], []
+
+    def load(i):
+        calls.append(i)
+        assert sum(r() is not None for r in alive) <= 3  # never more than one chunk of images held
+        if i == 4:
+            raise OSError("image file is truncated")
+        im = images[i].copy()
+        alive.append(weakref.ref(im))
+        return im
+
+    z, failed = fusion.pair_scores(enc, enc.fusion, load, texts, ii, tt, batch_size=2, chunk=3)
+    assert sorted(calls) == sorted(set(ii.tolist()))  # each image once
+    assert failed == {4: "OSError: image file is truncated"}
+    assert np.isnan(z[ii == 4]).all() and not np.isnan(z[ii != 4]).any()
+    fi, ft = fusion.encode_pairs_source(enc, images, texts, 16, "cpu")
+    want = fusion.pair_logits(enc.fusion, fi, ft, ii, tt)
+    assert np.allclose(z[ii != 4], want[ii != 4], atol=1e-5)
+    # A query with a candidate the head could not score keeps its contrastive rank.
+    assert fusion.reranked_ranks(np.array([3, 4]), np.array([[True, False], [True, False]]),
+                                 np.array([[0.0, 1.0], [np.nan, 1.0]]), np.zeros((2, 2))).tolist() == [2, 4]
+
+
+def test_evaluate_leaves_out_an_image_that_fails_to_decode_for_the_head(trained, tmp_path, monkeypatch):
+    table, data, run, _ = trained
+    enc = clip_model.Encoder.load(run / "train" / "model")
+    seen: dict[str, int] = {}
+    real = evaluate._load
+    test_rows = table[table["split"] == "test"]
+    broken = test_rows[tables.IMAGE].iloc[0]
+
+    def flaky(data_cfg, ref, max_side):  # decodes for the embedding pass, not for the head's
+        seen[ref] = seen.get(ref, 0) + 1
+        if ref == broken and seen[ref] > 1:
+            raise OSError("image file is truncated")
+        return real(data_cfg, ref, max_side)
+
+    monkeypatch.setattr(evaluate, "_load", flaky)
+    cfg = EvaluateConfig(splits=["test"], bootstrap=0, robustness=False, spotcheck_n=0, rerank_k=8)
+    res = evaluate.run(table, cfg, StageContext(data=data, run_dir=tmp_path, seed=0, workers=1), encoder=enc)
+    m = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert res.quarantined.empty and m["matching"]["n_decode_failed"] == 1
+    assert m["matching"]["n_positive"] == m["test"]["n_texts"] - int((test_rows[tables.IMAGE] == broken).sum())
+    assert all(seen[r] == 2 for r in test_rows[tables.IMAGE].unique())  # every test image read twice, no more
+    for d in ("i2t", "t2i"):
+        assert m["rerank"][d]["R@1"]["without"]["value"] == pytest.approx(m["test"]["retrieval"][f"{d}_r1"]["value"])
 
 
 def test_without_a_head_nothing_changes_and_match_probability_refuses(demo, tmp_path):
@@ -281,3 +342,84 @@ def _plain_model(table, data, run) -> Path:
     if not (out / "train" / "model").is_dir():
         train.run(table, TrainConfig(**FAST, steps=1), _ctx(data, out))
     return out / "train" / "model"
+
+
+# --------------------------------------------------------------------------- negatives and ties
+
+
+class _Recorder(torch.nn.Module):
+    """A head that remembers which (image, caption) pairs it scored: the argmax of one-hot embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+        self.pairs: list[tuple[int, int]] = []
+
+    def forward(self, img, txt):
+        self.pairs += list(zip(img.emb.argmax(1).tolist(), txt.emb.argmax(1).tolist()))
+        return self.w.expand(len(img), 2)
+
+
+def _one_hot_features(n: int) -> fusion.Features:
+    return fusion.Features(torch.zeros(n, 2, 4), torch.ones(n, 2, dtype=torch.bool), torch.zeros(n, dtype=torch.long),
+                           torch.eye(n))
+
+
+def test_a_pair_without_a_valid_negative_gets_none_never_a_positive_labelled_no():
+    # 0 and 1 are one group, 1 and 2 have one caption: 1 has no valid negative; 0 and 2 only each other.
+    same = torch.tensor([[True, True, False], [True, True, True], [False, True, True]])
+    for seed in range(20):
+        neg_txt, neg_img = fusion.hard_negatives(torch.randn(3, 3), same, torch.Generator().manual_seed(seed))
+        assert neg_txt.tolist() == [2, -1, 0] and neg_img.tolist() == [2, -1, 0]
+    ids = torch.tensor([[1, 5, 2], [1, 6, 2], [1, 6, 2]])
+    head = _Recorder()
+    loss, acc = fusion.itm_loss(head, _one_hot_features(3), _one_hot_features(3), ids, torch.tensor(10.0),
+                                torch.Generator().manual_seed(0), groups=torch.tensor([7, 7, -1]))
+    # the 3 positives, then per image and per caption a negative where one exists: never a pair of `same`
+    assert head.pairs[:3] == [(0, 0), (1, 1), (2, 2)] and sorted(head.pairs[3:]) == [(0, 2), (0, 2), (2, 0), (2, 0)]
+    assert torch.isfinite(loss) and acc == pytest.approx(4 / 7)  # the constant head answers "no" (argmax tie: 0)
+    # One group, or one pair, has no negatives at all: only the positives are scored.
+    for n, groups in ((4, torch.zeros(4, dtype=torch.long)), (1, None)):
+        head = _Recorder()
+        loss, _ = fusion.itm_loss(head, _one_hot_features(n), _one_hot_features(n), torch.arange(n)[:, None],
+                                  torch.tensor(10.0), torch.Generator().manual_seed(0), groups=groups)
+        assert head.pairs == [(i, i) for i in range(n)] and torch.isfinite(loss)
+
+
+def test_rerank_ties_count_as_in_evaluates_retrieval_and_follow_rerank_order():
+    # Captions 0 and 1 are one text (an exact cosine tie), so are 2 and 3; caption i belongs to image i.
+    rng = np.random.default_rng(0)
+    te = rng.normal(size=(6, 8)).astype(np.float32)
+    te[1], te[3] = te[0], te[2]
+    te /= np.linalg.norm(te, axis=1, keepdims=True)
+    ie = te + 0.6 * rng.normal(size=te.shape).astype(np.float32)
+    ie /= np.linalg.norm(ie, axis=1, keepdims=True)
+    r = metrics.retrieval(ie, te, np.arange(6))
+    assert (r.i2t_rank > 1).any()
+    for k in (3, 6):
+        cand = fusion.topk(ie, te, k)
+        cos = np.take_along_axis(ie @ te.T, cand, 1)
+        pos = cand == np.arange(6)[:, None]
+        # A head that scores every candidate alike changes nothing: the ranks are evaluate's contrastive ones
+        # (a copy of the right caption counting for it), and the order the contrastive one.
+        flat = np.zeros(cand.shape)
+        assert np.array_equal(fusion.reranked_ranks(r.i2t_rank, pos, flat, cos), r.i2t_rank)
+        assert np.array_equal(fusion.rerank_order(cand, flat, cos), cand)
+        # Scores with ties: the rank is 1 + the wrong candidates before the first right one in rerank_order,
+        # but for a wrong one tied with it in score and cosine (a copy of its caption), which counts for it.
+        for seed in range(20):
+            score = np.random.default_rng(seed).integers(0, 3, cand.shape).astype(np.float64)
+            order = fusion.rerank_order(cand, score, cos)
+            new = fusion.reranked_ranks(r.i2t_rank, pos, score, cos)
+            for q in range(6):
+                if q not in order[q]:
+                    assert new[q] == r.i2t_rank[q]
+                    continue
+                at = {c: j for j, c in enumerate(cand[q])}
+                first = list(order[q]).index(q)
+                key = (score[q, at[q]], cos[q, at[q]])
+                assert new[q] == 1 + sum((score[q, at[c]], cos[q, at[c]]) != key for c in order[q][:first])
+    # By hand: one tie in score, broken by the cosine (the wrong one is closer), as rerank_order breaks it.
+    pos = np.array([[True, False]])
+    assert fusion.reranked_ranks(np.array([2]), pos, np.array([[1.0, 1.0]]), np.array([[0.5, 0.6]])).tolist() == [2]
+    assert fusion.rerank_order(np.array([[7, 9]]), np.array([[1.0, 1.0]]), np.array([[0.5, 0.6]])).tolist() == [[9, 7]]

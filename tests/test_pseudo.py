@@ -164,6 +164,28 @@ def test_a_bank_caption_of_a_val_or_test_row_is_never_a_pseudo_caption(pool, tmp
     assert res.stats["n_pseudo"] + res.stats["n_eval_caption"] == int((empty & train).sum())
 
 
+def test_a_relabel_to_a_val_or_test_caption_is_quarantined_not_kept(pool, tmp_path):
+    _, cfg, table, teacher = pool
+    empty, train = table[TEXT] == "", table["split"] == "train"
+    evals = table.loc[~train & ~empty, TEXT].drop_duplicates().head(2).tolist()
+    bank = tmp_path / "bank.txt"
+    bank.write_text("\n".join(evals) + "\n")
+    # Every captioned train row is a candidate; its pick is an eval caption whenever the teacher prefers one.
+    on = _with(cfg, enabled=True, model_path=teacher, min_margin=0.0, captions=bank, relabel_below=1.0)
+    res = pseudo.run(table, on.pseudo, execute.context(on, progress=False))
+    q = res.quarantined
+    assert len(res.kept) + len(q) == len(table) and not res.kept[PSEUDO_LABEL].any()
+    leaked = q[q["reason"] == "eval_caption"]
+    relabels = leaked[leaked[TEXT] != ""]
+    assert len(relabels) > 0 and (relabels["split"] == "train").all()  # misaligned train rows, never kept
+    assert set(leaked[ROW_ID]) >= set(table.loc[empty & train, ROW_ID])
+    assert res.stats["n_eval_caption"] == len(leaked)
+    assert relabels[tables.DETAIL].str.endswith("is the caption of a val or test row").all()
+    # The rest kept their own caption, and no kept train row carries an eval caption it did not have.
+    kept_train = res.kept[res.kept["split"] == "train"].set_index(ROW_ID)[TEXT]
+    assert kept_train.equals(table.set_index(ROW_ID).loc[kept_train.index, TEXT])
+
+
 def test_no_pseudo_row_may_be_in_val_or_test():
     df = pd.DataFrame({ROW_ID: [1, 2], TEXT: ["a", "b"], "split": ["train", "test"], PSEUDO_LABEL: [True, True]})
     with pytest.raises(LeakageError, match=r"1 pseudo-labelled rows are in val or test \(row_id 2\)"):
