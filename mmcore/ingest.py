@@ -184,7 +184,9 @@ def _shard_table(path: str) -> tuple[dict[str, dict[str, Any]], list[tuple[str, 
     the listings of a key it lists again, all but the last (key, columns, row number): rows of their own.
 
     Read a row group at a time, so Arrow holds one, never the file; one larger than
-    ``sources.MAX_ROW_GROUP_BYTES`` is refused by its size in the footer, unread.
+    ``sources.MAX_ROW_GROUP_BYTES`` is refused by its size in the footer, unread, and so is a file of
+    more rows than a shard may hold members (``sources.MAX_TAR_MEMBERS``): the rows kept by key are
+    bounded by that count.
     """
     side = Path(path).with_suffix(".parquet")
     if not side.is_file():
@@ -199,6 +201,9 @@ def _shard_table(path: str) -> tuple[dict[str, dict[str, Any]], list[tuple[str, 
             names = pf.schema_arrow.names
             if KEY not in names:
                 raise InputError(f"data.shards: {where} has no 'key' column; got {', '.join(map(repr, names[:10]))}")
+            if pf.metadata.num_rows > sources.MAX_TAR_MEMBERS:
+                raise InputError(f"data.shards: {where} lists {pf.metadata.num_rows} rows > {sources.MAX_TAR_MEMBERS}, "
+                                 "more than a shard may hold members; expected img2dataset's per-shard Parquet")
             for g in range(pf.num_row_groups):
                 nbytes = pf.metadata.row_group(g).total_byte_size
                 if nbytes > sources.MAX_ROW_GROUP_BYTES:

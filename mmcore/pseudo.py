@@ -11,7 +11,7 @@ caption when it beats the runner-up by ``pseudo.min_margin`` (and, if set, score
 rows whose own caption the teacher scores below that cosine. A pseudo-pair carries
 ``pseudo_label`` (True), ``pseudo_weight`` (its loss weight), its margin and similarity, the
 original caption and the teacher's digest; every other row ``pseudo_label`` False, weight 1.0. A pick
-that is a val or test row's caption (normalised) is refused and its row quarantined (``eval_caption``),
+that is a val or test row's caption and no train row's (normalised) is refused and its row quarantined (``eval_caption``),
 uncaptioned or misaligned alike (an image the teacher finds closer to an eval caption than to its own
 is no pair to train on). The stats count kept rows per split (``splits``, like split's): train reads
 this stage, so these are the rows it trains on.
@@ -60,8 +60,8 @@ REASONS = {
                   "(or scored below pseudo.min_similarity)",
     "image_error": "a candidate's image could not be decoded for the teacher",
     "eval_caption": "a train row without a usable caption, or one relabelled (pseudo.relabel_below), whose pseudo "
-                    "caption is a val or test row's caption (normalised: lower case, spacing collapsed), which a "
-                    "pseudo-pair must not carry into training",
+                    "caption is a val or test row's caption and no train row's (normalised: lower case, spacing "
+                    "collapsed), which a pseudo-pair must not carry into training",
 }
 
 
@@ -228,8 +228,10 @@ def run(table: pd.DataFrame, cfg: PseudoConfig, ctx: StageContext) -> StageResul
     relabel = low.loc[cand] & ~empty.loc[cand]
     ok &= ~relabel | ((pd.Series(best, index=cand) > own_cos.loc[cand]) & (pick != df.loc[cand, TEXT].astype("str")))
     # Never a val or test row's caption (a user bank may hold one): a row with such a pick is quarantined
-    # (eval_caption), a misaligned one too: the teacher prefers an eval caption to its own.
-    eval_captions = set(normalise_caption(df.loc[~train & captioned, TEXT]))
+    # (eval_caption), a misaligned one too: the teacher prefers an eval caption to its own. A caption
+    # that train rows carry as well (templated captions repeat) brings nothing of val or test in.
+    eval_captions = set(normalise_caption(df.loc[~train & captioned, TEXT])) - set(
+        normalise_caption(df.loc[train & captioned, TEXT]))
     eval_pick = ok & normalise_caption(pick).isin(eval_captions)
     ok &= ~eval_pick
 

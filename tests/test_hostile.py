@@ -1030,3 +1030,8 @@ print(len(table[0] if isinstance(table, tuple) else table), pa.default_memory_po
     monkeypatch.setattr(sources, "MAX_ROW_GROUP_BYTES", 1 << 20)
     with pytest.raises(InputError, match=r"^data.shards: 00000.parquet beside 00000.tar: row group 0 holds \d+ bytes"):
         ingest.read(data)
+    # A file of more rows than a shard may hold members is refused from its footer, before any is read.
+    monkeypatch.setattr(sources, "MAX_ROW_GROUP_BYTES", 1 << 30)
+    monkeypatch.setattr(sources, "MAX_TAR_MEMBERS", n - 1)
+    with pytest.raises(InputError, match=rf"^data.shards: 00000.parquet beside 00000.tar lists {n} rows > {n - 1}"):
+        ingest.read(data)

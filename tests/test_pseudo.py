@@ -139,11 +139,34 @@ def test_a_margin_too_high_quarantines_uncaptioned_train_rows_and_relabels_nothi
     assert len(res.kept) + len(res.quarantined) == len(table)
 
 
+def _eval_only_captions(table: pd.DataFrame, n: int) -> list[str]:
+    """``n`` captions of val or test rows that no train row carries (normalised)."""
+    captioned, train = table[TEXT] != "", table["split"] == "train"
+    in_train = set(pseudo.normalise_caption(table.loc[train & captioned, TEXT]))
+    evals = table.loc[~train & captioned, TEXT].drop_duplicates()
+    evals = evals[~pseudo.normalise_caption(evals).isin(in_train)].head(n).tolist()
+    assert len(evals) == n
+    return evals
+
+
+def test_a_caption_train_rows_carry_too_is_no_eval_caption(pool, tmp_path):
+    """Templated captions repeat across splits: one that train rows carry as well may be picked."""
+    _, cfg, table, teacher = pool
+    empty, train = table[TEXT] == "", table["split"] == "train"
+    shared = sorted(set(table.loc[train & ~empty, TEXT]) & set(table.loc[~train & ~empty, TEXT]))
+    assert len(shared) >= 2, "the pool's templated captions repeat across splits"
+    bank = tmp_path / "bank.txt"
+    bank.write_text("\n".join(shared[:2]) + "\n")
+    on = _with(cfg, enabled=True, model_path=teacher, min_margin=0.0, captions=bank)
+    res = pseudo.run(table, on.pseudo, execute.context(on, progress=False))
+    assert res.stats["n_eval_caption"] == 0 and res.stats["n_pseudo"] == int((empty & train).sum())
+    assert set(res.kept.loc[res.kept[PSEUDO_LABEL], TEXT]) <= set(shared[:2])
+
+
 def test_a_bank_caption_of_a_val_or_test_row_is_never_a_pseudo_caption(pool, tmp_path):
     _, cfg, table, teacher = pool
     empty, train = table[TEXT] == "", table["split"] == "train"
-    evals = table.loc[~train & ~empty, TEXT].drop_duplicates().head(2).tolist()
-    assert len(evals) == 2
+    evals = _eval_only_captions(table, 2)
     # Only eval captions (cased and spaced otherwise): every pick is one, every uncaptioned train row quarantined.
     bank = tmp_path / "bank.txt"
     bank.write_text(f"  {evals[0].upper()}  \n{'   '.join(evals[1].split())}\n")
@@ -167,7 +190,7 @@ def test_a_bank_caption_of_a_val_or_test_row_is_never_a_pseudo_caption(pool, tmp
 def test_a_relabel_to_a_val_or_test_caption_is_quarantined_not_kept(pool, tmp_path):
     _, cfg, table, teacher = pool
     empty, train = table[TEXT] == "", table["split"] == "train"
-    evals = table.loc[~train & ~empty, TEXT].drop_duplicates().head(2).tolist()
+    evals = _eval_only_captions(table, 2)
     bank = tmp_path / "bank.txt"
     bank.write_text("\n".join(evals) + "\n")
     # Every captioned train row is a candidate; its pick is an eval caption whenever the teacher prefers one.
