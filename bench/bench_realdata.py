@@ -26,7 +26,7 @@ falls on both alike. Scores: test R@1/5/10 in both directions (``mmcore.metrics.
     python bench/bench_realdata.py one --system mmpipe --set openmoji --seed 0 --split val --set-cfg batch_size=128
     python bench/bench_realdata.py sweep "M0=mmpipe:steps=250" "O0=open_clip:steps=250" "Owd=open_clip:steps=250;weight_decay=0.05@O0"
     python bench/bench_realdata.py clip-bpe                   # CLIP's BPE as a tokenizer.json (train.tokenizer_path)
-    python bench/bench_realdata.py compare --extra "mmpipe_2048=vocab_size=2048"   # a third run at the same time
+    python bench/bench_realdata.py compare --extra "mmpipe_2048=vocab_size=2048"   # a third run: the old default
 
 ``sweep`` compares settings at equal optimizer steps on val (load does not enter), with paired
 bootstrap differences over the val queries.
@@ -204,35 +204,53 @@ def run_openclip(out: Path, seed: int, budget_s: float, workers: int, cfg, eval_
 
 
 def clip_bpe(dst: Path) -> Path:
-    """open_clip's (OpenAI CLIP's) 49,406-token BPE as a ``tokenizers`` tokenizer.json that mmpipe's
-    ``train.tokenizer_path`` takes: mmpipe's four special tokens first (ids 0-3, where a preset model
-    expects them: its config pools at id 3), then CLIP's byte vocabulary and merges, normalised and
-    split as CLIP's (HF's CLIPTokenizerFast conversion). 49,410 tokens."""
-    import gzip
+    """mmpipe's default tokenizer (``clip_model.clip_bpe_tokenizer``: OpenAI CLIP's BPE after mmpipe's
+    four special tokens, 49,410 tokens) as a tokenizer.json that ``train.tokenizer_path`` takes; the
+    second round measured CLIP's BPE through this file before it became the default."""
+    from mmcore import clip_model
 
-    import open_clip
-    from open_clip.tokenizer import bytes_to_unicode
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    from mmcore.clip_model import SPECIALS
-
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
-    byte = list(bytes_to_unicode().values())
-    words = [*byte, *[b + "</w>" for b in byte], *["".join(m) for m in merges]]
-    vocab = {t: i for i, t in enumerate([*SPECIALS, *words])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
-                               fuse_unk=False, unk_token=SPECIALS[1]))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    pat = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pat), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIALS))
     dst.mkdir(parents=True, exist_ok=True)
-    tok.save(str(dst / "tokenizer.json"))
+    clip_model.clip_bpe_tokenizer().save(str(dst / "tokenizer.json"))
+    return dst / "tokenizer.json"
+
+
+def clip_bpe_trimmed(name: str, dst: Path) -> Path:
+    """CLIP's BPE cut to what ``name``'s train captions use (third round's ``Mtrim``): the merges of
+    every token they split into, and of its parts, plus the 512 byte tokens; a caption of the train
+    rows splits exactly as with the whole BPE (checked), a word they lack into smaller pieces."""
+    import json as _json
+
+    from tokenizers import Tokenizer
+
+    from mmcore import clip_model
+
+    full = clip_model.clip_bpe_tokenizer()
+    spec = _json.loads(full.to_str())
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in spec["model"]["merges"]]
+    made: dict[str, list[tuple[str, str]]] = {}
+    for a, b in merges:
+        made.setdefault(a + b, []).append((a, b))
+    table, _ = load(name)
+    texts = table.loc[table["split"] == "train", "text"].tolist()
+    keep, stack = set(), [t for e in full.encode_batch(texts, add_special_tokens=False) for t in e.tokens]
+    while stack:
+        t = stack.pop()
+        if t not in keep:
+            keep.add(t)
+            stack += [p for m in made.get(t, []) for p in m]
+    kept = [m for m in merges if "".join(m) in keep]
+    specials = list(clip_model.SPECIALS)
+    byte = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])][len(specials):len(specials) + 512]
+    vocab = list(dict.fromkeys([*specials, *byte, *("".join(m) for m in kept)]))
+    spec["model"]["vocab"], spec["model"]["merges"] = {t: i for i, t in enumerate(vocab)}, [list(m) for m in kept]
+    spec["added_tokens"] = [{**a, "id": vocab.index(a["content"])} for a in spec["added_tokens"]]
+    trim = Tokenizer.from_str(_json.dumps(spec))
+    same = sum(a.tokens == b.tokens for a, b in zip(full.encode_batch(texts, add_special_tokens=False),
+                                                     trim.encode_batch(texts, add_special_tokens=False)))
+    print(f"{name}: {len(texts)} train captions, {trim.get_vocab_size()} tokens, {len(kept)} merges; "
+          f"{same} captions split as with the whole BPE")
+    dst.mkdir(parents=True, exist_ok=True)
+    trim.save(str(dst / "tokenizer.json"))
     return dst / "tokenizer.json"
 
 
@@ -428,7 +446,8 @@ def main() -> None:
     w.add_argument("--parallel", type=int, default=2)
     w.add_argument("--ref", default=None)
     w.add_argument("--out", default=str(OUT / "sweep"))
-    sub.add_parser("clip-bpe", help="write open_clip's BPE as a tokenizer.json for train.tokenizer_path")
+    b = sub.add_parser("clip-bpe", help="write CLIP's BPE (mmpipe's default) as a tokenizer.json for train.tokenizer_path")
+    b.add_argument("--trim", choices=SETS, default=None, help="cut to the merges this set's train captions use")
     c = sub.add_parser("compare")
     c.add_argument("--sets", nargs="+", default=list(SETS))
     c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -445,7 +464,7 @@ def main() -> None:
     if a.cmd == "prepare":
         prepare()
     elif a.cmd == "clip-bpe":
-        print(clip_bpe(OUT / "clip_bpe"))
+        print(clip_bpe_trimmed(a.trim, OUT / f"clip_bpe_{a.trim}") if a.trim else clip_bpe(OUT / "clip_bpe"))
     elif a.cmd == "sweep":
         sweep(a.specs, a.name, a.seed, a.split, Path(a.out), a.parallel, a.ref)
     elif a.cmd == "one":

@@ -93,21 +93,30 @@ def build_model(preset: str, vocab_size: int = 2048, image_size: int | None = No
 
 
 @torch.no_grad()
-def init_like_open_clip(model: CLIPModel) -> CLIPModel:
+def init_like_open_clip(model: CLIPModel, seed: int | None = None) -> CLIPModel:
     """Re-initialise a fresh ``CLIPModel`` as open_clip initialises its ``CLIP`` (in place).
 
     transformers' CLIP init swaps the attention's two scales (q/k/v get the small residual-branch
     std, the output projection the large one) and starts the image tower's embeddings at 0.02;
     open_clip's text tower uses the scales the other way round, and its image tower PyTorch's
     defaults (its ``init_parameters`` is a stub) with class and position embeddings at width**-0.5.
+
+    With ``seed``, the token embedding is drawn from its own generator and every other tensor from
+    the global one re-seeded with ``seed``: two tokenizers (vocabularies of any size) then start
+    from the same towers, so comparing them is not also comparing initialisations.
     """
+    if seed is not None:
+        torch.manual_seed(seed)
     def linear_default(m: nn.Linear) -> None:  # nn.Linear's own init (kaiming uniform, a=sqrt(5))
         m.reset_parameters()
 
     t = model.text_model
     w, n = t.config.hidden_size, t.config.num_hidden_layers
     proj_std, attn_std, fc_std = w**-0.5 * (2 * n) ** -0.5, w**-0.5, (2 * w) ** -0.5
-    nn.init.normal_(t.embeddings.token_embedding.weight, std=0.02)
+    # The table's own stream: a SeedSequence of (seed, a tag), apart from the loop's (seed, epoch) streams.
+    tokens = None if seed is None else torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, 0x70CE]).generate_state(1, np.uint64)[0] >> 1))
+    nn.init.normal_(t.embeddings.token_embedding.weight, std=0.02, generator=tokens)
     nn.init.normal_(t.embeddings.position_embedding.weight, std=0.01)
     for layer in t.encoder.layers:
         for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -158,6 +167,39 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
+    return tok
+
+
+def clip_bpe_tokenizer() -> Tokenizer:
+    """CLIP's BPE (OpenAI's vocabulary and merges, splitting text as transformers' ``CLIPTokenizerFast``;
+    open_clip runs ftfy and HTML unescaping first), after mmpipe's four special tokens (ids 0-3, where
+    a preset model pools): 49,410 tokens.
+
+    The default of a preset model (``train.vocab_size`` unset). On OpenMoji val (bench_realdata, 250
+    steps, 2 seeds) it gave R@1 +3 to +5 and R@5 +5 to +7 points over a 2,048-token BPE trained on
+    the captions; on the synthetic demo data the two were level (4 seeds). See
+    bench/results/realdata.md (third round).
+    """
+    import gzip
+
+    from tokenizers import Regex
+
+    from mmcore.resources import CLIP_BPE
+
+    with gzip.open(CLIP_BPE) as f:
+        lines = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in lines]
+    byte = sorted(pre_tokenizers.ByteLevel.alphabet())  # CLIP's bytes_to_unicode order (by code point)
+    words = [*byte, *[b + "</w>" for b in byte], *["".join(m) for m in merges]]
+    vocab = {t: i for i, t in enumerate([*SPECIALS, *words])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                               fuse_unk=False, unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIALS))
     return tok
 
 

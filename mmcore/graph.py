@@ -28,7 +28,7 @@ from mmcore import layout, sources
 from mmcore.digests import dir_digest, file_digest, text_digest
 from mmcore.errors import InputError
 from mmcore.layout import RunLayout, StagePaths
-from mmcore.resources import DEFAULT_SYNONYMS, MODEL_CONFIGS
+from mmcore.resources import CLIP_BPE, DEFAULT_SYNONYMS, MODEL_CONFIGS
 from mmcore.tables import IMAGE
 
 if TYPE_CHECKING:
@@ -118,7 +118,8 @@ def _train_files(cfg: PipelineConfig, run_dir: Path) -> str:
     t = cfg.train
     return text_digest(
         dir_digest(MODEL_CONFIGS), _path_digest(t.synonyms or DEFAULT_SYNONYMS, ""),
-        _path_digest(t.model_path, "preset"), _path_digest(t.tokenizer_path, "trained on captions"),
+        _path_digest(t.model_path, "preset"),
+        _path_digest(t.tokenizer_path, "trained on captions" if t.vocab_size else _path_digest(CLIP_BPE, "")),
     )
 
 

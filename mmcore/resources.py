@@ -16,5 +16,9 @@ _ROOT = Path(str(resources.files("mmcore")))
 MODEL_CONFIGS = _ROOT / "model_configs"
 # The default synonym table of ``augment=synonym`` (word -> replacement words).
 DEFAULT_SYNONYMS = _ROOT / "data" / "synonyms.yaml"
+# OpenAI CLIP's BPE merges (49,408 tokens with its two specials; MIT licence, CLIP_BPE_LICENSE.txt), the
+# file open_clip ships as bpe_simple_vocab_16e6.txt.gz:
+# the default caption tokenizer of a preset model (``clip_model.clip_bpe_tokenizer``).
+CLIP_BPE = _ROOT / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
 # Named config presets: ``<name>.yaml`` holds config sections; ``--preset NAME`` layers one on a config.
 PRESETS = _ROOT / "data" / "presets"

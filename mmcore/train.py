@@ -38,14 +38,15 @@ class TrainConfig(StrictModel):
         None, description="Fine-tune this local CLIP folder (Hugging Face layout, or a model mmpipe trained) instead of a preset."
     )
     tokenizer_path: Path | None = Field(
-        None, description="A tokenizer folder or tokenizer.json; default: model_path's own, else trained on captions."
+        None, description="A tokenizer folder or tokenizer.json; default: model_path's own, else CLIP's BPE (see vocab_size)."
     )
     vocab_size: int | None = Field(
-        None, ge=300, description="BPE vocabulary of a tokenizer trained on the captions (default 2048); not with model_path."
+        None, ge=300, description="Train a BPE tokenizer of this many tokens on the captions; default: CLIP's BPE "
+        "(49,410 tokens with mmpipe's 4 special ones, as open_clip; measured better on real captions); not with model_path."
     )
-    init: Literal["open_clip", "transformers"] = Field(
-        "open_clip", description="Weight init of a preset model: open_clip's CLIP (measured better on real data) or "
-        "transformers' CLIPModel."
+    init: Literal["open_clip", "transformers"] | None = Field(
+        None, description="Weight init of a preset model: open_clip's CLIP (the default; measured better on real data) "
+        "or transformers' CLIPModel; not with model_path."
     )
     image_size: int | None = Field(None, ge=16, description="Training resolution; default: the preset's (model_path: its own, only).")
     batch_size: int | None = Field(
@@ -164,6 +165,9 @@ class TrainConfig(StrictModel):
             if self.vocab_size is not None:
                 raise ValueError("vocab_size trains a new tokenizer, but a pretrained model (model_path) keeps its own; "
                                  "remove vocab_size")
+            if self.init is not None:
+                raise ValueError(f"init: a pretrained model (model_path) starts from its own weights, got {self.init!r}; "
+                                 "remove init")
             if self.normalize is not None:
                 raise ValueError(f"normalize: a pretrained model (model_path) uses its own mean and std, got {self.normalize!r}")
         elif self.wise_ft_alpha is not None:

@@ -460,7 +460,9 @@ def fit(
     if head is not None:  # the head's own groups after the model's (decay on its weight matrices only)
         groups += param_groups(head.head, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6)
+    # fused: one kernel over all parameters (CPU and CUDA); on CPU torch's default is a loop per
+    # tensor, 5x slower (bench/results/realdata.md): with CLIP's 49k-token table that is ~10% of a step.
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.beta2), eps=1e-6, fused=True)
     step, seconds, history = 0, 0.0, []
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
@@ -474,9 +476,9 @@ def fit(
     model.to(device)
     if head is not None:
         head.head.to(device).train()
-    for st in opt.state.values():  # optimizer state follows the model onto the device
+    for st in opt.state.values():  # optimizer state follows the model onto the device (fused: the step count too)
         for k, v in st.items():
-            if torch.is_tensor(v) and k != "step":
+            if torch.is_tensor(v):
                 st[k] = v.to(device)
 
     plan = BatchPlan(n, cfg.batch_size, cfg.grad_accum, seed, start=step, rank=rank, world=world, weights=weights,
@@ -648,7 +650,8 @@ def run_stage(
     *,
     interrupt_at: int | None = None,
 ) -> StageResult:
-    """Build shards, train the tokenizer and model, save ``train/model``; see ``mmcore.train.run``."""
+    """Build shards, the tokenizer (CLIP's BPE unless another is asked for) and the model; train; save
+    ``train/model``; see ``mmcore.train.run``."""
     rank, world = _dist()
     seed = ctx.seed if cfg.seed is None else cfg.seed  # train.seed varies training only
     out = RunLayout(ctx.run_dir).train_dir
@@ -700,13 +703,18 @@ def run_stage(
     if src is not None:  # the pretrained model's own tokenizer and preprocessing
         model, tok, pre = src.model, src.tokenizer, src.pre
         model.train()
+        tokenizer = f"the model's own ({cfg.tokenizer_path or cfg.model_path})"
     else:
-        if tok is None:
-            tok = clip_model.train_tokenizer(train_df[TEXT].tolist(), cfg.vocab_size or 2048)
+        if tok is not None:
+            tokenizer = str(cfg.tokenizer_path)
+        elif cfg.vocab_size:
+            tok, tokenizer = clip_model.train_tokenizer(train_df[TEXT].tolist(), cfg.vocab_size), "BPE trained on the train captions"
+        else:
+            tok, tokenizer = clip_model.clip_bpe_tokenizer(), "CLIP's BPE"
         torch.manual_seed(seed)
         model = clip_model.build_model(cfg.preset, vocab_size=tok.get_vocab_size(), image_size=cfg.image_size)
-        if cfg.init == "open_clip":
-            clip_model.init_like_open_clip(model)
+        if cfg.init in (None, "open_clip"):  # unset: open_clip's init
+            clip_model.init_like_open_clip(model, seed=seed)
         if tok.get_vocab_size() > model.config.text_config.vocab_size:
             raise ConfigError(
                 f"train.tokenizer_path: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
@@ -746,7 +754,8 @@ def run_stage(
     # the fingerprint, the saved config and the stats, so that every output says what ran.
     n_images = len(np.unique(groups)) if cfg.unique_images and cfg.weighted_sampler is False else len(train_df)
     sched = auto_schedule(cfg, n_images, world)
-    cfg = cfg.model_copy(update=sched.update())
+    # A preset's init as it ran (unset = open_clip's), so that the saved config says it.
+    cfg = cfg.model_copy(update={**sched.update(), **({"init": cfg.init or "open_clip"} if src is None else {})})
     if rank == 0:
         print(f"train: {sched.reason}", flush=True)
     fp = _fingerprint(cfg, meta["key"], seed, world)
@@ -794,6 +803,9 @@ def run_stage(
         n_val=int(len(val_df)),
         image_size=image_size,
         augment=cfg.augment,
+        tokenizer=tokenizer,
+        vocab_size=int(tok.get_vocab_size()),
+        init=cfg.init,
         batch_size=cfg.batch_size,
         length=f"{sched.amount} {sched.unit}",
         auto=list(sched.auto),

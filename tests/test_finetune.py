@@ -366,6 +366,9 @@ def test_bad_model_folders_are_one_line_errors(openai_clip, tmp_path):
 def test_finetune_config_errors():
     with pytest.raises(ValueError, match="vocab_size trains a new tokenizer, but a pretrained model"):
         TrainConfig(model_path="/m", vocab_size=4096)
+    for init in ("open_clip", "transformers"):  # was ignored with model_path; now a config error
+        with pytest.raises(ValueError, match="init: a pretrained model .model_path. starts from its own weights"):
+            TrainConfig(model_path="/m", init=init)
     with pytest.raises(ValueError, match="freeze every parameter"):
         TrainConfig(model_path="/m", lock_image=True, lock_text=True)
     with pytest.raises(ValueError, match="wise_ft_alpha ensembles with the starting weights; it needs model_path"):

@@ -370,3 +370,51 @@ def test_a_given_tokenizer_is_pooled_at_its_own_end_token(demo, tmp_path):
                         _ctx(data, tmp_path / "run"))
     tc = clip_model.load(tmp_path / "run" / "train" / "model").model.config.text_config
     assert (tc.eos_token_id, tc.bos_token_id, tc.pad_token_id) == (0, 1, 2)
+
+
+def test_the_default_tokenizer_splits_captions_as_clips_own_bpe():
+    """A preset model's default tokenizer is OpenAI CLIP's BPE (shipped in mmcore/data), after mmpipe's
+    four special tokens: the same pieces as CLIP's tokenizer (transformers' CLIPTokenizer on the real
+    merges), each id shifted by those four."""
+    from tests.test_finetune import openai_tokenizer
+
+    tok, ref = clip_model.clip_bpe_tokenizer(), openai_tokenizer()
+    assert tok.get_vocab_size() == 49_410
+    assert [tok.token_to_id(s) for s in clip_model.SPECIALS] == [0, 1, 2, 3]
+    captions = ["Grinning face, face, grin", "a red  circle above two small squares", "hashtag: #1 & 42 naïve café",
+                "don't touch the ROOSTER's egg!"]
+    for c in captions:
+        want = [i + len(clip_model.SPECIALS) for i in ref(c, add_special_tokens=False)["input_ids"]]
+        assert tok.encode(c, add_special_tokens=False).ids == want, c
+
+
+def test_the_towers_start_alike_whatever_the_vocabulary():
+    """With a seed, init_like_open_clip draws the token table from its own generator: a model with
+    CLIP's 49,410 tokens and one with 400 start with the same towers, projections and logit scale,
+    and the first 400 rows of their token tables agree."""
+    small = clip_model.init_like_open_clip(clip_model.build_model("micro", vocab_size=400), seed=3)
+    large = clip_model.init_like_open_clip(clip_model.build_model("micro", vocab_size=49_410), seed=3)
+    a, b = small.state_dict(), large.state_dict()
+    table = "text_model.embeddings.token_embedding.weight"
+    assert torch.equal(a[table], b[table][:400])
+    assert all(torch.equal(a[k], b[k]) for k in a if k != table)
+    other = clip_model.init_like_open_clip(clip_model.build_model("micro", vocab_size=400), seed=4).state_dict()
+    assert not torch.equal(a["vision_model.embeddings.patch_embedding.weight"], other["vision_model.embeddings.patch_embedding.weight"])
+
+
+def test_a_preset_trains_with_clips_bpe_by_default_and_says_so(demo, tmp_path):
+    """No tokenizer asked for: CLIP's BPE; the model reloads with it, pools at its end token (id 3),
+    and the saved config and stats name what ran (tokenizer, vocabulary, init)."""
+    table, data = demo
+    cfg = TrainConfig(**{**{k: v for k, v in FAST.items() if k != "vocab_size"}, "steps": 1})
+    res = trainloop.run_stage(table, cfg, _ctx(data, tmp_path / "run"))
+    assert (res.stats["tokenizer"], res.stats["vocab_size"], res.stats["init"]) == ("CLIP's BPE", 49_410, "open_clip")
+    saved = tables.read_json(tmp_path / "run" / "train" / TRAIN_CONFIG_FILE)
+    assert saved["init"] == "open_clip" and saved["vocab_size"] is None and saved["tokenizer_path"] is None
+    loaded = clip_model.load(tmp_path / "run" / "train" / "model")
+    tc = loaded.model.config.text_config
+    assert (tc.vocab_size, tc.eos_token_id, tc.bos_token_id, tc.pad_token_id) == (49_410, 3, 2, 0)
+    caption = "a red circle above a small blue square"
+    ids = clip_model.tokenize(loaded.tokenizer, [caption])[0].tolist()
+    want = clip_model.clip_bpe_tokenizer().encode(caption, add_special_tokens=False).ids
+    assert ids[: len(want) + 2] == [2, *want, 3] and set(ids[len(want) + 2:]) == {0}
