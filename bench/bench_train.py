@@ -204,7 +204,8 @@ def cpu_part(a) -> str:
     # The train stage's own shards (train + val rows, so its build finds them ready) and the test rows'.
     shards.build(table[table.split.isin(["train", "val"])], data.image_root, out / "shards", 64, workers=2)
     shards.build(table[table.split == "test"], data.image_root, out / "eval_shards", 64, workers=2)
-    cfg = TrainConfig()
+    # open_clip's batch: the one mmpipe's automatic schedule picks for these train images (64 here).
+    cfg = TrainConfig(batch_size=trainloop.auto_schedule(TrainConfig(), int((table.split == "train").sum())).batch_size)
     rows = []
     for seed in a.seeds:
         jobs = (("mmpipe", run_mmpipe, (table, data, out, seed, a.budget_s, a.workers)),
