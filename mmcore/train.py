@@ -102,6 +102,14 @@ class TrainConfig(StrictModel):
         None, ge=0, description="Seed of initialisation, order and augmentation; default: the run's seed (so "
         "training seeds vary while the curation stages stay cached)."
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Matmul precision while training: bf16 autocast (weights, optimizer and loss stay fp32) "
+        "or fp32; auto: bf16 on a GPU and on a CPU with bf16 matrix units (Intel AMX), else fp32."
+    )
+    loss: Literal["clip", "siglip"] = Field(
+        "clip", description="Contrastive loss: clip (softmax over the batch, both directions) or siglip (a sigmoid "
+        "per pair with a learnt bias; Zhai et al. 2023; behind clip at batch 64 on OpenMoji, bench/results/realdata.md)."
+    )
     fusion: str = Field(
         "none", description="Image-text matching head trained with the contrastive loss on in-batch hard negatives "
         "(ALBEF/BLIP ITM): none, cross_attention (caption tokens attend to image patches) or concat (an MLP on the "

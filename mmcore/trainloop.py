@@ -91,6 +91,67 @@ class ClipLoss(nn.Module):
         return (per_pair * w).sum() / (2 * w.sum().clamp_min(1e-12))
 
 
+class SigLipLoss(nn.Module):
+    """Sigmoid loss (SigLIP, Zhai et al. 2023; open_clip's ``SigLipLoss``): each image-text pair of the
+    batch is its own binary decision (its own pair: match, every other: no match) on
+    ``logit_scale * cos + logit_bias``; no softmax over the batch. The learnt bias starts at -10 and the
+    scale at 10 (the paper's and open_clip's init); ``sum over pairs / batch`` as theirs.
+
+    With ``weights`` (one per pair) each row's and column's terms count by its pair's weight: the
+    weighted mean of the per-image and per-caption sums (the plain loss when every weight is 1).
+    The bias only shifts every score alike, so retrieval and zero-shot rankings never use it.
+    """
+
+    INIT_SCALE, INIT_BIAS = math.log(10.0), -10.0
+
+    def __init__(self):
+        super().__init__()
+        self.logit_bias = nn.Parameter(torch.tensor(self.INIT_BIAS))
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        if _distributed():  # every rank scores the global batch (as ClipLoss here): DDP's mean is the gradient
+            img, txt = gather_features(img, txt)
+            if weights is not None:
+                parts = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+                dist.all_gather(parts, weights)
+                weights = torch.cat(parts)
+        n = img.shape[0]
+        logits = logit_scale * img @ txt.T + self.logit_bias
+        labels = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
+        per = -F.logsigmoid(labels * logits)  # (images, captions)
+        if weights is None:
+            return per.sum() / n
+        w = weights.float()
+        return ((per.sum(1) + per.sum(0)) * w).sum() / (2 * w.sum().clamp_min(1e-12))
+
+
+LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}  # train.loss
+
+
+def trim_context(ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """``ids`` cut after the column of the batch's last end token (the padding to the context length).
+
+    Exact for CLIP's text tower: attention is causal and the caption is read at its end token, so
+    no output the model uses sees a later position; the tower's cost falls with the batch's longest
+    caption instead of the context length (OpenMoji: ~27 of 32 tokens; Noto's names: ~18). Rows
+    without an end token (a tokenizer that does not add one) leave ``ids`` whole.
+    """
+    if eos_id is None or ids.ndim != 2 or ids.shape[1] == 0:
+        return ids
+    is_end = ids == eos_id
+    if not bool(is_end.any(1).all()):
+        return ids
+    n = int(is_end.int().argmax(1).max()) + 1
+    return ids if n == ids.shape[1] else ids[:, :n]
+
+
+def _end_token(model: nn.Module) -> int | None:
+    """The id the text tower pools at, or None where it pools at the largest id (transformers' legacy rule)."""
+    eos = getattr(unwrap(model).config.text_config, "eos_token_id", None)
+    return None if eos is None or eos == 2 else int(eos)
+
+
 def clip_forward(model, pixels: torch.Tensor, ids: torch.Tensor, loss_fn: ClipLoss) -> torch.Tensor:
     """Loss of one batch; goes through ``model(...)`` so DDP's gradient hooks see the whole model."""
     out = model(input_ids=ids, pixel_values=pixels)  # embeds come back L2-normalised
@@ -414,6 +475,27 @@ class _Interrupted(Exception):
     """Raised by the test hook that simulates a kill right after a step."""
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX tiles, Sapphire Rapids on)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # a torch build without the probe's backing
+        return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``train.precision`` as it will run: ``auto`` is bf16 on CUDA and on a CPU with AMX, else fp32.
+
+    On such a CPU a bf16 autocast step of the tiny preset takes 0.64x the fp32 step's time (with the
+    matmul attention, see ``fit``) and learns as much per step (OpenMoji val, 4 seeds); without AMX
+    bf16 has no matrix unit to run on, so auto keeps fp32 there.
+    """
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cuda" or cpu_has_bf16_matmul() else "fp32"
+
+
 def pick_device(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' requested but no CUDA GPU is available; use 'auto' or 'cpu'")
@@ -459,6 +541,10 @@ def fit(
     groups = param_groups(unwrap(model), cfg.weight_decay, proj_scale)
     if head is not None:  # the head's own groups after the model's (decay on its weight matrices only)
         groups += param_groups(head.head, cfg.weight_decay)
+    loss_fn = LOSSES[cfg.loss]()
+    loss_params = list(loss_fn.parameters())  # SigLIP's bias: learnt at the base rate, no decay
+    if loss_params:
+        groups.append({"params": loss_params, "weight_decay": 0.0, "lr_scale": 1.0})
     params = [p for g in groups for p in g["params"]]
     # fused: one kernel over all parameters (CPU and CUDA); on CPU torch's default is a loop per
     # tensor, 5x slower (bench/results/realdata.md): with CLIP's 49k-token table that is ~10% of a step.
@@ -470,10 +556,13 @@ def fit(
             unwrap(model).load_state_dict(ck["model"])
             if head is not None:
                 head.head.load_state_dict(ck["fusion"])
+            if loss_params:
+                loss_fn.load_state_dict(ck["loss"])
             opt.load_state_dict(ck["optim"])
             step, seconds, history = int(ck["step"]), float(ck["seconds"]), list(ck["history"])
             torch.set_rng_state(ck["rng_torch"])
     model.to(device)
+    loss_fn.to(device)
     if head is not None:
         head.head.to(device).train()
     for st in opt.state.values():  # optimizer state follows the model onto the device (fused: the step count too)
@@ -504,8 +593,15 @@ def fit(
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
     fwd_model = torch.compile(ddp_model) if cfg.compile else ddp_model
-    loss_fn = ClipLoss()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    eos_id = _end_token(model)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and resolve_precision("auto", device) == "bf16")
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+    attn = unwrap(model).config._attn_implementation
+    if bf16 and device == "cpu" and attn == "sdpa":
+        # torch's CPU flash-attention backward is ~6x slower in bf16 than in fp32, while the matmul
+        # attention's bf16 products run on AMX: a step of the tiny preset takes 0.64x the fp32 step's
+        # time this way, 1.08x with sdpa (bench/bench_optim.py); set back after the loop.
+        unwrap(model).set_attn_implementation("eager")
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (progress and rank == 0), mininterval=1)
     it = iter(loader)
     model.train()
@@ -525,7 +621,10 @@ def fit(
             itm_sum = 0.0
             for j in range(cfg.grad_accum):
                 pixels, texts, *extra = next(it)
-                ids = clip_model.tokenize(tok, texts).to(device, non_blocking=True)
+                ids = clip_model.tokenize(tok, texts)
+                if not extra:  # the plain step: no padding past the batch's longest caption (a head reads every token)
+                    ids = trim_context(ids, eos_id)
+                ids = ids.to(device, non_blocking=True)
                 pixels = pixels.to(device, non_blocking=True).float().div_(255).sub_(mean_t).div_(std_t)
                 sync = j == cfg.grad_accum - 1 or world == 1
                 ctx_sync = ddp_model.no_sync() if not sync else contextlib.nullcontext()
@@ -559,18 +658,21 @@ def fit(
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", scale=f"{scale:.1f}", r5=f"{last_val:.2f}", refresh=False)
             if step % cfg.checkpoint_every == 0:
-                _checkpoint(model, opt, step, time.perf_counter() - t_start, history, data.fingerprint, ckpt_path, rank, head)
+                _checkpoint(model, opt, step, time.perf_counter() - t_start, history, data.fingerprint, ckpt_path, rank, head,
+                            loss_fn)
             if interrupt_at is not None and step >= interrupt_at:
                 raise _Interrupted(step)
     finally:
         bar.close()
         del it
+        if unwrap(model).config._attn_implementation != attn:
+            unwrap(model).set_attn_implementation(attn)
     seconds = time.perf_counter() - t_start
     if cfg.val_every_epoch and val_px is not None and (not history or math.isnan(history[-1]["val_i2t_r5"])):
         last_val = i2t_recall(unwrap(model), val_px, val_ids, data.pre.mean, data.pre.std)
         if history:
             history[-1]["val_i2t_r5"] = last_val
-    _checkpoint(model, opt, step, seconds, history, data.fingerprint, ckpt_path, rank, head)
+    _checkpoint(model, opt, step, seconds, history, data.fingerprint, ckpt_path, rank, head, loss_fn)
     curves = [*HISTORY_COLUMNS, *(["itm_loss"] if head is not None else [])]  # the head's loss: only with a head
     h = pd.DataFrame(history, columns=[*curves, "samples_per_s"])
     if rank == 0:
@@ -600,7 +702,8 @@ def fit(
     }
 
 
-def _checkpoint(model, opt, step, seconds, history, fingerprint, path, rank, head: Fusion | None = None) -> None:
+def _checkpoint(model, opt, step, seconds, history, fingerprint, path, rank, head: Fusion | None = None,
+                loss_fn: nn.Module | None = None) -> None:
     if rank != 0:
         return
     state = {
@@ -614,6 +717,8 @@ def _checkpoint(model, opt, step, seconds, history, fingerprint, path, rank, hea
     }
     if head is not None:
         state["fusion"] = head.head.state_dict()
+    if loss_fn is not None and any(True for _ in loss_fn.parameters()):
+        state["loss"] = loss_fn.state_dict()
     save_checkpoint(path, state)
 
 
@@ -715,6 +820,9 @@ def run_stage(
         model = clip_model.build_model(cfg.preset, vocab_size=tok.get_vocab_size(), image_size=cfg.image_size)
         if cfg.init in (None, "open_clip"):  # unset: open_clip's init
             clip_model.init_like_open_clip(model, seed=seed)
+        if cfg.loss == "siglip":  # SigLIP's temperature starts at 10 (CLIP's at 1 / 0.07)
+            with torch.no_grad():
+                model.logit_scale.fill_(SigLipLoss.INIT_SCALE)
         if tok.get_vocab_size() > model.config.text_config.vocab_size:
             raise ConfigError(
                 f"train.tokenizer_path: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
@@ -755,9 +863,11 @@ def run_stage(
     n_images = len(np.unique(groups)) if cfg.unique_images and cfg.weighted_sampler is False else len(train_df)
     sched = auto_schedule(cfg, n_images, world)
     # A preset's init as it ran (unset = open_clip's), so that the saved config says it.
-    cfg = cfg.model_copy(update={**sched.update(), **({"init": cfg.init or "open_clip"} if src is None else {})})
+    auto_precision = cfg.precision == "auto"
+    cfg = cfg.model_copy(update={**sched.update(), **({"init": cfg.init or "open_clip"} if src is None else {}),
+                                 "precision": resolve_precision(cfg.precision, device)})
     if rank == 0:
-        print(f"train: {sched.reason}", flush=True)
+        print(f"train: {sched.reason}; {cfg.precision}" + (" (auto)" if auto_precision else ""), flush=True)
     fp = _fingerprint(cfg, meta["key"], seed, world)
     if PSEUDO_WEIGHT in train_df:  # the weights change the math: a checkpoint of other weights is not resumed
         fp = tables.json_digest({"run": fp, "pair_weights": pair_weights(train_df).tolist()})
@@ -806,6 +916,8 @@ def run_stage(
         tokenizer=tokenizer,
         vocab_size=int(tok.get_vocab_size()),
         init=cfg.init,
+        loss=cfg.loss,
+        precision=cfg.precision,
         batch_size=cfg.batch_size,
         length=f"{sched.amount} {sched.unit}",
         auto=list(sched.auto),
