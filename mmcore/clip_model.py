@@ -467,7 +467,8 @@ def load(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = Non
     check(p, tokenizer_path, where)
     quiet_transformers()
     try:
-        model = CLIPModel.from_pretrained(p, local_files_only=True)
+        # fp32 whatever the file stores: training keeps fp32 weights (autocast does the bf16 products)
+        model = CLIPModel.from_pretrained(p, local_files_only=True, dtype=torch.float32)
     except Exception as e:  # missing or mismatched weights: one line, not transformers' traceback
         raise InputError(f"{where}: cannot load the CLIP weights in {p}: {str(e).strip().splitlines()[0][:200]}") from None
     ctx_len = context_length(model)

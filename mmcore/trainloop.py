@@ -63,6 +63,11 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _fp32(x: torch.Tensor):
+    """A context where autocast is off on ``x``'s device: the losses' logits stay fp32 under bf16 training."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class ClipLoss(nn.Module):
     """Symmetric cross-entropy over the image-text similarity matrix (CLIP).
 
@@ -78,6 +83,10 @@ class ClipLoss(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                 weights: torch.Tensor | None = None) -> torch.Tensor:
+        with _fp32(img):  # under bf16 autocast the logits' matmul would round to bf16
+            return self._loss(img.float(), txt.float(), logit_scale.float(), weights)
+
+    def _loss(self, img, txt, logit_scale, weights):
         li, lt = self.get_logits(img, txt, logit_scale)
         labels = torch.arange(li.shape[0], device=li.device)
         if weights is None:
@@ -110,6 +119,10 @@ class SigLipLoss(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                 weights: torch.Tensor | None = None) -> torch.Tensor:
+        with _fp32(img):  # under bf16 autocast the logits' matmul would round to bf16 (steps of 0.06 near -10)
+            return self._loss(img.float(), txt.float(), logit_scale.float(), weights)
+
+    def _loss(self, img, txt, logit_scale, weights):
         if _distributed():  # every rank scores the global batch (as ClipLoss here): DDP's mean is the gradient
             img, txt = gather_features(img, txt)
             if weights is not None:
@@ -493,7 +506,9 @@ def resolve_precision(precision: str, device: str) -> str:
     """
     if precision != "auto":
         return precision
-    return "bf16" if device == "cuda" or cpu_has_bf16_matmul() else "fp32"
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if cpu_has_bf16_matmul() else "fp32"
 
 
 def pick_device(name: str) -> str:
@@ -552,6 +567,8 @@ def fit(
     step, seconds, history = 0, 0.0, []
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
+        if ck.get("fingerprint") != data.fingerprint and rank == 0:
+            print(f"train: {ckpt_path} is from other settings or data (or an older mmpipe); starting at step 0", flush=True)
         if ck.get("fingerprint") == data.fingerprint:
             unwrap(model).load_state_dict(ck["model"])
             if head is not None:
@@ -597,17 +614,18 @@ def fit(
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and resolve_precision("auto", device) == "bf16")
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     attn = unwrap(model).config._attn_implementation
-    if bf16 and device == "cpu" and attn == "sdpa":
-        # torch's CPU flash-attention backward is ~6x slower in bf16 than in fp32, while the matmul
-        # attention's bf16 products run on AMX: a step of the tiny preset takes 0.64x the fp32 step's
-        # time this way, 1.08x with sdpa (bench/bench_optim.py); set back after the loop.
-        unwrap(model).set_attn_implementation("eager")
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (progress and rank == 0), mininterval=1)
-    it = iter(loader)
+    it = None
     model.train()
     t_start = time.perf_counter() - seconds
     last_val = next((h["val_i2t_r5"] for h in reversed(history) if not math.isnan(h["val_i2t_r5"])), float("nan"))
     try:
+        if bf16 and device == "cpu" and attn == "sdpa":
+            # torch's CPU flash-attention backward is ~6x slower in bf16 than in fp32, while the matmul
+            # attention's bf16 products run on AMX: a step of the tiny preset takes 0.64x the fp32 step's
+            # time this way, 1.08x with sdpa (bench/bench_optim.py); set back after the loop.
+            unwrap(model).set_attn_implementation("eager")
+        it = iter(loader)
         while True:
             elapsed = time.perf_counter() - t_start
             if (total is not None and step >= total) or (budget is not None and elapsed >= budget):
@@ -622,7 +640,7 @@ def fit(
             for j in range(cfg.grad_accum):
                 pixels, texts, *extra = next(it)
                 ids = clip_model.tokenize(tok, texts)
-                if not extra:  # the plain step: no padding past the batch's longest caption (a head reads every token)
+                if not extra:  # the plain step: no padding past the batch's longest caption (the head's path keeps its shapes)
                     ids = trim_context(ids, eos_id)
                 ids = ids.to(device, non_blocking=True)
                 pixels = pixels.to(device, non_blocking=True).float().div_(255).sub_(mean_t).div_(std_t)
@@ -640,7 +658,7 @@ def fit(
                 (loss / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach()) / cfg.grad_accum
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters() if head is None else params, cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # every trained tensor: a head's, SigLIP's bias
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():  # CLIP clamps the temperature so logits stay <= 100
@@ -820,9 +838,6 @@ def run_stage(
         model = clip_model.build_model(cfg.preset, vocab_size=tok.get_vocab_size(), image_size=cfg.image_size)
         if cfg.init in (None, "open_clip"):  # unset: open_clip's init
             clip_model.init_like_open_clip(model, seed=seed)
-        if cfg.loss == "siglip":  # SigLIP's temperature starts at 10 (CLIP's at 1 / 0.07)
-            with torch.no_grad():
-                model.logit_scale.fill_(SigLipLoss.INIT_SCALE)
         if tok.get_vocab_size() > model.config.text_config.vocab_size:
             raise ConfigError(
                 f"train.tokenizer_path: tokenizer has {tok.get_vocab_size()} tokens, more than the model's "
@@ -840,6 +855,11 @@ def run_stage(
         else:
             mean, std = list(clip_model.IMAGENET_MEAN), list(clip_model.IMAGENET_STD)
         pre = clip_model.Preprocess(image_size=image_size, mean=tuple(mean), std=tuple(std), context_length=ctx_len)
+    if cfg.loss == "siglip":
+        # SigLIP's init, a pretrained CLIP's temperature too (about 100 there: with the bias at -10 most
+        # negatives would start as matches); a resumed run takes both from its checkpoint (fit).
+        with torch.no_grad():
+            model.logit_scale.fill_(SigLipLoss.INIT_SCALE)
     head = None
     if cfg.fusion != fusion.NONE:
         if world > 1:
@@ -868,6 +888,9 @@ def run_stage(
                                  "precision": resolve_precision(cfg.precision, device)})
     if rank == 0:
         print(f"train: {sched.reason}; {cfg.precision}" + (" (auto)" if auto_precision else ""), flush=True)
+        if cfg.precision == "bf16" and device == "cpu" and not cpu_has_bf16_matmul():
+            print("train: warning: bf16 asked for on a CPU without bf16 matrix units (AMX): emulated, slower than "
+                  "fp32; train.precision: auto picks fp32 here", flush=True)
     fp = _fingerprint(cfg, meta["key"], seed, world)
     if PSEUDO_WEIGHT in train_df:  # the weights change the math: a checkpoint of other weights is not resumed
         fp = tables.json_digest({"run": fp, "pair_weights": pair_weights(train_df).tolist()})

@@ -490,7 +490,10 @@ def test_siglip_trains_resumes_to_the_same_weights_and_says_so(demo, tmp_path):
 
 
 def test_precision_auto_is_bf16_where_bf16_products_run_in_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert trainloop.resolve_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert trainloop.resolve_precision("auto", "cuda") == "fp32"  # a GPU without bf16 units (before Ampere)
     assert trainloop.resolve_precision("fp32", "cuda") == "fp32" and trainloop.resolve_precision("bf16", "cpu") == "bf16"
     monkeypatch.setattr(trainloop, "cpu_has_bf16_matmul", lambda: False)
     assert trainloop.resolve_precision("auto", "cpu") == "fp32"
@@ -505,22 +508,46 @@ def test_a_bf16_run_on_cpu_says_so_and_gives_back_the_models_attention(demo, tmp
     flash attention is slow in bf16) and leaves the model as it found it; the stats, the printed
     choice and the saved config say which precision ran, and fp32 stays available."""
     table, data = demo
-    seen = []
-    real = trainloop.clip_forward
+    seen, built = [], []
+    real, real_build = trainloop.clip_forward, clip_model.build_model
 
     def spy(model, pixels, ids, loss_fn):
-        seen.append((trainloop.unwrap(model).config._attn_implementation, torch.is_autocast_enabled("cpu")))
+        # (attention, autocast on, the last column holds an end token: no padding past the longest caption)
+        seen.append((trainloop.unwrap(model).config._attn_implementation, torch.is_autocast_enabled("cpu"),
+                     bool((ids[:, -1] == 3).any())))
         return real(model, pixels, ids, loss_fn)
 
+    def attention(model) -> set[str]:
+        return {c._attn_implementation for c in (model.config, model.config.text_config, model.config.vision_config)}
+
     monkeypatch.setattr(trainloop, "clip_forward", spy)
+    monkeypatch.setattr(clip_model, "build_model", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     res = trainloop.run_stage(table, TrainConfig(**{**FAST, "steps": 2, "precision": "bf16"}), _ctx(data, tmp_path / "bf16"))
-    assert seen == [("eager", True)] * 2
+    assert seen == [("eager", True, True)] * 2 and attention(built[-1]) == {"sdpa"}  # given back
     assert res.stats["precision"] == "bf16" and np.isfinite(res.stats["final_loss"])
     assert tables.read_json(tmp_path / "bf16/train" / TRAIN_CONFIG_FILE)["precision"] == "bf16"
-    assert clip_model.load(tmp_path / "bf16/train/model").model.config._attn_implementation == "sdpa"
+    with pytest.raises(trainloop._Interrupted):  # a run stopped mid-loop gives it back too
+        trainloop.run_stage(table, TrainConfig(**{**FAST, "steps": 3, "precision": "bf16"}), _ctx(data, tmp_path / "cut"),
+                            interrupt_at=1)
+    assert attention(built[-1]) == {"sdpa"}
     seen.clear()
     res = trainloop.run_stage(table, TrainConfig(**{**FAST, "steps": 2, "precision": "fp32"}), _ctx(data, tmp_path / "fp32"))
-    assert seen == [("sdpa", False)] * 2 and res.stats["precision"] == "fp32"
+    assert [x[:2] for x in seen] == [("sdpa", False)] * 2 and res.stats["precision"] == "fp32"
     monkeypatch.setattr(trainloop, "cpu_has_bf16_matmul", lambda: False)
     res = trainloop.run_stage(table, TrainConfig(**{**FAST, "steps": 1}), _ctx(data, tmp_path / "auto"))
     assert res.stats["precision"] == "fp32"  # auto without AMX
+
+
+def test_the_losses_stay_fp32_under_bf16_autocast():
+    """The towers' products run in bf16; the logits of both losses do not (bf16 rounds -10 + x to
+    steps of 0.06, a scale of 100 to steps of 0.5)."""
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(8, 32, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(8, 32, generator=g), dim=1)
+    scale = torch.tensor(100.0)
+    for loss in (trainloop.ClipLoss(), trainloop.SigLipLoss()):
+        plain = loss(img, txt, scale)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = loss(img.bfloat16(), txt.bfloat16(), scale)
+        want = loss(img.bfloat16().float(), txt.bfloat16().float(), scale)
+        assert under.dtype == torch.float32 and torch.allclose(under, want, atol=1e-6), (under, want, plain)
