@@ -63,12 +63,27 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _fp32(x: torch.Tensor):
-    """A context where autocast is off on ``x``'s device: the losses' logits stay fp32 under bf16 training."""
-    return torch.autocast(x.device.type, enabled=False)
+def _gather_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Every rank's per-pair weights in rank order, as ``gather_features`` orders the pairs."""
+    parts = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, weights)
+    return torch.cat(parts)
 
 
-class ClipLoss(nn.Module):
+class _PairLoss(nn.Module):
+    """A contrastive loss over a batch's (image, caption) embeddings, computed in fp32: under bf16
+    autocast the logits' matmul would otherwise round to bf16 (steps of 0.06 near -10, 0.5 near 100)."""
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.autocast(img.device.type, enabled=False):
+            return self._loss(img.float(), txt.float(), logit_scale.float(), weights)
+
+    def _loss(self, img, txt, logit_scale, weights) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ClipLoss(_PairLoss):
     """Symmetric cross-entropy over the image-text similarity matrix (CLIP).
 
     With ``weights`` (one per pair, e.g. a pseudo-labelled pair's ``pseudo_weight``) each pair's
@@ -81,26 +96,19 @@ class ClipLoss(nn.Module):
         logits = logit_scale * img @ txt.T
         return logits, logits.T
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
-        with _fp32(img):  # under bf16 autocast the logits' matmul would round to bf16
-            return self._loss(img.float(), txt.float(), logit_scale.float(), weights)
-
     def _loss(self, img, txt, logit_scale, weights):
         li, lt = self.get_logits(img, txt, logit_scale)
         labels = torch.arange(li.shape[0], device=li.device)
         if weights is None:
             return (F.cross_entropy(li, labels) + F.cross_entropy(lt, labels)) / 2
         if _distributed():  # every rank's pairs are in the logits: their weights too, in rank order
-            parts = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, weights)
-            weights = torch.cat(parts)
+            weights = _gather_weights(weights)
         w = weights.float()
         per_pair = F.cross_entropy(li, labels, reduction="none") + F.cross_entropy(lt, labels, reduction="none")
         return (per_pair * w).sum() / (2 * w.sum().clamp_min(1e-12))
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(_PairLoss):
     """Sigmoid loss (SigLIP, Zhai et al. 2023; open_clip's ``SigLipLoss``): each image-text pair of the
     batch is its own binary decision (its own pair: match, every other: no match) on
     ``logit_scale * cos + logit_bias``; no softmax over the batch. The learnt bias starts at -10 and the
@@ -117,18 +125,11 @@ class SigLipLoss(nn.Module):
         super().__init__()
         self.logit_bias = nn.Parameter(torch.tensor(self.INIT_BIAS))
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
-        with _fp32(img):  # under bf16 autocast the logits' matmul would round to bf16 (steps of 0.06 near -10)
-            return self._loss(img.float(), txt.float(), logit_scale.float(), weights)
-
     def _loss(self, img, txt, logit_scale, weights):
         if _distributed():  # every rank scores the global batch (as ClipLoss here): DDP's mean is the gradient
             img, txt = gather_features(img, txt)
             if weights is not None:
-                parts = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
-                dist.all_gather(parts, weights)
-                weights = torch.cat(parts)
+                weights = _gather_weights(weights)
         n = img.shape[0]
         logits = logit_scale * img @ txt.T + self.logit_bias
         labels = 2 * torch.eye(n, device=logits.device, dtype=logits.dtype) - 1
@@ -567,9 +568,10 @@ def fit(
     step, seconds, history = 0, 0.0, []
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
-        if ck.get("fingerprint") != data.fingerprint and rank == 0:
-            print(f"train: {ckpt_path} is from other settings or data (or an older mmpipe); starting at step 0", flush=True)
-        if ck.get("fingerprint") == data.fingerprint:
+        if ck.get("fingerprint") != data.fingerprint:
+            if rank == 0:
+                print(f"train: {ckpt_path} is from other settings or data (or an older mmpipe); starting at step 0", flush=True)
+        else:
             unwrap(model).load_state_dict(ck["model"])
             if head is not None:
                 head.head.load_state_dict(ck["fusion"])
@@ -611,7 +613,7 @@ def fit(
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
     fwd_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     eos_id = _end_token(model)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and resolve_precision("auto", device) == "bf16")
+    bf16 = resolve_precision(cfg.precision, device) == "bf16"  # run_stage resolved it; fit called alone may not
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     attn = unwrap(model).config._attn_implementation
     bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not (progress and rank == 0), mininterval=1)
